@@ -1,0 +1,52 @@
+"""Domain exceptions, raised where the problem is known and mapped to status codes at the API edge.
+
+Any layer may raise these; only the API layer decides what a client sees.
+"""
+
+from __future__ import annotations
+
+
+class LoraplexError(Exception):
+    """Base of every error Loraplex raises on purpose."""
+
+
+class InvalidRequestError(LoraplexError):
+    """A request field has a bad value. ``field`` names it (e.g. ``sampling.top_p``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class PromptTooLongError(InvalidRequestError):
+    def __init__(self, num_tokens: int, limit: int, what: str):
+        super().__init__("prompt", f"{num_tokens} tokens exceed the {what} of {limit} tokens")
+        self.num_tokens = num_tokens
+        self.limit = limit
+
+
+class AdapterNotFoundError(LoraplexError):
+    def __init__(self, adapter_id: str):
+        super().__init__(f"adapter {adapter_id!r} is not loaded")
+        self.adapter_id = adapter_id
+
+
+class AdapterLoadError(LoraplexError):
+    """An adapter was refused at load time; the message names the problem."""
+
+    def __init__(self, adapter_id: str, message: str):
+        super().__init__(f"adapter {adapter_id!r}: {message}")
+        self.adapter_id = adapter_id
+        self.reason = message
+
+
+class ModelLoadError(LoraplexError):
+    """The base model could not be loaded (missing files, pickle weights, bad config)."""
+
+
+class QueueFullError(LoraplexError):
+    pass
+
+
+class EngineStoppedError(LoraplexError):
+    pass
