@@ -1,0 +1,152 @@
+"""LLMEngine: the synchronous core. One ``step()`` = schedule, make adapters resident, run, postprocess.
+
+Not thread-safe: exactly one thread (the ``EngineLoop``) calls ``add_request``/``abort``/``step``.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import torch
+
+from ..config import EngineConfig
+from ..errors import AdapterNotFoundError
+from ..lora.manager import LoraManager
+from ..model.attention import register_paged_attention
+from ..model.loader import LoadedModel, load_model
+from .inputs import InputProcessor
+from .kv_blocks import BlockManager
+from .kv_cache import KVCacheSpec, allocate_kv_cache, num_blocks_for
+from .output import OutputProcessor
+from .request import FinishReason, Prompt, Request, RequestOutput, SamplingParams
+from .runner import ModelRunner
+from .scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+def eos_token_ids(loaded: LoadedModel) -> set[int]:
+    ids: set[int] = set()
+    for source in (loaded.model.config, getattr(loaded.model, "generation_config", None), loaded.tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if value is not None:
+            ids.update(value if isinstance(value, (list, tuple)) else [value])
+    return ids
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        self.config = config
+        torch.set_num_threads(config.resolved_threads())
+        self.loaded = loaded or load_model(config.model)
+        model = self.loaded.model
+        register_paged_attention(model)
+        self.lora = LoraManager(model, config.lora)
+        spec = KVCacheSpec.from_model_config(model.config, self.loaded.dtype)
+        num_blocks = num_blocks_for(spec, config.cache)
+        self.blocks = BlockManager(num_blocks, config.cache.block_size)
+        kv_caches = allocate_kv_cache(spec, num_blocks, config.cache.block_size, self.loaded.device)
+        self.scheduler = Scheduler(config.scheduler, self.blocks, config.lora.max_loras,
+                                   adapter_ready=self.lora.has_adapter)
+        self.runner = ModelRunner(model, kv_caches, config.cache.block_size, self.loaded.device, self.lora)
+        model_len = config.model.max_model_len or getattr(model.config, "max_position_embeddings", 2048)
+        self.inputs = InputProcessor(self.loaded.tokenizer, model.config.vocab_size, model_len,
+                                     self.blocks.capacity_tokens)
+        self.outputs = OutputProcessor(self.loaded.tokenizer, eos_token_ids(self.loaded),
+                                       self.inputs.max_total_tokens)
+        self.requests: dict[str, Request] = {}
+        self._slot_releases: set[str] = set()
+        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_loras=%d",
+                 self.loaded.name, self.loaded.device, self.loaded.dtype, num_blocks,
+                 config.cache.block_size, config.lora.max_loras)
+
+    # ---- requests -------------------------------------------------------------------------
+    def make_request(self, prompt: Prompt, sampling: SamplingParams, adapter_id: str | None = None,
+                     request_id: str | None = None) -> Request:
+        """Validate and tokenize (any thread); raises a domain error for bad input."""
+        if adapter_id and not self.lora.has_adapter(adapter_id):
+            raise AdapterNotFoundError(adapter_id)
+        token_ids = self.inputs.token_ids(prompt)
+        self.inputs.check(token_ids, sampling)
+        return Request(request_id or uuid.uuid4().hex, token_ids, sampling, adapter_id or None)
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        self.requests[request.request_id] = request
+        self.outputs.start(request)
+        self.scheduler.add(request)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        out = self.outputs.final(request, FinishReason.ABORT)
+        self._finish(request)
+        return out
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # ---- adapters -------------------------------------------------------------------------
+    def remove_adapter(self, adapter_id: str) -> list[RequestOutput]:
+        """Unregister an adapter: running requests finish on it, queued ones end with an error.
+
+        Its device slot is freed once no running request uses it.
+        """
+        self.lora.remove_adapter(adapter_id)
+        self._slot_releases.add(adapter_id)
+        queued = [r for r in self.scheduler.waiting if r.adapter_id == adapter_id]
+        outputs = [self.outputs.final(r, FinishReason.ERROR, f"adapter {adapter_id!r} was unloaded")
+                   for r in queued]
+        for request in queued:
+            self._finish(request)
+        self._release_unused_slots()
+        return outputs
+
+    def adapter_replaced(self, adapter_id: str) -> None:
+        """A new version was registered under ``adapter_id``: drop the stale slot once unused."""
+        self._slot_releases.add(adapter_id)
+        self._release_unused_slots()
+
+    # ---- the loop body --------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        lora_slots = self.lora.activate(batch.adapter_ids, self.scheduler.running_adapters())
+        sampled, samples = self.runner.run(batch, lora_slots)
+        self.scheduler.after_step(batch)
+        return self._postprocess(sampled, samples)
+
+    def _postprocess(self, sampled, samples) -> list[RequestOutput]:
+        outputs = []
+        for request, token, logprob in zip(sampled, samples.token_ids, samples.logprobs):
+            out = self.outputs.append(request, token, logprob)
+            if out is not None:
+                outputs.append(out)
+            if request.finish_reason is not None:
+                self._finish(request)
+        self._release_unused_slots()
+        return outputs
+
+    def fail_running(self, message: str) -> list[RequestOutput]:
+        """After an unexpected step failure: end every scheduled request with an error."""
+        outputs = [self.outputs.final(r, FinishReason.ERROR, message) for r in list(self.scheduler.running)]
+        for request in list(self.scheduler.running):
+            self._finish(request)
+        return outputs
+
+    def _finish(self, request: Request) -> None:
+        self.scheduler.finish(request)
+        self.runner.sampler.release(request.request_id)
+        self.outputs.release(request.request_id)
+        self.requests.pop(request.request_id, None)
+
+    def _release_unused_slots(self) -> None:
+        if not self._slot_releases:
+            return
+        in_use = {r.adapter_id for r in self.requests.values()}
+        for adapter_id in list(self._slot_releases - in_use):
+            self.lora.release_slot(adapter_id)
+            self._slot_releases.discard(adapter_id)

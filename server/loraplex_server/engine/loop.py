@@ -1,0 +1,222 @@
+"""EngineLoop: runs ``LLMEngine.step()`` on its own thread; callers submit requests and stream deltas.
+
+Thread-safe public API (any thread, or an asyncio loop without blocking it):
+``submit()`` returns a ``RequestStream`` that is both a blocking iterator and an async iterator of
+``RequestOutput`` deltas; ``abort()`` ends a request at the next step boundary (KV blocks freed).
+Validation and tokenization run on the caller's thread, so bad input raises at ``submit()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import Callable, Iterator
+
+from ..errors import AdapterNotFoundError, EngineStoppedError, LoraplexError, QueueFullError
+from .engine import LLMEngine
+from .request import Prompt, RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+_END = object()
+
+
+class RequestStream:
+    """Deltas of one request. Iterate with ``for`` (blocking) or ``async for`` (not both)."""
+
+    def __init__(self, request_id: str, on_abandon: Callable[[str], None]):
+        self.request_id = request_id
+        self._on_abandon = on_abandon
+        self._lock = threading.Lock()
+        self._sync: queue.SimpleQueue = queue.SimpleQueue()
+        self._async: tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None = None
+        self.finished = False
+
+    def put(self, item) -> None:
+        with self._lock:
+            if self._async is not None:
+                loop, q = self._async
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            else:
+                self._sync.put(item)
+
+    def __iter__(self) -> Iterator[RequestOutput]:
+        while True:
+            item = self._sync.get()
+            if item is _END:
+                return
+            yield item
+            if item.finished:
+                self.finished = True
+                return
+
+    def _bind_async(self) -> asyncio.Queue:
+        with self._lock:
+            if self._async is None:
+                q: asyncio.Queue = asyncio.Queue()
+                while not self._sync.empty():
+                    q.put_nowait(self._sync.get())
+                self._async = (asyncio.get_running_loop(), q)
+            return self._async[1]
+
+    async def __aiter__(self):
+        q = self._bind_async()
+        try:
+            while True:
+                item = await q.get()
+                if item is _END:
+                    return
+                yield item
+                if item.finished:
+                    self.finished = True
+                    return
+        finally:
+            if not self.finished:
+                self._on_abandon(self.request_id)  # cancelled consumer: free the request's KV
+
+    def result(self) -> RequestOutput:
+        """Block until finished; returns all deltas merged into one output."""
+        return merge_outputs(list(self))
+
+    def close(self) -> None:
+        self.put(_END)
+
+
+def merge_outputs(deltas: list[RequestOutput]) -> RequestOutput:
+    last = deltas[-1]
+    return RequestOutput(
+        request_id=last.request_id,
+        token_ids=tuple(t for d in deltas for t in d.token_ids),
+        text="".join(d.text for d in deltas),
+        finished=last.finished, finish_reason=last.finish_reason,
+        prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
+        logprobs=tuple(lp for d in deltas for lp in d.logprobs), error=last.error,
+    )
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05):
+        self.engine = engine
+        self.idle_wait_s = idle_wait_s
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, RequestStream] = {}
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
+        self.num_steps = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> "EngineLoop":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def __enter__(self) -> "EngineLoop":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---- caller API (any thread) ----------------------------------------------------------
+    def submit(self, prompt: Prompt, sampling: SamplingParams, adapter_id: str | None = None,
+               request_id: str | None = None) -> RequestStream:
+        if self._stopping:
+            raise EngineStoppedError("the engine is shutting down")
+        request = self.engine.make_request(prompt, sampling, adapter_id, request_id)
+        stream = RequestStream(request.request_id, self.abort)
+        with self._lock:
+            if len(self._streams) >= self.engine.config.scheduler.max_queued_requests:
+                raise QueueFullError(f"{len(self._streams)} requests in flight; try again later")
+            if request.request_id in self._streams:
+                raise ValueError(f"duplicate request id {request.request_id!r}")
+            self._streams[request.request_id] = stream
+        self._send(("add", request))
+        return stream
+
+    def generate(self, prompt: Prompt, sampling: SamplingParams, adapter_id: str | None = None) -> RequestOutput:
+        return self.submit(prompt, sampling, adapter_id).result()
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def add_adapter(self, adapter_id: str, source) -> None:
+        """Validate on the caller's thread, then publish; raises AdapterLoadError on refusal."""
+        self.engine.lora.add_adapter(adapter_id, source)
+        self._send(("adapter_replaced", adapter_id))
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        if not self.engine.lora.has_adapter(adapter_id):
+            raise AdapterNotFoundError(adapter_id)
+        self._send(("remove_adapter", adapter_id))
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    # ---- the engine thread ----------------------------------------------------------------
+    def _send(self, command) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._drain_commands()
+            if not self.engine.has_work:
+                self._wake.wait(self.idle_wait_s)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception:  # noqa: BLE001 - one bad step must not kill the loop
+                log.exception("engine step failed; failing the running requests")
+                outputs = self.engine.fail_running("internal error during the engine step")
+            self.num_steps += 1
+            self._deliver(outputs)
+        self._shutdown()
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                kind, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._apply(kind, arg)
+            except LoraplexError as exc:  # e.g. an adapter removed twice: log, keep serving
+                log.warning("command %s(%s) failed: %s", kind, arg, exc)
+
+    def _apply(self, kind: str, arg) -> None:
+        if kind == "add":
+            self.engine.add_request(arg)
+        elif kind == "abort":
+            out = self.engine.abort(arg)
+            self._deliver([out] if out else [])
+        elif kind == "remove_adapter":
+            self._deliver(self.engine.remove_adapter(arg))
+        elif kind == "adapter_replaced":
+            self.engine.adapter_replaced(arg)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            with self._lock:
+                stream = self._streams.get(out.request_id)
+                if out.finished:
+                    self._streams.pop(out.request_id, None)
+            if stream is not None:
+                stream.put(out)
+
+    def _shutdown(self) -> None:
+        self._drain_commands()
+        for request_id in list(self.engine.requests):
+            out = self.engine.abort(request_id)
+            self._deliver([out] if out else [])
+        with self._lock:
+            streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            stream.close()

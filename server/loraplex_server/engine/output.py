@@ -1,0 +1,96 @@
+"""Turn sampled tokens into per-request output deltas and decide when a request is finished.
+
+Order of checks per new token: stop token id -> EOS -> stop strings -> length. Text that could be
+the beginning of a stop string is held back until it is known not to be one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .detokenizer import IncrementalDetokenizer
+from .request import FinishReason, Request, RequestOutput, TokenLogprob
+
+
+@dataclass
+class TextState:
+    detokenizer: IncrementalDetokenizer
+    text: str = ""
+    emitted_chars: int = 0
+    emitted_tokens: int = 0
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, eos_token_ids: set[int], max_total_tokens: int):
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.max_total_tokens = max_total_tokens
+        self._states: dict[str, TextState] = {}
+
+    def start(self, request: Request) -> None:
+        self._states[request.request_id] = TextState(IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids))
+
+    def release(self, request_id: str) -> None:
+        self._states.pop(request_id, None)
+
+    def append(self, request: Request, token_id: int, logprob: TokenLogprob | None) -> RequestOutput | None:
+        """Record a sampled token; sets ``request.finish_reason`` when the request is done."""
+        state = self._states[request.request_id]
+        request.output_token_ids.append(token_id)
+        if logprob is not None:
+            state.pending_logprobs.append(logprob)
+        sp = request.sampling
+        if token_id in sp.stop_token_ids:
+            request.finish_reason = FinishReason.STOP
+        elif not sp.ignore_eos and token_id in self.eos_token_ids:
+            request.finish_reason = FinishReason.EOS
+        else:
+            state.text += state.detokenizer.add(token_id)
+            if sp.stop and self._truncate_at_stop(state, sp.stop):
+                request.finish_reason = FinishReason.STOP
+            elif len(request.output_token_ids) >= sp.max_new_tokens or request.num_tokens >= self.max_total_tokens:
+                request.finish_reason = FinishReason.LENGTH
+        return self._delta(request, state)
+
+    @staticmethod
+    def _truncate_at_stop(state: TextState, stops: tuple[str, ...]) -> bool:
+        longest = max(len(s) for s in stops)
+        search_from = max(0, state.emitted_chars - longest)
+        hits = [i for i in (state.text.find(s, search_from) for s in stops) if i >= 0]
+        if not hits:
+            return False
+        state.text = state.text[:min(hits)]
+        return True
+
+    def _delta(self, request: Request, state: TextState) -> RequestOutput | None:
+        finished = request.finish_reason is not None
+        visible = len(state.text)
+        if not finished and request.sampling.stop:
+            visible = max(state.emitted_chars, visible - (max(len(s) for s in request.sampling.stop) - 1))
+        new_tokens = request.output_token_ids[state.emitted_tokens:]
+        if not finished and not new_tokens:
+            return None
+        out = RequestOutput(
+            request_id=request.request_id,
+            token_ids=tuple(new_tokens),
+            text=state.text[state.emitted_chars:visible],
+            finished=finished,
+            finish_reason=request.finish_reason,
+            prompt_tokens=request.num_prompt_tokens,
+            completion_tokens=len(request.output_token_ids),
+            logprobs=tuple(state.pending_logprobs),
+        )
+        state.emitted_chars = visible
+        state.emitted_tokens = len(request.output_token_ids)
+        state.pending_logprobs = []
+        return out
+
+    def final(self, request: Request, reason: FinishReason, error: str | None = None) -> RequestOutput:
+        """The closing delta of a request that ends outside ``append`` (abort, error)."""
+        request.finish_reason = reason
+        state = self._states.get(request.request_id)
+        text = state.text[state.emitted_chars:] if state and reason is not FinishReason.ERROR else ""
+        return RequestOutput(request_id=request.request_id, token_ids=(), text=text, finished=True,
+                             finish_reason=reason, prompt_tokens=request.num_prompt_tokens,
+                             completion_tokens=len(request.output_token_ids), error=error)

@@ -1,0 +1,147 @@
+"""The engine's own request types: what callers submit and what they get back.
+
+Protobuf never reaches here; the API layer converts at its edge.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from dataclasses import dataclass, field
+
+from ..errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding parameters. ``temperature == 0`` means greedy."""
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+    logprobs: int = 0  # top-n logprobs per generated token; 0 = off
+
+    MAX_LOGPROBS = 20
+
+    def validate(self) -> None:
+        """Raise InvalidRequestError naming the first bad field."""
+        checks = [
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+            ("temperature", math.isfinite(self.temperature) and self.temperature >= 0, "must be >= 0"),
+            ("top_k", self.top_k >= 0, "must be >= 0"),
+            ("top_p", math.isfinite(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("repetition_penalty", math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+             "must be > 0"),
+            ("logprobs", 0 <= self.logprobs <= self.MAX_LOGPROBS, f"must be in [0, {self.MAX_LOGPROBS}]"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
+            ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "must be >= 0"),
+            ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be in [0, 2^63)"),
+        ]
+        for name, ok, message in checks:
+            if not ok:
+                raise InvalidRequestError(f"sampling.{name}", message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Exactly one of text, chat messages or token ids."""
+
+    text: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    token_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        given = [x is not None for x in (self.text, self.messages, self.token_ids)]
+        if sum(given) != 1:
+            raise InvalidRequestError("prompt", "give exactly one of text, messages or token_ids")
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"
+    STOP = "stop"  # a stop string or stop token id
+    EOS = "eos"
+    ABORT = "abort"
+    ERROR = "error"
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), best first
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One delta for one request: the tokens and text produced since the previous delta."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    """A request's state inside the engine (one sequence per request).
+
+    The scheduler owns ``status``, ``num_computed_tokens`` and ``block_ids``; the output processor
+    owns the detokenizer state and the finish reason.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    adapter_id: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    block_ids: list[int] = field(default_factory=list)
+    num_preemptions: int = 0
+    finish_reason: FinishReason | None = None
+    tenant: str = ""
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED

@@ -1,0 +1,121 @@
+"""Model runner: a scheduled batch -> packed tensors -> model forward -> sampled tokens.
+
+No policy lives here: the scheduler decided what runs; the runner only executes it. Sequences are
+packed sorted by LoRA slot so each adapter's tokens form one contiguous segment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from ..lora.manager import LoraManager
+from ..lora.mapping import NO_SLOT, LoraMapping
+from ..model.attention import META_KWARG, PagedAttentionMetadata, PrefillSpan
+from .request import Request
+from .sampler import Sampler, SampleResult
+from .scheduler import ScheduledRequest, SchedulerOutput
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # [1, num_tokens]
+    position_ids: torch.Tensor  # [1, num_tokens]
+    attention: PagedAttentionMetadata
+    lora: LoraMapping | None
+    logits_rows: torch.Tensor  # [num_sampling] packed index of each sampling request's last token
+    sampling_requests: list[Request]
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, kv_caches, block_size: int, device: torch.device,
+                 lora: LoraManager | None = None):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+        self.lora = lora
+        self.sampler = Sampler(device)
+
+    def slots_of(self, request: Request, num_tokens: int) -> torch.Tensor:
+        """[num_tokens] cache slots of the request's first ``num_tokens`` positions."""
+        blocks = torch.tensor(request.block_ids, dtype=torch.long)
+        slots = blocks[:, None] * self.block_size + torch.arange(self.block_size)  # [num_blocks, block_size]
+        return slots.flatten()[:num_tokens]
+
+    def pack(self, batch: SchedulerOutput, lora_slots: dict[str, int]) -> PackedBatch:
+        def slot(s: ScheduledRequest) -> int:
+            return lora_slots.get(s.request.adapter_id, NO_SLOT) if s.request.adapter_id else NO_SLOT
+
+        order = sorted(batch.scheduled, key=slot)
+        ids, positions, new_slots, prefills, runs = [], [], [], [], []
+        decode_rows, decode_ctx, decode_lens, logits_rows, sampling = [], [], [], [], []
+        offset = 0
+        for s in order:
+            req, n = s.request, s.num_new_tokens
+            start, end = req.num_computed_tokens, req.num_computed_tokens + n
+            ctx_slots = self.slots_of(req, end)  # [end]
+            ids.extend(req.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            new_slots.append(ctx_slots[start:])
+            if n == 1 and start > 0:
+                decode_rows.append(offset)
+                decode_ctx.append(ctx_slots)
+                decode_lens.append(end)
+            else:
+                prefills.append(PrefillSpan(offset, n, end, ctx_slots if start > 0 else None))
+            runs.append((slot(s), n))
+            if s.samples:
+                logits_rows.append(offset + n - 1)
+                sampling.append(req)
+            offset += n
+        return self._to_device(ids, positions, new_slots, prefills, runs, decode_rows, decode_ctx,
+                               decode_lens, logits_rows, sampling)
+
+    def _to_device(self, ids, positions, new_slots, prefills, runs, decode_rows, decode_ctx, decode_lens,
+                   logits_rows, sampling) -> PackedBatch:
+        dev = self.device
+        long = dict(dtype=torch.long, device=dev)
+        for span in prefills:
+            if span.ctx_slots is not None:
+                span.ctx_slots = span.ctx_slots.to(dev)
+        attention = PagedAttentionMetadata(
+            kv_caches=self.kv_caches,
+            slot_mapping=torch.cat(new_slots).to(dev),
+            prefills=prefills,
+            decode_rows=torch.tensor(decode_rows, **long) if decode_rows else None,
+            decode_ctx_slots=pad_sequence(decode_ctx, batch_first=True).to(dev) if decode_rows else None,
+            decode_ctx_lens=torch.tensor(decode_lens, **long) if decode_rows else None,
+        )
+        lora = LoraMapping.from_runs(runs, dev) if self.lora is not None else None
+        return PackedBatch(
+            input_ids=torch.tensor([ids], **long),
+            position_ids=torch.tensor([positions], **long),
+            attention=attention,
+            lora=lora,
+            logits_rows=torch.tensor(logits_rows or [len(ids) - 1], **long),
+            sampling_requests=sampling,
+        )
+
+    @torch.inference_mode()
+    def forward_logits(self, packed: PackedBatch) -> torch.Tensor:
+        """[num_sampling (or 1), vocab] logits at each sampling request's last token."""
+        if self.lora is not None:
+            self.lora.set_mapping(packed.lora)
+        try:
+            out = self.model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                             logits_to_keep=packed.logits_rows, **{META_KWARG: packed.attention})
+        finally:
+            if self.lora is not None:
+                self.lora.set_mapping(None)
+        return out.logits[0]
+
+    def run(self, batch: SchedulerOutput, lora_slots: dict[str, int]) -> tuple[list[Request], SampleResult]:
+        """Execute one step; returns the requests that sampled a token and their samples."""
+        packed = self.pack(batch, lora_slots)
+        logits = self.forward_logits(packed)
+        if not packed.sampling_requests:
+            return [], SampleResult([], [])
+        return packed.sampling_requests, self.sampler(logits, packed.sampling_requests)

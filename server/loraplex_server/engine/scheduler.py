@@ -1,0 +1,136 @@
+"""Continuous batching policy (pure Python, no torch).
+
+Each step packs running requests first (decodes and unfinished prefill chunks, oldest first), then
+admits waiting requests in arrival order (FCFS) while the token budget, the running-sequence cap,
+the KV blocks and the ``max_loras`` distinct-adapter cap allow. Admission stops at the first
+waiting request that does not fit, so nothing behind it can starve it. When a running request
+needs a KV block and none is free, the most recently admitted request is preempted: its blocks
+are freed and it returns to the head of the queue to be recomputed later (nothing is lost).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..config import SchedulerConfig
+from .kv_blocks import BlockManager
+from .request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int  # tokens computed this step (a prefill chunk, or 1 for a decode)
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the request's last token, so a new token is sampled."""
+        r = self.request
+        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def adapter_ids(self) -> set[str]:
+        return {s.request.adapter_id for s in self.scheduled if s.request.adapter_id}
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, max_loras: int,
+                 adapter_ready: Callable[[str], bool] = lambda _id: True):
+        self.config = config
+        self.blocks = blocks
+        self.max_loras = max_loras
+        self.adapter_ready = adapter_ready
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_queued(self) -> int:
+        return len(self.waiting)
+
+    def running_adapters(self) -> set[str]:
+        """Adapters held by running requests: their device slots must not be evicted."""
+        return {r.adapter_id for r in self.running if r.adapter_id}
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.blocks.allocate(request, n):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is request:
+                    break
+            else:
+                out.scheduled.append(ScheduledRequest(request, n))
+                budget -= n
+                i += 1
+        return budget
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        adapters = self.running_adapters()
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            aid = request.adapter_id
+            if aid and aid not in adapters and (len(adapters) >= self.max_loras or not self.adapter_ready(aid)):
+                break
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.blocks.allocate(request, n):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            if aid:
+                adapters.add(aid)
+            out.scheduled.append(ScheduledRequest(request, n))
+            budget -= n
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        self.running.remove(request)
+        self.blocks.free(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+        out.preempted.append(request)
+
+    def after_step(self, out: SchedulerOutput) -> None:
+        """Record that the scheduled tokens' K/V are now in the cache."""
+        for s in out.scheduled:
+            s.request.num_computed_tokens += s.num_new_tokens
+
+    def finish(self, request: Request) -> None:
+        """Remove a finished or aborted request wherever it is and free its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.blocks.free(request)
+        request.status = RequestStatus.FINISHED

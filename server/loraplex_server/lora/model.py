@@ -1,0 +1,40 @@
+"""Find the base model's LoRA-targetable linear layers and wrap them in ``LoraLinear``."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .layers import LoraLinear, LoraStepState
+from .weights import KNOWN_TARGETS, ModuleKey, TargetShape
+
+_LAYER_PATH = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:.*\.)?([A-Za-z0-9_]+)$")
+
+
+def _targetable(model: nn.Module):
+    for path, module in model.named_modules():
+        match = _LAYER_PATH.search(path)
+        if match and match.group(2) in KNOWN_TARGETS and isinstance(module, (nn.Linear, LoraLinear)):
+            yield path, ModuleKey(int(match.group(1)), match.group(2)), module
+
+
+def find_targets(model: nn.Module) -> dict[ModuleKey, TargetShape]:
+    return {key: TargetShape(m.in_features, m.out_features) for _, key, m in _targetable(model)}
+
+
+def inject_lora_layers(model: nn.Module, max_loras: int, max_rank: int,
+                       state: LoraStepState) -> dict[ModuleKey, LoraLinear]:
+    """Replace every targetable ``nn.Linear`` with a ``LoraLinear`` sharing ``state``."""
+    layers: dict[ModuleKey, LoraLinear] = {}
+    for path, key, module in list(_targetable(model)):
+        if isinstance(module, LoraLinear):
+            raise ValueError(f"{path} is already wrapped")
+        parent_path, _, leaf = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        wrapped = LoraLinear(module, key, max_loras, max_rank, state)
+        setattr(parent, leaf, wrapped)
+        layers[key] = wrapped
+    if not layers:
+        raise ValueError("the model has no LoRA-targetable linear layers")
+    return layers

@@ -1,0 +1,59 @@
+"""Validated LoRA weights of one adapter, held on the host (CPU) until a device slot takes them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+# Linear layers an adapter may target, by leaf name (fused names cover Phi-3 style models).
+KNOWN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                 "qkv_proj", "gate_up_proj")
+
+
+@dataclass(frozen=True)
+class ModuleKey:
+    layer: int
+    name: str  # leaf name, e.g. "q_proj"
+
+
+@dataclass(frozen=True)
+class TargetShape:
+    in_features: int
+    out_features: int
+
+
+@dataclass
+class LoraModuleWeights:
+    a: torch.Tensor  # [r, in_features]
+    b: torch.Tensor  # [out_features, r]
+    scale: float  # lora_alpha / r (or / sqrt(r) with rsLoRA)
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+
+@dataclass
+class LoraAdapter:
+    adapter_id: str
+    source: Path
+    modules: dict[ModuleKey, LoraModuleWeights]
+    lora_alpha: float
+    use_rslora: bool = False
+    base_model_name: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return max(m.rank for m in self.modules.values())
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        return tuple(sorted({k.name for k in self.modules}))
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size()
+                   for m in self.modules.values())
