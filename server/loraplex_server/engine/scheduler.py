@@ -23,12 +23,12 @@ from .request import Request, RequestStatus
 class ScheduledRequest:
     request: Request
     num_new_tokens: int  # tokens computed this step (a prefill chunk, or 1 for a decode)
+    samples: bool = False  # this step reaches the request's last token, so a new token is sampled
 
-    @property
-    def samples(self) -> bool:
-        """True when this step reaches the request's last token, so a new token is sampled."""
-        r = self.request
-        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+    @classmethod
+    def of(cls, request: Request, num_new_tokens: int) -> "ScheduledRequest":
+        reaches_end = request.num_computed_tokens + num_new_tokens == request.num_tokens
+        return cls(request, num_new_tokens, reaches_end)
 
 
 @dataclass
@@ -54,6 +54,7 @@ class Scheduler:
         self.adapter_ready = adapter_ready
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
@@ -89,7 +90,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(request, n))
+                out.scheduled.append(ScheduledRequest.of(request, n))
                 budget -= n
                 i += 1
         return budget
@@ -109,7 +110,7 @@ class Scheduler:
             self.running.append(request)
             if aid:
                 adapters.add(aid)
-            out.scheduled.append(ScheduledRequest(request, n))
+            out.scheduled.append(ScheduledRequest.of(request, n))
             budget -= n
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
@@ -117,6 +118,7 @@ class Scheduler:
         self.blocks.free(request)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        self.num_preemptions += 1
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
         out.preempted.append(request)

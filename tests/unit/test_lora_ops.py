@@ -1,0 +1,69 @@
+"""Every fast LoRA path against the loop reference, over shapes, ranks and slot layouts."""
+
+import pytest
+import torch
+
+from loraplex_server.lora import ops
+from loraplex_server.lora.mapping import NO_SLOT, LoraMapping
+
+
+def test_mapping_merges_runs_into_segments():
+    m = LoraMapping.from_runs([(0, 3), (0, 1), (NO_SLOT, 2), (2, 1), (1, 4), (1, 0)])
+    assert m.segments == ((0, 4, 0), (6, 7, 2), (7, 11, 1))
+    assert m.token_slots.tolist() == [0, 0, 0, 0, -1, -1, 2, 1, 1, 1, 1]
+    assert m.num_tokens == 11 and m.active_slots == {0, 1, 2}
+
+
+def test_mapping_without_adapters_has_no_lora():
+    m = LoraMapping.from_runs([(NO_SLOT, 5)])
+    assert not m.has_lora and m.token_slots.tolist() == [-1] * 5
+
+
+def make_case(num_slots, max_rank, ranks, d_in, d_out, runs, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.zeros(num_slots, max_rank, d_in)
+    b = torch.zeros(num_slots, d_out, max_rank)
+    for s, r in enumerate(ranks):
+        a[s, :r] = torch.randn(r, d_in, generator=g)
+        b[s, :, :r] = torch.randn(d_out, r, generator=g)
+    mapping = LoraMapping.from_runs(runs)
+    x = torch.randn(mapping.num_tokens, d_in, generator=g)
+    y = torch.randn(mapping.num_tokens, d_out, generator=g)
+    return a, b, x, y, mapping
+
+
+CASES = [
+    # (ranks per slot, runs of (slot, tokens))
+    ([8], [(0, 1)]),
+    ([4, 8, 16], [(0, 3), (NO_SLOT, 2), (1, 1), (2, 7)]),
+    ([8, 0, 16, 4], [(0, 1), (2, 1), (3, 1), (NO_SLOT, 1), (0, 1), (2, 1)]),  # slot 1: module unused
+    ([16] * 7, [(s % 7, 1) for s in range(17)] + [(NO_SLOT, 3)]),
+    ([4, 16], [(NO_SLOT, 5)]),
+]
+
+
+@pytest.mark.parametrize("ranks,runs", CASES)
+@pytest.mark.parametrize("fn", ["sgmv", "bgmv", "lora_apply"])
+@pytest.mark.parametrize("d_in,d_out", [(64, 96), (96, 32)])
+def test_fast_paths_match_reference(ranks, runs, fn, d_in, d_out):
+    a, b, x, y, mapping = make_case(len(ranks), 16, ranks, d_in, d_out, runs)
+    expected = y.clone()
+    ops.lora_apply_reference(expected, x, a, b, mapping.token_slots)
+    got = y.clone()
+    if fn == "sgmv":
+        ops.sgmv(got, x, a, b, ranks, mapping.segments)
+    elif fn == "bgmv":
+        ops.bgmv(got, x, a, b, ranks, mapping)
+    else:
+        ops.lora_apply(got, x, a, b, ranks, mapping)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    base_rows = mapping.token_slots < 0
+    assert torch.equal(got[base_rows], y[base_rows]), "rows without an adapter must keep the base output exactly"
+
+
+def test_reference_is_the_plain_formula():
+    a, b, x, y, mapping = make_case(2, 4, [4, 2], 8, 6, [(1, 1), (NO_SLOT, 1)])
+    expected = y.clone()
+    expected[0] += b[1] @ (a[1] @ x[0])
+    ops.lora_apply_reference(y, x, a, b, mapping.token_slots)
+    torch.testing.assert_close(y, expected)

@@ -1,0 +1,107 @@
+from loraplex_server.config import SchedulerConfig
+from loraplex_server.engine.kv_blocks import BlockManager
+from loraplex_server.engine.request import Request, RequestStatus, SamplingParams
+from loraplex_server.engine.scheduler import Scheduler
+
+
+def make(budget=16, max_seqs=8, num_blocks=64, block_size=4, max_loras=2):
+    bm = BlockManager(num_blocks, block_size)
+    return Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs), bm, max_loras), bm
+
+
+def req(rid, n_prompt=4, adapter=None):
+    return Request(rid, list(range(n_prompt)), SamplingParams(), adapter_id=adapter)
+
+
+def step(s, sample_token=7):
+    """Schedule, mark computed, and append a token to every request that sampled."""
+    out = s.schedule()
+    sampled = [x.request for x in out.scheduled if x.samples]
+    s.after_step(out)
+    for r in sampled:
+        r.output_token_ids.append(sample_token)
+    return out
+
+
+def scheduled(out):
+    return {x.request.request_id: x.num_new_tokens for x in out.scheduled}
+
+
+def test_token_budget_chunks_long_prefill():
+    s, _ = make(budget=10)
+    s.add(req("long", 25))
+    assert scheduled(step(s)) == {"long": 10}
+    assert scheduled(step(s)) == {"long": 10}
+    out = step(s)
+    assert scheduled(out) == {"long": 5} and out.scheduled[0].samples
+    assert scheduled(step(s)) == {"long": 1}  # now decoding
+
+
+def test_decodes_first_then_fcfs_admission_in_budget():
+    s, _ = make(budget=6)
+    s.add(req("a", 4))
+    step(s)
+    s.add(req("b", 4))
+    s.add(req("c", 4))
+    out = step(s)
+    assert scheduled(out) == {"a": 1, "b": 4, "c": 1}  # c gets the last token of budget (chunked)
+    assert not [x for x in out.scheduled if x.request.request_id == "c"][0].samples
+
+
+def test_running_cap():
+    s, _ = make(max_seqs=2)
+    for r in "abc":
+        s.add(req(r))
+    out = step(s)
+    assert set(scheduled(out)) == {"a", "b"} and len(s.waiting) == 1
+
+
+def test_max_loras_cap_is_fcfs_and_does_not_starve():
+    s, _ = make(max_loras=2, budget=64)
+    s.add(req("x", adapter="A"))
+    s.add(req("y", adapter="B"))
+    s.add(req("z", adapter="C"))  # third distinct adapter: must wait
+    s.add(req("w", adapter="A"))  # behind z: FCFS, must not overtake it
+    out = step(s)
+    assert set(scheduled(out)) == {"x", "y"}
+    assert out.adapter_ids == {"A", "B"}
+    s.finish(s.running[1])  # y finishes -> B frees up
+    out = step(s)
+    assert set(scheduled(out)) == {"x", "z", "w"}
+
+
+def test_preempts_latest_when_blocks_run_out_and_requeues_at_head():
+    s, bm = make(num_blocks=3, block_size=4, budget=64)
+    s.add(req("old", 4))
+    s.add(req("new", 4))
+    step(s)  # each holds one full block (4 tokens) and sampled one token
+    s.add(req("later", 2))
+    out = step(s)  # old needs block 2 (ok, 1 free); new then needs one: preempted (latest)
+    assert [r.request_id for r in out.preempted] == ["new"]
+    assert scheduled(out) == {"old": 1}
+    preempted = s.waiting[0]
+    assert preempted.request_id == "new" and preempted.status is RequestStatus.WAITING
+    assert preempted.num_computed_tokens == 0 and preempted.block_ids == []
+    assert preempted.output_token_ids == [7]  # recompute keeps generated tokens
+    assert s.num_preemptions == 1
+
+
+def test_a_lone_request_is_never_preempted_into_a_livelock():
+    s, bm = make(num_blocks=2, block_size=4, budget=64)
+    s.add(req("solo", 7))
+    out = step(s)
+    assert scheduled(out) == {"solo": 7}
+    assert bm.num_free_blocks == 0
+
+
+def test_finish_frees_blocks_everywhere():
+    s, bm = make()
+    s.add(req("a"))
+    s.add(req("b"))
+    step(s)
+    a = s.running[0]
+    s.finish(a)
+    assert a.status is RequestStatus.FINISHED and a.block_ids == []
+    s.add(req("c"))
+    s.finish(s.waiting[0])
+    assert not s.waiting and len(s.running) == 1
