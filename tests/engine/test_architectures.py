@@ -61,17 +61,9 @@ ARCHS = {
                       PHI3),
 }
 
-_WINDOW_BUG = ("server bug: model/attention.py paged_attention takes the window from _window(module), "
-               "i.e. module.sliding_window only; MistralAttention/Phi3Attention have no such attribute and "
-               "pass the window as the sliding_window kwarg, which is ignored, so Loraplex attends over the "
-               "full context once a sequence is longer than the window")
-XFAIL = {"mistral-sliding8": _WINDOW_BUG, "phi3-sliding8": _WINDOW_BUG}
-
-
 def _arch_params():
     for name in ARCHS:
-        marks = [pytest.mark.xfail(strict=True, reason=XFAIL[name])] if name in XFAIL else []
-        yield pytest.param(name, id=name, marks=marks)
+        yield pytest.param(name, id=name)
 
 
 @dataclass

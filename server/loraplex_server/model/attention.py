@@ -71,8 +71,9 @@ class PagedAttentionMetadata:
         return self._masks[key]
 
 
-def _window(module) -> int | None:
-    window = getattr(module, "sliding_window", None)
+def _window(module, kwargs: dict) -> int | None:
+    """The layer's sliding window: Mistral/Phi-3 pass it as a kwarg, Qwen2/3 keep it on the module."""
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     return int(window) if window else None
 
 
@@ -111,7 +112,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     v_new = value[0].transpose(0, 1)
     k_cache[meta.slot_mapping] = k_new.to(k_cache.dtype)
     v_cache[meta.slot_mapping] = v_new.to(v_cache.dtype)
-    window = _window(module)
+    window = _window(module, kwargs)
     out = query.new_empty(q.shape[1], q.shape[0], q.shape[2])  # [T, H, D]
     for span in meta.prefills:
         out[span.q_start:span.q_start + span.q_len] = _attend_prefill(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from ..config import ModelConfig
@@ -44,7 +45,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"unknown device {name!r}: {exc}") from exc
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -124,24 +128,11 @@ def dummy_config(spec: str | None) -> PretrainedConfig:
 
 
 def _load_dummy(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+    """Random weights (the model's own seeded initialisation), built directly on the device."""
     config = dummy_config(cfg.model)
     torch.manual_seed(cfg.seed)
-    with torch.device("meta"):
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model = model.to_empty(device=device)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02)
-        for buf_name, module in model.named_modules():
-            if hasattr(module, "inv_freq") and hasattr(module, "rope_init_fn"):
-                inv_freq, _ = module.rope_init_fn(module.config, device)
-                module.inv_freq.copy_(inv_freq)
-                if hasattr(module, "original_inv_freq"):
-                    module.original_inv_freq = inv_freq
-    model.tie_weights()
     tokenizer = _optional_embedded_tokenizer(cfg.cache_dir)
     return model, tokenizer, f"dummy:{cfg.model or 'smollm2-135m'}"
 
@@ -172,7 +163,7 @@ def _load_pretrained(cfg: ModelConfig, dtype: torch.dtype):
     kwargs = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, **kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise ModelLoadError(f"cannot load model from {directory}: {exc}") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), **({"gguf_file": gguf_file} if gguf_file else {}))
