@@ -41,15 +41,19 @@ class RequestStream:
             else:
                 self._sync.put(item)
 
+    def _take(self, item) -> tuple[RequestOutput | None, bool]:
+        """(delta to yield or None, whether the stream ends after it)."""
+        if item is _END:
+            return None, True
+        self.finished = item.finished
+        return item, item.finished
+
     def __iter__(self) -> Iterator[RequestOutput]:
-        while True:
-            item = self._sync.get()
-            if item is _END:
-                return
-            yield item
-            if item.finished:
-                self.finished = True
-                return
+        done = False
+        while not done:
+            item, done = self._take(self._sync.get())
+            if item is not None:
+                yield item
 
     def _bind_async(self) -> asyncio.Queue:
         with self._lock:
@@ -62,15 +66,12 @@ class RequestStream:
 
     async def __aiter__(self):
         q = self._bind_async()
+        done = False
         try:
-            while True:
-                item = await q.get()
-                if item is _END:
-                    return
-                yield item
-                if item.finished:
-                    self.finished = True
-                    return
+            while not done:
+                item, done = self._take(await q.get())
+                if item is not None:
+                    yield item
         finally:
             if not self.finished:
                 self._on_abandon(self.request_id)  # cancelled consumer: free the request's KV
