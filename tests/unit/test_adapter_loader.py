@@ -105,10 +105,12 @@ def test_pickle_missing_and_garbage_files_are_refused(tmp_path, targets):
     refused(path, targets, "not valid JSON")
     refused(tmp_path / "nope", targets, "not a directory")
     cfg_path = save(tmp_path, "p2") / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["peft_type"] = "IA3"
-    cfg_path.write_text(json.dumps(cfg))
-    refused(cfg_path.parent, targets, "peft_type IA3")
+    original = json.loads(cfg_path.read_text())
+    for field, value, match in [("peft_type", "IA3", "peft_type IA3"), ("alora_invocation_tokens", [5], "activated"),
+                                ("layer_replication", [[0, 2]], "layer_replication"),
+                                ("trainable_token_indices", [1, 2], "trainable_token_indices")]:
+        cfg_path.write_text(json.dumps({**original, field: value}))
+        refused(cfg_path.parent, targets, match)
 
 
 def test_registry_publishes_nothing_on_failure_and_reloads_after_cpu_eviction(tmp_path, targets):

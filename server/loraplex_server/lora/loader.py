@@ -49,6 +49,9 @@ def check_config(adapter_id: str, config: dict) -> None:
         (bool(config.get("lora_bias")), "lora_bias is not supported"),
         (bool(config.get("fan_in_fan_out")), "fan_in_fan_out adapters are not supported"),
         (bool(config.get("use_qalora")), "QA-LoRA adapters are not supported"),
+        (bool(config.get("alora_invocation_tokens")), "activated LoRA (alora_invocation_tokens) is not supported"),
+        (bool(config.get("layer_replication")), "layer_replication is not supported"),
+        (bool(config.get("trainable_token_indices")), "trainable_token_indices (embedding tokens) is not supported"),
     ]
     for refused, message in refusals:
         if refused:
