@@ -139,6 +139,14 @@ def test_remove_adapter_lets_running_finish_and_refuses_new(make_engine, peft_ad
     assert engine.lora.slots.resident == []  # slot freed once unused
 
 
+def test_prompt_over_model_context_is_refused(make_engine):
+    engine = make_engine()
+    engine.inputs.max_model_len = 32  # as if the model's context were 32 tokens
+    with pytest.raises(PromptTooLongError, match="context length"):
+        engine.make_request(Prompt(token_ids=(1,) * 32), greedy())
+    engine.make_request(Prompt(token_ids=(1,) * 31), greedy())
+
+
 def test_kv_capacity_bounds_a_sequence_with_length(make_engine):
     engine = make_engine(num_blocks=2, block_size=4)  # 8 tokens in all
     req = engine.make_request(Prompt(token_ids=(1, 2, 3, 4, 5)), greedy(100, ignore_eos=True))

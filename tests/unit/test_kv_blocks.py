@@ -35,3 +35,11 @@ def test_refuses_without_partial_allocation_and_frees():
 def test_rejects_bad_sizes():
     with pytest.raises(ValueError):
         BlockManager(0, 4)
+
+
+def test_token_slice_spans_prompt_and_output():
+    r = Request("r", [1, 2, 3], SamplingParams())
+    r.output_token_ids = [4, 5]
+    for start in range(6):
+        for end in range(start, 6):
+            assert r.token_slice(start, end) == r.all_token_ids[start:end]

@@ -57,7 +57,7 @@ class ModelRunner:
             req, n = s.request, s.num_new_tokens
             start, end = req.num_computed_tokens, req.num_computed_tokens + n
             ctx_slots = self.slots_of(req, end)  # [end]
-            ids.extend(req.all_token_ids[start:end])
+            ids.extend(req.token_slice(start, end))
             positions.extend(range(start, end))
             new_slots.append(ctx_slots[start:])
             if n == 1 and start > 0:
