@@ -77,51 +77,135 @@ class EngineConfig:
         return self.model.threads if self.model.threads is not None else default_threads()
 
 
-def _coerce(value: str, current: object) -> object:
-    if isinstance(current, bool):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    if isinstance(current, int):
-        return int(value)
-    if isinstance(current, Path):
-        return Path(value)
-    return value
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int = 9090  # 0 = any free port, -1 = no metrics endpoint
+    grace_period_s: float = 10.0  # SIGTERM: in-flight requests get this long to finish
+    log_level: str = "INFO"
+    adapters: tuple[tuple[str, str], ...] = ()  # (name, path inside the adapter root) loaded at start
+
+
+@dataclass(frozen=True)
+class Config:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
 
 _SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "lora": LoraConfig}
-_INT_OR_NONE = {"threads", "max_model_len", "num_blocks"}
+_SIZE_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
-def _env_overrides(section_cls: type, section: str, environ: Mapping[str, str]) -> dict:
-    out: dict = {}
-    defaults = section_cls()
-    for f in fields(section_cls):
-        key = f"{ENV_PREFIX}{f.name.upper()}"
-        if key not in environ:
-            continue
-        raw = environ[key]
-        current = getattr(defaults, f.name)
-        if f.name in _INT_OR_NONE:
-            out[f.name] = int(raw) if raw else None
-        elif f.name in ("model", "adapter_root"):
-            out[f.name] = (Path(raw) if f.name == "adapter_root" else raw) if raw else None
-        else:
-            out[f.name] = _coerce(raw, current)
-    return out
+def parse_size(raw: str | int) -> int:
+    """Bytes from ``123``, ``512MiB``, ``4G`` or ``1.5g``."""
+    if isinstance(raw, int):
+        return raw
+    text = raw.strip().lower().removesuffix("ib").removesuffix("b")
+    if text and text[-1] in _SIZE_SUFFIXES:
+        return int(float(text[:-1]) * _SIZE_SUFFIXES[text[-1]])
+    return int(text)
+
+
+def parse_adapters(items) -> tuple[tuple[str, str], ...]:
+    """``NAME=PATH`` strings (or a comma-separated string, or a {name: path} table)."""
+    if isinstance(items, dict):
+        return tuple((str(k), str(v)) for k, v in items.items())
+    if isinstance(items, str):
+        items = [x for x in items.split(",") if x.strip()]
+    out = []
+    for item in items:
+        name, sep, path = str(item).partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"adapter {item!r} must be NAME=PATH")
+        out.append((name.strip(), path.strip()))
+    return tuple(out)
+
+
+def _coerce(name: str, annotation: str, raw):
+    """Convert a raw (string, or TOML-typed) value to a config field's type."""
+    if name == "kv_cache_bytes":
+        return parse_size(raw)
+    if name == "adapters":
+        return parse_adapters(raw)
+    if raw in ("", None) and "None" in annotation:
+        return None
+    if isinstance(raw, str):
+        if annotation.startswith("bool"):
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if annotation.startswith("int"):
+            return int(raw)
+        if annotation.startswith("float"):
+            return float(raw)
+    if annotation.startswith("Path"):
+        return Path(raw)
+    return raw
+
+
+def _section_values(cls: type, raw: Mapping, where: str) -> dict:
+    types = {f.name: str(f.type) for f in fields(cls)}
+    unknown = set(raw) - set(types)
+    if unknown:
+        raise ValueError(f"unknown setting(s) in {where}: {sorted(unknown)}")
+    return {k: _coerce(k, types[k], v) for k, v in raw.items()}
+
+
+def _env_values(cls: type, environ: Mapping[str, str]) -> dict:
+    raw = {f.name: environ[f"{ENV_PREFIX}{f.name.upper()}"] for f in fields(cls)
+           if f"{ENV_PREFIX}{f.name.upper()}" in environ}
+    return _section_values(cls, raw, "the environment")
+
+
+def _build(layers: list[dict[str, dict]]) -> Config:
+    """Merge per-section value dicts, later layers winning."""
+    sections = dict(_SECTIONS, server=ServerConfig)
+    merged: dict[str, dict] = {name: {} for name in sections}
+    for layer in layers:
+        for name, values in layer.items():
+            merged[name].update(values)
+    built = {name: cls(**merged[name]) for name, cls in sections.items()}
+    server = built.pop("server")
+    return Config(engine=EngineConfig(**built), server=server)
+
+
+def _file_layer(path: Path | None) -> dict[str, dict]:
+    if path is None:
+        return {}
+    import tomllib
+
+    with open(path, "rb") as fh:
+        data = tomllib.load(fh)
+    sections = dict(_SECTIONS, server=ServerConfig)
+    unknown = set(data) - set(sections)
+    if unknown:
+        raise ValueError(f"unknown section(s) in {path}: {sorted(unknown)}")
+    return {name: _section_values(sections[name], data[name], f"{path} [{name}]") for name in data}
+
+
+def _env_layer(environ: Mapping[str, str]) -> dict[str, dict]:
+    sections = dict(_SECTIONS, server=ServerConfig)
+    return {name: _env_values(cls, environ) for name, cls in sections.items()}
 
 
 def engine_config_from_env(environ: Mapping[str, str] | None = None, **sections) -> EngineConfig:
-    """Build an EngineConfig from ``LORAPLEX_*`` variables, then apply explicit section overrides.
+    """An EngineConfig from ``LORAPLEX_*`` variables, then explicit section overrides (which win)."""
+    env = os.environ if environ is None else environ
+    overrides = {name: {k: v for k, v in values.items() if v is not None} for name, values in sections.items()}
+    return _build([_env_layer(env), overrides]).engine
 
-    ``sections`` maps a section name (model, cache, scheduler, lora) to a dict of field values,
-    which win over the environment (flags beat env vars).
+
+def load_config(flag_values: Mapping[str, dict] | None = None, config_file: Path | None = None,
+                environ: Mapping[str, str] | None = None) -> Config:
+    """Defaults < config file (TOML) < ``LORAPLEX_*`` environment < flags.
+
+    ``flag_values`` maps a section name to the fields given on the command line (None = not given).
+    ``config_file`` falls back to ``$LORAPLEX_CONFIG``.
     """
     env = os.environ if environ is None else environ
-    built = {}
-    for name, cls in _SECTIONS.items():
-        values = _env_overrides(cls, name, env)
-        values.update(sections.get(name, {}))
-        built[name] = cls(**values)
-    return EngineConfig(**built)
+    path = config_file or (Path(env["LORAPLEX_CONFIG"]) if env.get("LORAPLEX_CONFIG") else None)
+    flags = {name: {k: v for k, v in values.items() if v is not None}
+             for name, values in (flag_values or {}).items()}
+    return _build([_file_layer(path), _env_layer(env), flags])
 
 
 def with_overrides(config: EngineConfig, **sections) -> EngineConfig:

@@ -50,3 +50,13 @@ class QueueFullError(LoraplexError):
 
 class EngineStoppedError(LoraplexError):
     pass
+
+
+class DuplicateRequestError(LoraplexError):
+    def __init__(self, request_id: str):
+        super().__init__(f"request id {request_id!r} is already in flight")
+        self.request_id = request_id
+
+
+class AdapterPinError(LoraplexError):
+    """Pinning would leave no device slot for other adapters."""

@@ -6,13 +6,15 @@ Not thread-safe: exactly one thread (the ``EngineLoop``) calls ``add_request``/`
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 import torch
 
 from ..config import EngineConfig
-from ..errors import AdapterNotFoundError
+from ..errors import AdapterNotFoundError, DuplicateRequestError
 from ..lora.manager import LoraManager
+from ..metrics import StepStats
 from ..model.attention import register_paged_attention
 from ..model.loader import LoadedModel, load_model
 from .inputs import InputProcessor
@@ -48,7 +50,8 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.cache.block_size)
         kv_caches = allocate_kv_cache(spec, num_blocks, config.cache.block_size, self.loaded.device)
         self.scheduler = Scheduler(config.scheduler, self.blocks, config.lora.max_loras,
-                                   adapter_ready=self.lora.has_adapter)
+                                   adapter_ready=self.lora.has_adapter,
+                                   reserved_adapters=lambda: set(self.lora.slots.pinned))
         self.runner = ModelRunner(model, kv_caches, config.cache.block_size, self.loaded.device, self.lora)
         model_len = config.model.max_model_len or getattr(model.config, "max_position_embeddings", 2048)
         self.inputs = InputProcessor(self.loaded.tokenizer, model.config.vocab_size, model_len,
@@ -56,6 +59,7 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.loaded.tokenizer, eos_token_ids(self.loaded),
                                        self.inputs.max_total_tokens)
         self.requests: dict[str, Request] = {}
+        self.last_batch = (0, 0)  # (sequences, tokens) of the latest step
         self._slot_releases: set[str] = set()
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_loras=%d",
                  self.loaded.name, self.loaded.device, self.loaded.dtype, num_blocks,
@@ -73,8 +77,10 @@ class LLMEngine:
 
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
-            raise ValueError(f"duplicate request id {request.request_id!r}")
+            raise DuplicateRequestError(request.request_id)
         self.requests[request.request_id] = request
+        if request.adapter_id:
+            self.lora.count_request(request.adapter_id)
         self.outputs.start(request)
         self.scheduler.add(request)
 
@@ -114,10 +120,34 @@ class LLMEngine:
     # ---- the loop body --------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
+        self.last_batch = (len(batch.scheduled), batch.num_tokens)
+        self._mark_scheduled(batch)
         lora_slots = self.lora.activate(batch.adapter_ids, self.scheduler.running_adapters())
         sampled, samples = self.runner.run(batch, lora_slots)
         self.scheduler.after_step(batch)
         return self._postprocess(sampled, samples)
+
+    @staticmethod
+    def _mark_scheduled(batch) -> None:
+        now = time.monotonic()
+        for s in batch.scheduled:
+            if s.request.first_scheduled_time is None:
+                s.request.first_scheduled_time = now
+
+    def stats(self, duration_s: float) -> StepStats:
+        slots, registry = self.lora.slots, self.lora.registry
+        return StepStats(
+            num_seqs=self.last_batch[0], num_tokens=self.last_batch[1], duration_s=duration_s,
+            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+            kv_blocks_used=self.blocks.num_blocks - self.blocks.num_free_blocks,
+            kv_blocks_total=self.blocks.num_blocks, adapters_device=len(slots.resident),
+            adapters_cpu=registry.num_in_cpu_cache, adapters_registered=len(registry.adapter_ids),
+            device_loads=slots.num_loads, device_evictions=slots.num_evictions,
+            cpu_loads=registry.num_cpu_loads, cpu_evictions=registry.num_cpu_evictions,
+            preemptions=self.scheduler.num_preemptions)
+
+    def pin_adapter(self, adapter_id: str) -> None:
+        self.lora.pin(adapter_id, self.scheduler.running_adapters())
 
     def _postprocess(self, sampled, samples) -> list[RequestOutput]:
         outputs = []

@@ -12,14 +12,19 @@ import asyncio
 import logging
 import queue
 import threading
-from typing import Callable, Iterator
+import time
+from concurrent.futures import Future
+from typing import Callable, Iterator, TypeVar
 
-from ..errors import AdapterNotFoundError, EngineStoppedError, LoraplexError, QueueFullError
+from ..errors import (AdapterNotFoundError, DuplicateRequestError, EngineStoppedError, LoraplexError,
+                      QueueFullError)
+from ..metrics import Metrics
 from .engine import LLMEngine
 from .request import Prompt, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 _END = object()
+T = TypeVar("T")
 
 
 class RequestStream:
@@ -97,8 +102,9 @@ def merge_outputs(deltas: list[RequestOutput]) -> RequestOutput:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05):
+    def __init__(self, engine: LLMEngine, metrics: Metrics | None = None, idle_wait_s: float = 0.05):
         self.engine = engine
+        self.metrics = metrics
         self.idle_wait_s = idle_wait_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -114,6 +120,7 @@ class EngineLoop:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Abort whatever is still in flight and end the thread."""
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout)
@@ -135,7 +142,7 @@ class EngineLoop:
             if len(self._streams) >= self.engine.config.scheduler.max_queued_requests:
                 raise QueueFullError(f"{len(self._streams)} requests in flight; try again later")
             if request.request_id in self._streams:
-                raise ValueError(f"duplicate request id {request.request_id!r}")
+                raise DuplicateRequestError(request.request_id)
             self._streams[request.request_id] = stream
         self._send(("add", request))
         return stream
@@ -146,15 +153,26 @@ class EngineLoop:
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
 
+    def call(self, fn: Callable[[LLMEngine], T]) -> Future:
+        """Run ``fn(engine)`` on the engine thread between steps; its result or error lands in the Future."""
+        future: Future = Future()
+        if self._stopping:
+            future.set_exception(EngineStoppedError("the engine is shutting down"))
+        else:
+            self._send(("call", (fn, future)))
+        return future
+
     def add_adapter(self, adapter_id: str, source) -> None:
         """Validate on the caller's thread, then publish; raises AdapterLoadError on refusal."""
         self.engine.lora.add_adapter(adapter_id, source)
-        self._send(("adapter_replaced", adapter_id))
+        if self.metrics is not None:
+            self.metrics.adapter_label.allow(adapter_id)
+        self._send(("call", (lambda e: e.adapter_replaced(adapter_id), Future())))
 
-    def remove_adapter(self, adapter_id: str) -> None:
+    def remove_adapter(self, adapter_id: str) -> Future:
         if not self.engine.lora.has_adapter(adapter_id):
             raise AdapterNotFoundError(adapter_id)
-        self._send(("remove_adapter", adapter_id))
+        return self.call(lambda e: self._deliver(e.remove_adapter(adapter_id)))
 
     @property
     def num_in_flight(self) -> int:
@@ -172,14 +190,20 @@ class EngineLoop:
                 self._wake.wait(self.idle_wait_s)
                 self._wake.clear()
                 continue
-            try:
-                outputs = self.engine.step()
-            except Exception:  # noqa: BLE001 - one bad step must not kill the loop
-                log.exception("engine step failed; failing the running requests")
-                outputs = self.engine.fail_running("internal error during the engine step")
-            self.num_steps += 1
-            self._deliver(outputs)
+            self._deliver(self._step())
         self._shutdown()
+
+    def _step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
+        try:
+            outputs = self.engine.step()
+        except Exception:  # noqa: BLE001 - one bad step must not kill the loop
+            log.exception("engine step failed; failing the running requests")
+            outputs = self.engine.fail_running("internal error during the engine step")
+        self.num_steps += 1
+        if self.metrics is not None:
+            self.metrics.record_step(self.engine.stats(time.perf_counter() - start))
+        return outputs
 
     def _drain_commands(self) -> None:
         while True:
@@ -189,8 +213,8 @@ class EngineLoop:
                 return
             try:
                 self._apply(kind, arg)
-            except LoraplexError as exc:  # e.g. an adapter removed twice: log, keep serving
-                log.warning("command %s(%s) failed: %s", kind, arg, exc)
+            except LoraplexError as exc:
+                log.warning("command %s failed: %s", kind, exc)
 
     def _apply(self, kind: str, arg) -> None:
         if kind == "add":
@@ -198,10 +222,13 @@ class EngineLoop:
         elif kind == "abort":
             out = self.engine.abort(arg)
             self._deliver([out] if out else [])
-        elif kind == "remove_adapter":
-            self._deliver(self.engine.remove_adapter(arg))
-        elif kind == "adapter_replaced":
-            self.engine.adapter_replaced(arg)
+        elif kind == "call":
+            fn, future = arg
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(self.engine))
+                except Exception as exc:  # noqa: BLE001 - handed to the caller
+                    future.set_exception(exc)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -209,6 +236,8 @@ class EngineLoop:
                 stream = self._streams.get(out.request_id)
                 if out.finished:
                     self._streams.pop(out.request_id, None)
+            if out.finished and self.metrics is not None:
+                self.metrics.record_request(out)
             if stream is not None:
                 stream.put(out)
 

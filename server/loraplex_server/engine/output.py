@@ -6,6 +6,7 @@ the beginning of a stop string is held back until it is known not to be one.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from .detokenizer import IncrementalDetokenizer
@@ -38,6 +39,8 @@ class OutputProcessor:
         """Record a sampled token; sets ``request.finish_reason`` when the request is done."""
         state = self._states[request.request_id]
         request.output_token_ids.append(token_id)
+        if request.first_token_time is None:
+            request.first_token_time = time.monotonic()
         if logprob is not None:
             state.pending_logprobs.append(logprob)
         sp = request.sampling
@@ -80,6 +83,8 @@ class OutputProcessor:
             prompt_tokens=request.num_prompt_tokens,
             completion_tokens=len(request.output_token_ids),
             logprobs=tuple(state.pending_logprobs),
+            adapter_id=request.adapter_id,
+            timings=request.timings() if finished else None,
         )
         state.emitted_chars = visible
         state.emitted_tokens = len(request.output_token_ids)
@@ -93,4 +98,5 @@ class OutputProcessor:
         text = state.text[state.emitted_chars:] if state and reason is not FinishReason.ERROR else ""
         return RequestOutput(request_id=request.request_id, token_ids=(), text=text, finished=True,
                              finish_reason=reason, prompt_tokens=request.num_prompt_tokens,
-                             completion_tokens=len(request.output_token_ids), error=error)
+                             completion_tokens=len(request.output_token_ids), error=error,
+                             adapter_id=request.adapter_id, timings=request.timings())

@@ -95,6 +95,28 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class RequestTimings:
+    """Monotonic timestamps of one request's life (seconds)."""
+
+    arrival: float
+    first_scheduled: float | None
+    first_token: float | None
+    finished: float
+
+    @property
+    def queue_wait(self) -> float | None:
+        return None if self.first_scheduled is None else self.first_scheduled - self.arrival
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def end_to_end(self) -> float:
+        return self.finished - self.arrival
+
+
+@dataclass(frozen=True)
 class RequestOutput:
     """One delta for one request: the tokens and text produced since the previous delta."""
 
@@ -107,6 +129,8 @@ class RequestOutput:
     completion_tokens: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()
     error: str | None = None
+    adapter_id: str | None = None
+    timings: RequestTimings | None = None  # on the final delta only
 
 
 @dataclass(eq=False)
@@ -129,6 +153,12 @@ class Request:
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     tenant: str = ""
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+
+    def timings(self) -> RequestTimings:
+        return RequestTimings(self.arrival_time, self.first_scheduled_time, self.first_token_time,
+                              time.monotonic())
 
     @property
     def all_token_ids(self) -> list[int]:

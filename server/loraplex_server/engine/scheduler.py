@@ -47,11 +47,13 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager, max_loras: int,
-                 adapter_ready: Callable[[str], bool] = lambda _id: True):
+                 adapter_ready: Callable[[str], bool] = lambda _id: True,
+                 reserved_adapters: Callable[[], set[str]] = set):
         self.config = config
         self.blocks = blocks
         self.max_loras = max_loras
         self.adapter_ready = adapter_ready
+        self.reserved_adapters = reserved_adapters  # pinned: they hold device slots while idle
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -97,10 +99,12 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         adapters = self.running_adapters()
+        reserved = self.reserved_adapters()
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             aid = request.adapter_id
-            if aid and aid not in adapters and (len(adapters) >= self.max_loras or not self.adapter_ready(aid)):
+            if aid and aid not in adapters and (len(adapters | reserved | {aid}) > self.max_loras
+                                                or not self.adapter_ready(aid)):
                 break
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self.blocks.allocate(request, n):

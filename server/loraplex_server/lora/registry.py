@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import AdapterLoadError, AdapterNotFoundError
 from .loader import load_adapter
-from .weights import LoraAdapter, ModuleKey, TargetShape
+from .weights import AdapterMeta, LoraAdapter, ModuleKey, TargetShape
 
 
 def resolve_source(root: Path | None, source: str | Path) -> Path:
@@ -34,18 +34,24 @@ class AdapterRegistry:
         self.max_rank = max_rank
         self.max_cpu_loras = max(1, max_cpu_loras)
         self.adapter_root = adapter_root
-        self._sources: dict[str, Path] = {}
+        self._meta: dict[str, AdapterMeta] = {}
         self._cpu: OrderedDict[str, LoraAdapter] = OrderedDict()
         self._lock = threading.Lock()
         self.num_cpu_loads = 0
         self.num_cpu_evictions = 0
 
     def __contains__(self, adapter_id: str) -> bool:
-        return adapter_id in self._sources
+        return adapter_id in self._meta
 
     @property
     def adapter_ids(self) -> list[str]:
-        return sorted(self._sources)
+        return sorted(self._meta)
+
+    def meta(self, adapter_id: str) -> AdapterMeta:
+        try:
+            return self._meta[adapter_id]
+        except KeyError:
+            raise AdapterNotFoundError(adapter_id) from None
 
     def add(self, adapter_id: str, source: str | Path) -> LoraAdapter:
         """Validate and register; raises AdapterLoadError and changes nothing on failure."""
@@ -54,29 +60,33 @@ class AdapterRegistry:
         path = resolve_source(self.adapter_root, source)
         adapter = load_adapter(adapter_id, path, self.targets, self.max_rank)
         with self._lock:
-            self._sources[adapter_id] = path
+            self._meta[adapter_id] = AdapterMeta.of(adapter)
             self._put_cpu(adapter)
         return adapter
 
     def remove(self, adapter_id: str) -> None:
         with self._lock:
-            if self._sources.pop(adapter_id, None) is None:
+            if self._meta.pop(adapter_id, None) is None:
                 raise AdapterNotFoundError(adapter_id)
             self._cpu.pop(adapter_id, None)
 
     def get(self, adapter_id: str) -> LoraAdapter:
         """The adapter's weights, from the CPU cache or read again from its source."""
         with self._lock:
-            if adapter_id not in self._sources:
+            if adapter_id not in self._meta:
                 raise AdapterNotFoundError(adapter_id)
             if adapter_id in self._cpu:
                 self._cpu.move_to_end(adapter_id)
                 return self._cpu[adapter_id]
-            path = self._sources[adapter_id]
+            path = self._meta[adapter_id].source
         adapter = load_adapter(adapter_id, path, self.targets, self.max_rank)
         with self._lock:
             self._put_cpu(adapter)
         return adapter
+
+    @property
+    def num_in_cpu_cache(self) -> int:
+        return len(self._cpu)
 
     def in_cpu_cache(self, adapter_id: str) -> bool:
         return adapter_id in self._cpu

@@ -57,3 +57,26 @@ class LoraAdapter:
     def size_bytes(self) -> int:
         return sum(m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size()
                    for m in self.modules.values())
+
+
+@dataclass(frozen=True)
+class AdapterMeta:
+    """What is known of a registered adapter without holding its weights."""
+
+    adapter_id: str
+    source: Path
+    rank: int
+    target_modules: tuple[str, ...]
+    size_bytes: int
+
+    @classmethod
+    def of(cls, adapter: "LoraAdapter") -> "AdapterMeta":
+        return cls(adapter.adapter_id, adapter.source, adapter.rank, adapter.target_modules, adapter.size_bytes)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    meta: AdapterMeta
+    state: str  # "disk" | "cpu" | "device"
+    pinned: bool
+    request_count: int

@@ -1,0 +1,125 @@
+"""The gRPC server: grpc.aio + standard health + reflection + /metrics; graceful SIGTERM drain.
+
+Start-up order: the port opens at once with health NOT_SERVING; the model loads in a worker
+thread, start-up adapters are registered, one warm-up request runs, then health turns SERVING.
+On SIGTERM: health NOT_SERVING, new requests UNAVAILABLE, in-flight ones get the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from loraplex.v1 import loraplex_pb2 as pb
+from loraplex.v1 import loraplex_pb2_grpc as pb_grpc
+from prometheus_client import start_http_server
+
+from ..config import Config, EngineConfig
+from ..engine.engine import LLMEngine
+from ..engine.loop import EngineLoop
+from ..engine.request import Prompt, SamplingParams
+from ..metrics import Metrics
+from .servicer import LoraplexServicer, ServingState
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LoraplexService"].full_name
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class LoraplexServer:
+    def __init__(self, config: Config, engine_factory: Callable[[EngineConfig], LLMEngine] = LLMEngine,
+                 metrics: Metrics | None = None):
+        self.config = config
+        self.engine_factory = engine_factory
+        self.state = ServingState(metrics=metrics or Metrics())
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._metrics_http = None
+        self._ready: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Open the ports (health NOT_SERVING) and begin loading the model in the background."""
+        server = grpc.aio.server(options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                          ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+        pb_grpc.add_LoraplexServiceServicer_to_server(LoraplexServicer(self.state), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        cfg = self.config.server
+        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        await server.start()
+        self._grpc = server
+        if cfg.metrics_port >= 0:
+            self._metrics_http, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=self.state.metrics.registry)
+            self.metrics_port = self._metrics_http.server_port
+        log.info("listening", extra={"fields": {"port": self.port, "metrics_port": self.metrics_port}})
+        self._ready = asyncio.create_task(self._bring_up())
+
+    async def _set_health(self, status) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def _bring_up(self) -> None:
+        engine = await asyncio.to_thread(self.engine_factory, self.config.engine)
+        loop = EngineLoop(engine, self.state.metrics).start()
+        try:
+            for name, path in self.config.server.adapters:
+                await asyncio.to_thread(loop.add_adapter, name, path)
+            await asyncio.to_thread(loop.generate, Prompt(token_ids=(0,)), SamplingParams(max_new_tokens=2))
+        except BaseException:
+            loop.stop()
+            raise
+        self.state.loop = loop
+        if not self.state.draining:
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            log.info("serving", extra={"fields": {"model": engine.loaded.name, "device": str(engine.loaded.device),
+                                                  "adapters": [n for n, _ in self.config.server.adapters]}})
+
+    async def wait_ready(self) -> None:
+        """Return once serving; raise what start-up raised (bad model, bad start-up adapter)."""
+        await asyncio.shield(self._ready)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new requests, let in-flight ones finish within ``grace``."""
+        if self.state.draining:
+            return
+        self.state.draining = True
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        grace = self.config.server.grace_period_s if grace is None else grace
+        log.info("draining", extra={"fields": {"grace_s": grace}})
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        if self._ready is not None and not self._ready.done():
+            self._ready.cancel()
+        if self.state.loop is not None:
+            await asyncio.to_thread(self.state.loop.stop)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+        log.info("stopped")
+
+
+async def serve(config: Config, engine_factory: Callable[[EngineConfig], LLMEngine] = LLMEngine) -> None:
+    """Run until SIGTERM/SIGINT, then drain gracefully. Raises if start-up fails."""
+    server = LoraplexServer(config, engine_factory)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    ready = asyncio.ensure_future(server.wait_ready())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([ready, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if ready.done() and ready.exception() is not None:
+        await server.stop(0)
+        raise ready.exception()
+    await stopping
+    await server.stop()

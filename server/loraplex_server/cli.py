@@ -1,0 +1,81 @@
+"""``loraplex-server``: flags -> Config (with config file and env, see config.py) -> serve()."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from .config import load_config, parse_adapters, parse_size
+from .errors import LoraplexError
+from .logs import setup_logging
+
+log = logging.getLogger("loraplex_server")
+
+# flag -> (section, field, type, help)
+FLAGS = [
+    ("--model", "model", "model", str, "HF model directory, .gguf file, or (with --load-format dummy) a preset "
+                                       "or config.json; default: the embedded SmolLM2-135M-Instruct"),
+    ("--load-format", "model", "load_format", str, "auto | safetensors | gguf | dummy"),
+    ("--device", "model", "device", str, "auto | cpu | cuda | cuda:N"),
+    ("--dtype", "model", "dtype", str, "auto | float32 | bfloat16 | float16"),
+    ("--threads", "model", "threads", int, "torch CPU threads (default: half the cores)"),
+    ("--max-model-len", "model", "max_model_len", int, "context length cap (default: the model's)"),
+    ("--kv-cache-bytes", "cache", "kv_cache_bytes", parse_size, "KV cache budget, e.g. 512MiB or 8G"),
+    ("--block-size", "cache", "block_size", int, "tokens per KV block"),
+    ("--max-batch-tokens", "scheduler", "max_num_batched_tokens", int, "token budget per engine step"),
+    ("--max-num-seqs", "scheduler", "max_num_seqs", int, "cap on running sequences"),
+    ("--max-queued-requests", "scheduler", "max_queued_requests", int, "requests in flight before "
+                                                                       "RESOURCE_EXHAUSTED"),
+    ("--max-loras", "lora", "max_loras", int, "device slots: distinct adapters per step"),
+    ("--max-cpu-loras", "lora", "max_cpu_loras", int, "adapters kept loaded in host memory"),
+    ("--max-lora-rank", "lora", "max_lora_rank", int, "largest adapter rank accepted"),
+    ("--adapter-root", "lora", "adapter_root", Path, "adapter sources resolve inside this directory"),
+    ("--host", "server", "host", str, "address to bind"),
+    ("--port", "server", "port", int, "gRPC port (default 50051)"),
+    ("--metrics-port", "server", "metrics_port", int, "Prometheus /metrics port (default 9090; -1 = off)"),
+    ("--grace-period", "server", "grace_period_s", float, "seconds in-flight requests get on SIGTERM"),
+    ("--log-level", "server", "log_level", str, "DEBUG | INFO | WARNING | ERROR"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loraplex-server", description="Loraplex multi-LoRA gRPC server.")
+    p.add_argument("--config", type=Path, default=None, help="TOML config file (also $LORAPLEX_CONFIG)")
+    for flag, _section, field, kind, doc in FLAGS:
+        p.add_argument(flag, dest=field, type=kind, default=None, help=doc)
+    p.add_argument("--adapter", action="append", default=None, metavar="NAME=PATH",
+                   help="adapter to load at start (repeatable); PATH resolves inside --adapter-root")
+    return p
+
+
+def flag_values(args: argparse.Namespace) -> dict[str, dict]:
+    values: dict[str, dict] = {}
+    for _flag, section, field, _kind, _doc in FLAGS:
+        values.setdefault(section, {})[field] = getattr(args, field)
+    values["server"]["adapters"] = parse_adapters(args.adapter) if args.adapter else None
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(flag_values(args), args.config)
+    except (ValueError, OSError) as exc:
+        print(f"loraplex-server: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.server.log_level)
+    from .api.server import serve  # heavy imports (torch) only once the flags are valid
+
+    try:
+        asyncio.run(serve(config))
+    except LoraplexError as exc:
+        log.error("start-up failed: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

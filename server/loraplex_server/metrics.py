@@ -1,0 +1,151 @@
+"""Prometheus metrics: one ``Metrics`` object on an injected registry (no module-level collectors).
+
+Label cardinality is capped: at most ``max_adapter_labels`` distinct adapter ids get their own
+label value; the rest are counted under ``other``. The base model is ``base``.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "loraplex_"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+BASE_LABEL = "base"
+OTHER_LABEL = "other"
+
+
+class LabelCap:
+    """Maps adapter ids to at most ``limit`` label values plus ``other``.
+
+    Only ids that were ``allow``-ed (registered adapters) get a label of their own, so clients
+    asking for made-up ids cannot grow the label set.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._allowed: set[str] = set()
+        self._lock = threading.Lock()
+
+    def allow(self, value: str) -> None:
+        with self._lock:
+            if len(self._allowed) < self.limit:
+                self._allowed.add(value)
+
+    def __call__(self, value: str | None) -> str:
+        if not value:
+            return BASE_LABEL
+        return value if value in self._allowed else OTHER_LABEL
+
+
+@dataclass(frozen=True)
+class StepStats:
+    num_seqs: int
+    num_tokens: int
+    duration_s: float
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    adapters_device: int
+    adapters_cpu: int
+    adapters_registered: int
+    device_loads: int  # cumulative
+    device_evictions: int
+    cpu_loads: int
+    cpu_evictions: int
+    preemptions: int
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None, max_adapter_labels: int = 32):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.adapter_label = LabelCap(max_adapter_labels)
+        self._last: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._define_request_metrics()
+        self._define_engine_metrics()
+
+    def _counter(self, name, doc, labels=()):
+        return Counter(PREFIX + name, doc, labels, registry=self.registry)
+
+    def _gauge(self, name, doc, labels=()):
+        return Gauge(PREFIX + name, doc, labels, registry=self.registry)
+
+    def _histogram(self, name, doc, buckets, labels=()):
+        return Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=self.registry)
+
+    def _define_request_metrics(self) -> None:
+        self.requests = self._counter("requests_total", "Finished RPCs by gRPC status and adapter",
+                                      ("method", "status", "adapter"))
+        self.ttft = self._histogram("time_to_first_token_seconds", "Arrival to first token", LATENCY_BUCKETS)
+        self.tpot = self._histogram("time_per_output_token_seconds", "Mean decode time per output token after "
+                                    "the first", LATENCY_BUCKETS)
+        self.e2e = self._histogram("request_latency_seconds", "Arrival to finish", LATENCY_BUCKETS)
+        self.queue_wait = self._histogram("queue_wait_seconds", "Arrival to first scheduled step", LATENCY_BUCKETS)
+        self.prompt_tokens = self._counter("prompt_tokens_total", "Prompt tokens of finished requests", ("adapter",))
+        self.generated_tokens = self._counter("generated_tokens_total", "Generated tokens", ("adapter",))
+        self.adapter_load_seconds = self._histogram("adapter_load_seconds", "Reading and validating an adapter",
+                                                    LATENCY_BUCKETS)
+        self.adapter_load_failures = self._counter("adapter_load_failures_total", "Adapters refused at load")
+
+    def _define_engine_metrics(self) -> None:
+        self.running = self._gauge("requests_running", "Requests in the running batch")
+        self.waiting = self._gauge("requests_waiting", "Requests queued for admission")
+        self.batch_size = self._histogram("batch_size", "Sequences per engine step", TOKEN_BUCKETS)
+        self.batch_tokens = self._histogram("batch_tokens", "Tokens per engine step", TOKEN_BUCKETS)
+        self.step_seconds = self._histogram("step_seconds", "Engine step duration", LATENCY_BUCKETS)
+        self.kv_used = self._gauge("kv_blocks_used", "KV cache blocks in use")
+        self.kv_total = self._gauge("kv_blocks_total", "KV cache blocks in all")
+        self.adapters_resident = self._gauge("adapters_resident", "Adapters per tier", ("tier",))
+        self.adapter_loads = self._counter("adapter_loads_total", "Adapter loads into a tier", ("tier",))
+        self.adapter_evictions = self._counter("adapter_evictions_total", "Adapter evictions from a tier", ("tier",))
+        self.preemptions = self._counter("preemptions_total", "Requests preempted for lack of KV blocks")
+
+    # ---- recording --------------------------------------------------------------------
+    def record_rpc(self, method: str, status: str, adapter_id: str | None) -> None:
+        self.requests.labels(method, status, self.adapter_label(adapter_id)).inc()
+
+    def record_request(self, output) -> None:
+        """The final RequestOutput of a request (with timings)."""
+        label = self.adapter_label(output.adapter_id)
+        self.prompt_tokens.labels(label).inc(output.prompt_tokens)
+        self.generated_tokens.labels(label).inc(output.completion_tokens)
+        t = output.timings
+        if t is None:
+            return
+        self.e2e.observe(t.end_to_end)
+        if t.queue_wait is not None:
+            self.queue_wait.observe(t.queue_wait)
+        if t.time_to_first_token is not None:
+            self.ttft.observe(t.time_to_first_token)
+            if output.completion_tokens > 1:
+                self.tpot.observe((t.finished - t.first_token) / (output.completion_tokens - 1))
+
+    def record_step(self, s: StepStats) -> None:
+        self.batch_size.observe(s.num_seqs)
+        self.batch_tokens.observe(s.num_tokens)
+        self.step_seconds.observe(s.duration_s)
+        self.running.set(s.running)
+        self.waiting.set(s.waiting)
+        self.kv_used.set(s.kv_blocks_used)
+        self.kv_total.set(s.kv_blocks_total)
+        self.adapters_resident.labels("device").set(s.adapters_device)
+        self.adapters_resident.labels("cpu").set(s.adapters_cpu)
+        self.adapters_resident.labels("registered").set(s.adapters_registered)
+        self._advance(self.adapter_loads.labels("device"), "device_loads", s.device_loads)
+        self._advance(self.adapter_loads.labels("cpu"), "cpu_loads", s.cpu_loads)
+        self._advance(self.adapter_evictions.labels("device"), "device_evictions", s.device_evictions)
+        self._advance(self.adapter_evictions.labels("cpu"), "cpu_evictions", s.cpu_evictions)
+        self._advance(self.preemptions, "preemptions", s.preemptions)
+
+    def _advance(self, counter, key: str, total: int) -> None:
+        """Counters mirror cumulative engine counts: add what is new since the last step."""
+        with self._lock:
+            delta = total - self._last.get(key, 0)
+            self._last[key] = total
+        if delta > 0:
+            counter.inc(delta)
