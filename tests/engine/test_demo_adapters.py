@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import ASSETS, run_to_completion
+from helpers import ASSETS, run_to_completion
 from loraplex_server.engine.request import ChatMessage, Prompt, SamplingParams
 
 HELD_OUT = ["What is the capital of Italy?", "Name a fruit that is red.", "How many hours are in a day?",

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from conftest import run_to_completion, tokens_of
+from helpers import run_to_completion, tokens_of
 from loraplex_server.engine.loop import EngineLoop
 from loraplex_server.engine.request import ChatMessage, FinishReason, Prompt, SamplingParams
 from loraplex_server.errors import (AdapterNotFoundError, InvalidRequestError, PromptTooLongError,

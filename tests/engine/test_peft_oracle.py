@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import ADAPTER_SPECS, load_fresh, run_to_completion, tokens_of
+from helpers import ADAPTER_SPECS, load_fresh, run_to_completion, tokens_of
 from loraplex_server.engine.request import Prompt, SamplingParams
 
 NEW_TOKENS = 32

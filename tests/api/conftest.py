@@ -1,0 +1,78 @@
+"""An in-process Loraplex server on port 0, on its own asyncio loop thread, for the real client."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import replace
+
+import pytest
+import torch
+
+from helpers import engine_config, load_fresh
+from loraplex_server.config import Config, ServerConfig
+from loraplex_server.engine.engine import LLMEngine
+from loraplex_server.api.server import LoraplexServer
+from loraplex_server.model.loader import LoadedModel
+
+
+class ServerThread:
+    def __init__(self, config: Config, engine_factory):
+        self.server = LoraplexServer(config, engine_factory)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def run(self, coro, timeout=120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self, wait_ready: bool = True) -> "ServerThread":
+        self.thread.start()
+        self.run(self.server.start())
+        if wait_ready:
+            self.run(self.server.wait_ready())
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    @property
+    def engine(self) -> LLMEngine:
+        return self.server.state.loop.engine
+
+    def stop(self, grace: float = 0) -> None:
+        if self.thread.is_alive():
+            self.run(self.server.stop(grace))
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+
+def make_config(adapter_root, adapters=(), **engine_kwargs) -> Config:
+    engine = engine_config(**engine_kwargs)
+    engine = replace(engine, lora=replace(engine.lora, adapter_root=adapter_root))
+    return Config(engine=engine, server=ServerConfig(host="127.0.0.1", port=0, metrics_port=0,
+                                                     grace_period_s=5, adapters=tuple(adapters)))
+
+
+@pytest.fixture
+def engine_factory(model_dir, tokenizer):
+    """Config -> engine on a fresh copy of the embedded model."""
+    def factory(cfg):
+        loaded = LoadedModel(load_fresh(model_dir), tokenizer, "SmolLM2-135M-Instruct", torch.device("cpu"),
+                             torch.float32)
+        return LLMEngine(cfg, loaded=loaded)
+    return factory
+
+
+@pytest.fixture
+def start_server(engine_factory):
+    servers = []
+
+    def start(adapter_root, adapters=(), factory=None, wait_ready=True, **engine_kwargs):
+        srv = ServerThread(make_config(adapter_root, adapters, **engine_kwargs), factory or engine_factory)
+        servers.append(srv)
+        return srv.start(wait_ready)
+
+    yield start
+    for srv in servers:
+        srv.stop()
