@@ -7,6 +7,7 @@ state is read on the engine thread (``EngineLoop.call``), and deltas arrive thro
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -90,6 +91,21 @@ def check_final(out: RequestOutput) -> None:
         raise EngineStoppedError("the request was aborted by the server")
 
 
+def admin_rpc(body):
+    """A unary handler from ``body(self, request) -> response``: status mapping and the RPC log line."""
+    @functools.wraps(body)
+    async def handler(self, request, context):
+        call = RpcCall(body.__name__, self.state, getattr(request, "adapter_id", ""))
+        try:
+            response = await body(self, request)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status code in one place
+            await call.fail(context, exc)
+            return None
+        call.ok()
+        return response
+    return handler
+
+
 class LoraplexServicer(pb_grpc.LoraplexServiceServicer):
     def __init__(self, state: ServingState):
         self.state = state
@@ -130,21 +146,17 @@ class LoraplexServicer(pb_grpc.LoraplexServiceServicer):
         except Exception as exc:  # noqa: BLE001
             await call.fail(context, exc)
 
-    async def LoadAdapter(self, request, context):
-        call = RpcCall("LoadAdapter", self.state, request.adapter_id)
-        try:
-            adapter_id = convert.check_id("adapter_id", request.adapter_id)
-            if not request.source:
-                raise InvalidRequestError("source", "is required")
-            loop = self.state.engine_loop()
-            await self._load(loop, adapter_id, request.source)
-            if request.pin:
-                await asyncio.wrap_future(loop.call(lambda e: e.pin_adapter(adapter_id)))
-            info = await self._info(loop, adapter_id)
-            call.ok()
-            return pb.LoadAdapterResponse(adapter=convert.adapter_info(info))
-        except Exception as exc:  # noqa: BLE001
-            await call.fail(context, exc)
+    @admin_rpc
+    async def LoadAdapter(self, request):
+        adapter_id = convert.check_id("adapter_id", request.adapter_id)
+        if not request.source:
+            raise InvalidRequestError("source", "is required")
+        loop = self.state.engine_loop()
+        await self._load(loop, adapter_id, request.source)
+        if request.pin:
+            await asyncio.wrap_future(loop.call(lambda e: e.pin_adapter(adapter_id)))
+        info = await self._info(loop, adapter_id)
+        return pb.LoadAdapterResponse(adapter=convert.adapter_info(info))
 
     async def _load(self, loop: EngineLoop, adapter_id: str, source: str) -> None:
         start = time.perf_counter()
@@ -160,36 +172,24 @@ class LoraplexServicer(pb_grpc.LoraplexServiceServicer):
         infos = await asyncio.wrap_future(loop.call(lambda e: e.lora.info()))
         return infos if adapter_id is None else next(i for i in infos if i.meta.adapter_id == adapter_id)
 
-    async def UnloadAdapter(self, request, context):
-        call = RpcCall("UnloadAdapter", self.state, request.adapter_id)
-        try:
-            adapter_id = convert.check_id("adapter_id", request.adapter_id)
-            await asyncio.wrap_future(self.state.engine_loop().remove_adapter(adapter_id))
-            call.ok()
-            return pb.UnloadAdapterResponse()
-        except Exception as exc:  # noqa: BLE001
-            await call.fail(context, exc)
+    @admin_rpc
+    async def UnloadAdapter(self, request):
+        adapter_id = convert.check_id("adapter_id", request.adapter_id)
+        await asyncio.wrap_future(self.state.engine_loop().remove_adapter(adapter_id))
+        return pb.UnloadAdapterResponse()
 
-    async def ListAdapters(self, request, context):
-        call = RpcCall("ListAdapters", self.state)
-        try:
-            infos = await self._info(self.state.engine_loop())
-            call.ok()
-            return pb.ListAdaptersResponse(adapters=[convert.adapter_info(i) for i in infos])
-        except Exception as exc:  # noqa: BLE001
-            await call.fail(context, exc)
+    @admin_rpc
+    async def ListAdapters(self, request):
+        infos = await self._info(self.state.engine_loop())
+        return pb.ListAdaptersResponse(adapters=[convert.adapter_info(i) for i in infos])
 
-    async def GetServerInfo(self, request, context):
-        call = RpcCall("GetServerInfo", self.state)
-        try:
-            engine = self.state.engine_loop().engine
-            cfg = engine.config
-            call.ok()
-            return pb.GetServerInfoResponse(
-                model=engine.loaded.name, dtype=str(engine.loaded.dtype).removeprefix("torch."),
-                device=str(engine.loaded.device), max_loras=cfg.lora.max_loras,
-                max_lora_rank=cfg.lora.max_lora_rank, context_length=engine.inputs.max_model_len,
-                version=__version__, max_cpu_loras=cfg.lora.max_cpu_loras,
-                kv_cache_tokens=engine.blocks.capacity_tokens)
-        except Exception as exc:  # noqa: BLE001
-            await call.fail(context, exc)
+    @admin_rpc
+    async def GetServerInfo(self, request):
+        engine = self.state.engine_loop().engine
+        cfg = engine.config
+        return pb.GetServerInfoResponse(
+            model=engine.loaded.name, dtype=str(engine.loaded.dtype).removeprefix("torch."),
+            device=str(engine.loaded.device), max_loras=cfg.lora.max_loras,
+            max_lora_rank=cfg.lora.max_lora_rank, context_length=engine.inputs.max_model_len,
+            version=__version__, max_cpu_loras=cfg.lora.max_cpu_loras,
+            kv_cache_tokens=engine.blocks.capacity_tokens)
