@@ -64,6 +64,7 @@ class LoraConfig:
     max_cpu_loras: int = 16  # loaded adapters kept in host memory (LRU)
     max_lora_rank: int = 64
     adapter_root: Path | None = None  # adapters resolve inside this directory when set
+    max_adapter_bytes: int = 2 * 1024 ** 3  # adapter_model.safetensors size limit
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def parse_adapters(items) -> tuple[tuple[str, str], ...]:
 
 def _coerce(name: str, annotation: str, raw):
     """Convert a raw (string, or TOML-typed) value to a config field's type."""
-    if name == "kv_cache_bytes":
+    if name in ("kv_cache_bytes", "max_adapter_bytes"):
         return parse_size(raw)
     if name == "adapters":
         return parse_adapters(raw)

@@ -60,3 +60,11 @@ class DuplicateRequestError(LoraplexError):
 
 class AdapterPinError(LoraplexError):
     """Pinning would leave no device slot for other adapters."""
+
+
+class AdapterUnavailableError(LoraplexError):
+    """A registered adapter's weights could not be loaded; its requests cannot run."""
+
+    def __init__(self, adapter_id: str, reason: str):
+        super().__init__(f"adapter {adapter_id!r} could not be loaded: {reason}")
+        self.adapter_id = adapter_id

@@ -152,7 +152,7 @@ def test_first_step_logits_match_hf(arch: str, tmp_path):
     batch = engine.scheduler.schedule()
     assert len(batch.scheduled) == len(ROWS)  # every prompt prefilled in this one step
     slots = engine.lora.activate(batch.adapter_ids, engine.scheduler.running_adapters())
-    assert slots["a"] != slots["b"]
+    assert slots[engine.lora.resolve("a").key] != slots[engine.lora.resolve("b").key]
     packed = engine.runner.pack(batch, slots)
     logits = engine.runner.forward_logits(packed)
     got = {r.request_id: logits[i] for i, r in enumerate(packed.sampling_requests)}

@@ -2,6 +2,9 @@
 
 import json
 import math
+import struct
+import threading
+import time
 
 import pytest
 import torch
@@ -9,8 +12,8 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from loraplex_server.errors import AdapterLoadError
-from loraplex_server.lora.loader import load_adapter
+from loraplex_server.errors import AdapterLoadError, AdapterNotFoundError
+from loraplex_server.lora.loader import inspect_adapter, load_adapter
 from loraplex_server.lora.model import find_targets
 from loraplex_server.lora.registry import AdapterRegistry, resolve_source
 
@@ -113,16 +116,111 @@ def test_pickle_missing_and_garbage_files_are_refused(tmp_path, targets):
         refused(cfg_path.parent, targets, match)
 
 
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def test_registry_publishes_nothing_on_failure_and_reloads_after_cpu_eviction(tmp_path, targets):
     reg = AdapterRegistry(targets, max_rank=16, max_cpu_loras=1)
     good, bad = save(tmp_path, "good"), save(tmp_path, "bad", use_dora=True)
     with pytest.raises(AdapterLoadError):
-        reg.add("bad", bad)
+        reg.register("bad", bad)
     assert "bad" not in reg
-    reg.add("g1", good)
-    reg.add("g2", good)
-    assert not reg.in_cpu_cache("g1") and reg.num_cpu_evictions == 1
-    assert reg.get("g1").adapter_id == "g1" and reg.in_cpu_cache("g1")
+    v1 = reg.register("g1", good, eager=True)
+    v2 = reg.register("g2", good, eager=True)
+    assert reg.ready(v2.key) and not reg.ready(v1.key) and reg.num_cpu_evictions == 1
+    reg.ensure_loading(v1.key)  # back from disk, in the background
+    wait_for(lambda: reg.ready(v1.key))
+    assert reg.weights(v1.key).adapter_id == "g1" and v1.load_latency_s is not None
+
+
+def test_registration_is_cheap_and_loading_happens_in_the_background(tmp_path, targets):
+    calls = []
+    gate = threading.Event()
+
+    def slow_load(*args):
+        calls.append(args[0])
+        gate.wait(5)
+        return load_adapter(*args)
+    reg = AdapterRegistry(targets, max_rank=16, max_cpu_loras=4, load_fn=slow_load)
+    version = reg.register("lazy", save(tmp_path))
+    assert calls == [] and version.meta.rank == 4 and version.meta.target_modules == ("q_proj", "v_proj")
+    reg.ensure_loading(version.key)
+    reg.ensure_loading(version.key)  # idempotent while loading
+    wait_for(lambda: calls == ["lazy"])
+    assert reg.is_loading(version.key) and not reg.ready(version.key)
+    gate.set()
+    wait_for(lambda: reg.ready(version.key))
+    assert calls == ["lazy"]
+
+
+def test_failed_background_load_is_reported_not_raised(tmp_path, targets):
+    def broken(*args):
+        raise OSError("disk on fire")
+    reg = AdapterRegistry(targets, max_rank=16, max_cpu_loras=4, load_fn=broken)
+    version = reg.register("x", save(tmp_path))
+    reg.ensure_loading(version.key)
+    wait_for(lambda: reg.failure(version.key) is not None)
+    assert "disk on fire" in reg.failure(version.key) and not reg.ready(version.key)
+
+
+def test_versions_hot_swap_and_unpublish(tmp_path, targets):
+    reg = AdapterRegistry(targets, max_rank=16, max_cpu_loras=4)
+    v1 = reg.register("a", save(tmp_path, "one"), eager=True)
+    v2 = reg.register("a", save(tmp_path, "two", r=8), eager=True)
+    assert reg.current("a") is v2 and v1.key != v2.key and v2.version > v1.version
+    assert reg.version(v1.key) is v1 and reg.weights(v1.key).rank == 4  # old version still serves
+    reg.forget(v1.key)
+    with pytest.raises(KeyError):
+        reg.version(v1.key)
+    reg.forget(v2.key)  # current: not forgotten
+    assert reg.version(v2.key) is v2
+    assert reg.unpublish("a") is v2 and "a" not in reg
+    with pytest.raises(AdapterNotFoundError):
+        reg.current("a")
+
+
+def test_failed_registration_leaves_the_previous_version_serving(tmp_path, targets):
+    reg = AdapterRegistry(targets, max_rank=16, max_cpu_loras=4)
+    v1 = reg.register("a", save(tmp_path, "one"), eager=True)
+    with pytest.raises(AdapterLoadError):
+        reg.register("a", save(tmp_path, "dora", use_dora=True), eager=True)
+    assert reg.current("a") is v1
+
+
+def test_size_limit_and_corrupt_headers_are_refused_before_reading(tmp_path, targets):
+    path = save(tmp_path)
+    file = path / "adapter_model.safetensors"
+    size = file.stat().st_size
+    with pytest.raises(AdapterLoadError, match="over the"):
+        inspect_adapter("x", path, targets, 16, max_bytes=size - 1)
+    data = bytearray(file.read_bytes())
+    data[0:8] = struct.pack("<Q", 10**9)
+    file.write_bytes(bytes(data))
+    refused(path, targets, "impossible")
+    header_len = struct.unpack("<Q", bytes(file.read_bytes()[:8]))[0]
+    good = save(tmp_path, "good2")
+    raw = bytearray((good / "adapter_model.safetensors").read_bytes())
+    n = struct.unpack("<Q", bytes(raw[:8]))[0]
+    header = json.loads(raw[8:8 + n])
+    first = next(k for k in header if k != "__metadata__")
+    header[first]["shape"] = [header[first]["shape"][0] * 2, header[first]["shape"][1]]
+    new = json.dumps(header).encode()
+    (good / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(new)) + new + bytes(raw[8 + n:]))
+    refused(good, targets, "bytes stored for shape")
+    assert header_len == 10**9
+
+
+def test_wrong_base_model_is_refused(tmp_path, targets):
+    torch.manual_seed(0)
+    other = LlamaForCausalLM(LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    peft_model = get_peft_model(other, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(str(tmp_path / "other"), safe_serialization=True)
+    refused(tmp_path / "other", targets, "base model mismatch")
 
 
 def test_sources_stay_inside_the_adapter_root(tmp_path):

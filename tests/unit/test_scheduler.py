@@ -4,13 +4,14 @@ from loraplex_server.engine.request import Request, RequestStatus, SamplingParam
 from loraplex_server.engine.scheduler import Scheduler
 
 
-def make(budget=16, max_seqs=8, num_blocks=64, block_size=4, max_loras=2):
+def make(budget=16, max_seqs=8, num_blocks=64, block_size=4, max_loras=2, **kwargs):
     bm = BlockManager(num_blocks, block_size)
-    return Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs), bm, max_loras), bm
+    config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs)
+    return Scheduler(config, bm, max_loras, **kwargs), bm
 
 
 def req(rid, n_prompt=4, adapter=None):
-    return Request(rid, list(range(n_prompt)), SamplingParams(), adapter_id=adapter)
+    return Request(rid, list(range(n_prompt)), SamplingParams(), adapter_id=adapter, adapter_key=adapter)
 
 
 def step(s, sample_token=7):
@@ -105,3 +106,25 @@ def test_finish_frees_blocks_everywhere():
     s.add(req("c"))
     s.finish(s.waiting[0])
     assert not s.waiting and len(s.running) == 1
+
+
+def test_requests_for_a_loading_adapter_wait_while_others_pass():
+    loading = {"L"}
+    s, _ = make(max_loras=3, budget=64, adapter_ready=lambda key: key not in loading)
+    s.add(req("slow", adapter="L"))
+    s.add(req("fast", adapter="A"))
+    s.add(req("base"))
+    out = step(s)
+    assert set(scheduled(out)) == {"fast", "base"}
+    assert [r.request_id for r in s.waiting] == ["slow"]  # keeps its place
+    loading.clear()
+    assert set(scheduled(step(s))) == {"fast", "base", "slow"}
+
+
+def test_pinned_adapters_count_against_the_cap():
+    s, _ = make(max_loras=2, budget=64, reserved_adapters=lambda: {"P"})
+    s.add(req("a", adapter="A"))
+    s.add(req("b", adapter="B"))
+    s.add(req("p", adapter="P"))
+    out = step(s)
+    assert set(scheduled(out)) == {"a"}  # A + pinned P fill both slots; B waits (FCFS: p waits too)

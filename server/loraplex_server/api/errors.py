@@ -12,6 +12,7 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (e.AdapterNotFoundError, grpc.StatusCode.NOT_FOUND),
     (e.AdapterLoadError, grpc.StatusCode.INVALID_ARGUMENT),
     (e.AdapterPinError, grpc.StatusCode.FAILED_PRECONDITION),
+    (e.AdapterUnavailableError, grpc.StatusCode.FAILED_PRECONDITION),
     (e.DuplicateRequestError, grpc.StatusCode.ALREADY_EXISTS),
     (e.QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.EngineStoppedError, grpc.StatusCode.UNAVAILABLE),

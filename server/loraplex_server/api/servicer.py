@@ -19,7 +19,8 @@ from loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 from .. import __version__
 from ..engine.loop import EngineLoop, merge_outputs
 from ..engine.request import FinishReason, RequestOutput
-from ..errors import AdapterLoadError, EngineStoppedError, InvalidRequestError, LoraplexError
+from ..errors import (AdapterLoadError, AdapterUnavailableError, EngineStoppedError, InvalidRequestError,
+                      LoraplexError)
 from ..metrics import Metrics
 from . import convert
 from .errors import status_for
@@ -86,6 +87,8 @@ class RpcCall:
 
 def check_final(out: RequestOutput) -> None:
     if out.finish_reason is FinishReason.ERROR:
+        if out.error_kind == "adapter_unavailable":
+            raise AdapterUnavailableError(out.adapter_id or "", out.error or "load failed")
         raise EngineFailure(out.error or "the engine failed this request")
     if out.finish_reason is FinishReason.ABORT:
         raise EngineStoppedError("the request was aborted by the server")

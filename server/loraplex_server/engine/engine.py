@@ -12,7 +12,7 @@ import uuid
 import torch
 
 from ..config import EngineConfig
-from ..errors import AdapterNotFoundError, DuplicateRequestError
+from ..errors import AdapterUnavailableError, DuplicateRequestError
 from ..lora.manager import LoraManager
 from ..metrics import StepStats
 from ..model.attention import register_paged_attention
@@ -50,8 +50,7 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.cache.block_size)
         kv_caches = allocate_kv_cache(spec, num_blocks, config.cache.block_size, self.loaded.device)
         self.scheduler = Scheduler(config.scheduler, self.blocks, config.lora.max_loras,
-                                   adapter_ready=self.lora.has_adapter,
-                                   reserved_adapters=lambda: set(self.lora.slots.pinned))
+                                   adapter_ready=self.lora.ready, reserved_adapters=self.lora.reserved_keys)
         self.runner = ModelRunner(model, kv_caches, config.cache.block_size, self.loaded.device, self.lora)
         model_len = config.model.max_model_len or getattr(model.config, "max_position_embeddings", 2048)
         self.inputs = InputProcessor(self.loaded.tokenizer, model.config.vocab_size, model_len,
@@ -60,7 +59,7 @@ class LLMEngine:
                                        self.inputs.max_total_tokens)
         self.requests: dict[str, Request] = {}
         self.last_batch = (0, 0)  # (sequences, tokens) of the latest step
-        self._slot_releases: set[str] = set()
+        self._retired: set[str] = set()  # adapter versions to free once unused
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_loras=%d",
                  self.loaded.name, self.loaded.device, self.loaded.dtype, num_blocks,
                  config.cache.block_size, config.lora.max_loras)
@@ -69,11 +68,13 @@ class LLMEngine:
     def make_request(self, prompt: Prompt, sampling: SamplingParams, adapter_id: str | None = None,
                      request_id: str | None = None) -> Request:
         """Validate and tokenize (any thread); raises a domain error for bad input."""
-        if adapter_id and not self.lora.has_adapter(adapter_id):
-            raise AdapterNotFoundError(adapter_id)
+        version = self.lora.resolve(adapter_id) if adapter_id else None  # NOT_FOUND if unknown
+        if version is not None and self.lora.failure(version.key):
+            raise AdapterUnavailableError(adapter_id, self.lora.failure(version.key))
         token_ids = self.inputs.token_ids(prompt)
         self.inputs.check(token_ids, sampling)
-        return Request(request_id or uuid.uuid4().hex, token_ids, sampling, adapter_id or None)
+        return Request(request_id or uuid.uuid4().hex, token_ids, sampling, adapter_id or None,
+                       adapter_key=version.key if version else None)
 
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -97,35 +98,47 @@ class LLMEngine:
         return self.scheduler.has_work
 
     # ---- adapters -------------------------------------------------------------------------
-    def remove_adapter(self, adapter_id: str) -> list[RequestOutput]:
-        """Unregister an adapter: running requests finish on it, queued ones end with an error.
+    def remove_adapter(self, adapter_id: str) -> None:
+        """Unpublish: new requests get NOT_FOUND; accepted ones finish on their version, whose
+        device slot is freed once no request uses it."""
+        self._retired.add(self.lora.remove_adapter(adapter_id).key)
+        self._release_retired()
 
-        Its device slot is freed once no running request uses it.
-        """
-        self.lora.remove_adapter(adapter_id)
-        self._slot_releases.add(adapter_id)
-        queued = [r for r in self.scheduler.waiting if r.adapter_id == adapter_id]
-        outputs = [self.outputs.final(r, FinishReason.ERROR, f"adapter {adapter_id!r} was unloaded")
-                   for r in queued]
-        for request in queued:
-            self._finish(request)
-        self._release_unused_slots()
-        return outputs
-
-    def adapter_replaced(self, adapter_id: str) -> None:
-        """A new version was registered under ``adapter_id``: drop the stale slot once unused."""
-        self._slot_releases.add(adapter_id)
-        self._release_unused_slots()
+    def adapter_replaced(self, old_key: str) -> None:
+        """A hot-swap published a new version; the old one is freed once no request uses it."""
+        self._retired.add(old_key)
+        self._release_retired()
 
     # ---- the loop body --------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        failed = self._prefetch_adapters()
         batch = self.scheduler.schedule()
         self.last_batch = (len(batch.scheduled), batch.num_tokens)
+        if not batch.scheduled:  # everything waits on adapter loads
+            return failed
         self._mark_scheduled(batch)
         lora_slots = self.lora.activate(batch.adapter_ids, self.scheduler.running_adapters())
         sampled, samples = self.runner.run(batch, lora_slots)
         self.scheduler.after_step(batch)
-        return self._postprocess(sampled, samples)
+        return failed + self._postprocess(sampled, samples)
+
+    def _prefetch_adapters(self) -> list[RequestOutput]:
+        """Start loads for queued requests' adapters (up to the CPU cache size, in queue order) and
+        end the requests whose adapter failed to load."""
+        outputs, seen = [], set()
+        for request in list(self.scheduler.waiting):
+            key = request.adapter_key
+            if not key or key in seen:
+                continue
+            reason = self.lora.failure(key)
+            if reason is not None:
+                err = AdapterUnavailableError(request.adapter_id, reason)
+                outputs.append(self.outputs.final(request, FinishReason.ERROR, str(err), "adapter_unavailable"))
+                self._finish(request)
+            elif len(seen) < self.config.lora.max_cpu_loras:
+                seen.add(key)
+                self.lora.ready(key)
+        return outputs
 
     @staticmethod
     def _mark_scheduled(batch) -> None:
@@ -157,12 +170,12 @@ class LLMEngine:
                 outputs.append(out)
             if request.finish_reason is not None:
                 self._finish(request)
-        self._release_unused_slots()
+        self._release_retired()
         return outputs
 
     def fail_running(self, message: str) -> list[RequestOutput]:
         """After an unexpected step failure: end every scheduled request with an error."""
-        outputs = [self.outputs.final(r, FinishReason.ERROR, message) for r in list(self.scheduler.running)]
+        outputs = [self.outputs.final(r, FinishReason.ERROR, message, "internal") for r in list(self.scheduler.running)]
         for request in list(self.scheduler.running):
             self._finish(request)
         return outputs
@@ -173,10 +186,10 @@ class LLMEngine:
         self.outputs.release(request.request_id)
         self.requests.pop(request.request_id, None)
 
-    def _release_unused_slots(self) -> None:
-        if not self._slot_releases:
+    def _release_retired(self) -> None:
+        if not self._retired:
             return
-        in_use = {r.adapter_id for r in self.requests.values()}
-        for adapter_id in list(self._slot_releases - in_use):
-            self.lora.release_slot(adapter_id)
-            self._slot_releases.discard(adapter_id)
+        in_use = {r.adapter_key for r in self.requests.values()}
+        for key in list(self._retired - in_use):
+            self.lora.release(key)
+            self._retired.discard(key)

@@ -162,17 +162,25 @@ class EngineLoop:
             self._send(("call", (fn, future)))
         return future
 
-    def add_adapter(self, adapter_id: str, source) -> None:
-        """Validate on the caller's thread, then publish; raises AdapterLoadError on refusal."""
-        self.engine.lora.add_adapter(adapter_id, source)
+    def add_adapter(self, adapter_id: str, source, *, eager: bool = True, owner: str | None = None):
+        """Validate (and with ``eager`` read) on the caller's thread, then publish a new version.
+
+        Raises AdapterLoadError on refusal, leaving any previous version serving. A replaced
+        version keeps serving the requests bound to it.
+        """
+        lora = self.engine.lora
+        old = lora.resolve(adapter_id) if lora.has_adapter(adapter_id) else None
+        version = lora.add_adapter(adapter_id, source, eager=eager, owner=owner)
         if self.metrics is not None:
             self.metrics.adapter_label.allow(adapter_id)
-        self._send(("call", (lambda e: e.adapter_replaced(adapter_id), Future())))
+        if old is not None:
+            self.call(lambda e: e.adapter_replaced(old.key))
+        return version
 
     def remove_adapter(self, adapter_id: str) -> Future:
         if not self.engine.lora.has_adapter(adapter_id):
             raise AdapterNotFoundError(adapter_id)
-        return self.call(lambda e: self._deliver(e.remove_adapter(adapter_id)))
+        return self.call(lambda e: e.remove_adapter(adapter_id))
 
     @property
     def num_in_flight(self) -> int:
@@ -190,7 +198,11 @@ class EngineLoop:
                 self._wake.wait(self.idle_wait_s)
                 self._wake.clear()
                 continue
-            self._deliver(self._step())
+            outputs = self._step()
+            self._deliver(outputs)
+            if not self.engine.last_batch[0]:  # nothing runnable (adapters loading): don't spin
+                self._wake.wait(0.005)
+                self._wake.clear()
         self._shutdown()
 
     def _step(self) -> list[RequestOutput]:

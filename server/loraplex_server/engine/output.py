@@ -91,7 +91,8 @@ class OutputProcessor:
         state.pending_logprobs = []
         return out
 
-    def final(self, request: Request, reason: FinishReason, error: str | None = None) -> RequestOutput:
+    def final(self, request: Request, reason: FinishReason, error: str | None = None,
+              error_kind: str | None = None) -> RequestOutput:
         """The closing delta of a request that ends outside ``append`` (abort, error)."""
         request.finish_reason = reason
         state = self._states.get(request.request_id)
@@ -99,4 +100,4 @@ class OutputProcessor:
         return RequestOutput(request_id=request.request_id, token_ids=(), text=text, finished=True,
                              finish_reason=reason, prompt_tokens=request.num_prompt_tokens,
                              completion_tokens=len(request.output_token_ids), error=error,
-                             adapter_id=request.adapter_id, timings=request.timings())
+                             error_kind=error_kind if error else None, adapter_id=request.adapter_id, timings=request.timings())

@@ -129,6 +129,7 @@ class RequestOutput:
     completion_tokens: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()
     error: str | None = None
+    error_kind: str | None = None  # "adapter_unavailable" | "internal"
     adapter_id: str | None = None
     timings: RequestTimings | None = None  # on the final delta only
 
@@ -145,6 +146,7 @@ class Request:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     adapter_id: str | None = None
+    adapter_key: str | None = None  # the adapter version this request is bound to (id@n)
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

@@ -47,7 +47,7 @@ class ModelRunner:
 
     def pack(self, batch: SchedulerOutput, lora_slots: dict[str, int]) -> PackedBatch:
         def slot(s: ScheduledRequest) -> int:
-            return lora_slots.get(s.request.adapter_id, NO_SLOT) if s.request.adapter_id else NO_SLOT
+            return lora_slots.get(s.request.adapter_key, NO_SLOT) if s.request.adapter_key else NO_SLOT
 
         order = sorted(batch.scheduled, key=slot)
         ids, positions, new_slots, prefills, runs = [], [], [], [], []

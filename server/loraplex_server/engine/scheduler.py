@@ -42,7 +42,8 @@ class SchedulerOutput:
 
     @property
     def adapter_ids(self) -> set[str]:
-        return {s.request.adapter_id for s in self.scheduled if s.request.adapter_id}
+        """Adapter version keys used by this step."""
+        return {s.request.adapter_key for s in self.scheduled if s.request.adapter_key}
 
 
 class Scheduler:
@@ -72,7 +73,7 @@ class Scheduler:
 
     def running_adapters(self) -> set[str]:
         """Adapters held by running requests: their device slots must not be evicted."""
-        return {r.adapter_id for r in self.running if r.adapter_id}
+        return {r.adapter_key for r in self.running if r.adapter_key}
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -98,22 +99,27 @@ class Scheduler:
         return budget
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        """FCFS admission. A request whose adapter is still loading is passed over (it keeps its
+        place); one that would exceed the distinct-adapter cap stops admission (no starvation)."""
         adapters = self.running_adapters()
         reserved = self.reserved_adapters()
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
-            aid = request.adapter_id
-            if aid and aid not in adapters and (len(adapters | reserved | {aid}) > self.max_loras
-                                                or not self.adapter_ready(aid)):
+        for request in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
+            key = request.adapter_key
+            if key and key not in adapters:
+                if len(adapters | reserved | {key}) > self.max_loras:
+                    break
+                if not self.adapter_ready(key):
+                    continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self.blocks.allocate(request, n):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            if aid:
-                adapters.add(aid)
+            if key:
+                adapters.add(key)
             out.scheduled.append(ScheduledRequest.of(request, n))
             budget -= n
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,11 +16,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import AdapterLoadError
-from .weights import LoraAdapter, LoraModuleWeights, ModuleKey, TargetShape
+from .safetensors_header import HeaderError, read_header
+from .weights import AdapterMeta, LoraAdapter, LoraModuleWeights, ModuleKey, TargetShape
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+DEFAULT_MAX_ADAPTER_BYTES = 2 * 1024 ** 3
 _KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(?:.*\.)?([A-Za-z0-9_]+)\.lora_([AB])\.weight$")
 
 
@@ -66,7 +69,7 @@ def _pattern_value(patterns: dict, module_path: str, default):
     return default
 
 
-def _read_tensors(adapter_id: str, path: Path) -> dict[str, torch.Tensor]:
+def _weights_file(adapter_id: str, path: Path, max_bytes: int) -> Path:
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         pickles = [n for n in PICKLE_FILES if (path / n).is_file()]
@@ -74,17 +77,24 @@ def _read_tensors(adapter_id: str, path: Path) -> dict[str, torch.Tensor]:
             raise AdapterLoadError(adapter_id, f"{pickles[0]} is a pickle file; we never unpickle: "
                                                f"save the adapter with safe_serialization=True")
         raise AdapterLoadError(adapter_id, f"{WEIGHTS_FILE} missing in {path}")
+    size = weights.stat().st_size
+    if size > max_bytes:
+        raise AdapterLoadError(adapter_id, f"{WEIGHTS_FILE} is {size} bytes, over the {max_bytes}-byte limit")
+    return weights
+
+
+def _read_shapes(adapter_id: str, weights: Path) -> dict[str, tuple[int, ...]]:
     try:
-        return load_file(str(weights), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
+        return {name: info.shape for name, info in read_header(weights).items()}
+    except (HeaderError, OSError) as exc:
         raise AdapterLoadError(adapter_id, f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from exc
 
 
-def _group_pairs(adapter_id: str, tensors: dict[str, torch.Tensor], targets: dict[ModuleKey, TargetShape]):
+def _group_pairs(adapter_id: str, shapes: dict[str, tuple[int, ...]], targets: dict[ModuleKey, TargetShape]):
+    """Tensor names -> {module: {"A": name, "B": name}}, refusing anything that is not decoder-layer LoRA."""
     known = sorted({k.name for k in targets})
-    pairs: dict[ModuleKey, dict[str, torch.Tensor]] = {}
-    paths: dict[ModuleKey, str] = {}
-    for name, tensor in tensors.items():
+    pairs: dict[ModuleKey, dict[str, str]] = {}
+    for name in shapes:
         if "lora_embedding" in name or "embed_tokens" in name or "lm_head" in name:
             raise AdapterLoadError(adapter_id, f"embedding/lm_head LoRA ({name}) is not supported")
         match = _KEY.match(name)
@@ -97,46 +107,79 @@ def _group_pairs(adapter_id: str, tensors: dict[str, torch.Tensor], targets: dic
         if key not in targets:
             raise AdapterLoadError(adapter_id, f"layer {key.layer} does not exist in the base model "
                                                f"(base model mismatch?)")
-        pairs.setdefault(key, {})[match.group(3)] = tensor
-        paths[key] = name.rsplit(".lora_", 1)[0]
+        pairs.setdefault(key, {})[match.group(3)] = name
     if not pairs:
         raise AdapterLoadError(adapter_id, "the adapter holds no LoRA weights")
-    return pairs, paths
+    return pairs
 
 
-def _module_weights(adapter_id, key, pair, shape: TargetShape, max_rank, scale) -> LoraModuleWeights:
+def _check_shapes(adapter_id: str, key: ModuleKey, pair: dict[str, str], shapes, target: TargetShape,
+                  max_rank: int) -> int:
+    """Validate one module's A/B shapes; returns its rank."""
     where = f"layer {key.layer} {key.name}"
     if set(pair) != {"A", "B"}:
         raise AdapterLoadError(adapter_id, f"{where}: lora_A and lora_B must both be present")
-    a, b = pair["A"], pair["B"]
-    if a.dim() != 2 or b.dim() != 2:
+    a, b = shapes[pair["A"]], shapes[pair["B"]]
+    if len(a) != 2 or len(b) != 2:
         raise AdapterLoadError(adapter_id, f"{where}: lora weights must be 2-D")
-    rank = a.shape[0]
-    if a.shape[1] != shape.in_features or b.shape != (shape.out_features, rank):
-        raise AdapterLoadError(adapter_id, f"{where}: wrong shapes A{tuple(a.shape)} B{tuple(b.shape)}; expected "
-                                           f"A[r, {shape.in_features}] B[{shape.out_features}, r]")
+    rank = a[0]
+    if a[1] != target.in_features or b != (target.out_features, rank):
+        raise AdapterLoadError(adapter_id, f"{where}: wrong shapes A{tuple(a)} B{tuple(b)}; expected "
+                                           f"A[r, {target.in_features}] B[{target.out_features}, r] "
+                                           f"(base model mismatch?)")
     if rank > max_rank:
         raise AdapterLoadError(adapter_id, f"{where}: rank {rank} exceeds max_lora_rank {max_rank}")
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        raise AdapterLoadError(adapter_id, f"{where}: weights contain NaN or Inf")
-    return LoraModuleWeights(a=a.float().contiguous(), b=b.float().contiguous(), scale=scale)
+    return rank
 
 
-def load_adapter(adapter_id: str, path: Path, targets: dict[ModuleKey, TargetShape],
-                 max_rank: int) -> LoraAdapter:
-    """Read and validate a PEFT LoRA directory against the base model's target modules."""
+@dataclass(frozen=True)
+class AdapterPlan:
+    """Everything validated from the config and the safetensors header, before reading weights."""
+
+    meta: AdapterMeta
+    tensors: dict[ModuleKey, tuple[str, str]]  # module -> (lora_A name, lora_B name)
+    scales: dict[ModuleKey, float]
+    lora_alpha: float
+    use_rslora: bool
+    base_model_name: str | None
+
+
+def inspect_adapter(adapter_id: str, path: Path, targets: dict[ModuleKey, TargetShape], max_rank: int,
+                    max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES) -> AdapterPlan:
+    """Cheap validation (config + header, no tensor data): what registration needs."""
     path = Path(path)
     config = _read_config(adapter_id, path)
     check_config(adapter_id, config)
-    tensors = _read_tensors(adapter_id, path)
-    pairs, paths = _group_pairs(adapter_id, tensors, targets)
+    weights = _weights_file(adapter_id, path, max_bytes)
+    shapes = _read_shapes(adapter_id, weights)
+    pairs = _group_pairs(adapter_id, shapes, targets)
     alpha = float(config.get("lora_alpha", config.get("r", 8)))
     rslora = bool(config.get("use_rslora", False))
-    modules = {}
+    scales, ranks = {}, {}
     for key, pair in pairs.items():
-        rank = pair["A"].shape[0] if "A" in pair else 1
-        module_alpha = float(_pattern_value(config.get("alpha_pattern"), paths[key], alpha))
-        scale = module_alpha / (math.sqrt(rank) if rslora else rank)
-        modules[key] = _module_weights(adapter_id, key, pair, targets[key], max_rank, scale)
-    return LoraAdapter(adapter_id=adapter_id, source=path, modules=modules, lora_alpha=alpha,
-                       use_rslora=rslora, base_model_name=config.get("base_model_name_or_path"))
+        ranks[key] = _check_shapes(adapter_id, key, pair, shapes, targets[key], max_rank)
+        module_alpha = float(_pattern_value(config.get("alpha_pattern"), pair["A"].rsplit(".lora_", 1)[0], alpha))
+        scales[key] = module_alpha / (math.sqrt(ranks[key]) if rslora else ranks[key])
+    size = sum(4 * (shapes[p["A"]][0] * shapes[p["A"]][1] + shapes[p["B"]][0] * shapes[p["B"]][1])
+               for p in pairs.values())  # resident bytes once converted to fp32
+    meta = AdapterMeta(adapter_id, path, max(ranks.values()), tuple(sorted({k.name for k in pairs})), size)
+    return AdapterPlan(meta, {k: (p["A"], p["B"]) for k, p in pairs.items()}, scales, alpha, rslora,
+                       config.get("base_model_name_or_path"))
+
+
+def load_adapter(adapter_id: str, path: Path, targets: dict[ModuleKey, TargetShape], max_rank: int,
+                 max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES) -> LoraAdapter:
+    """Full validation and read: a PEFT LoRA directory -> LoraAdapter (or AdapterLoadError)."""
+    plan = inspect_adapter(adapter_id, path, targets, max_rank, max_bytes)
+    try:
+        tensors = load_file(str(Path(path) / WEIGHTS_FILE), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterLoadError(adapter_id, f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from exc
+    modules = {}
+    for key, (name_a, name_b) in plan.tensors.items():
+        a, b = tensors[name_a], tensors[name_b]
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterLoadError(adapter_id, f"layer {key.layer} {key.name}: weights contain NaN or Inf")
+        modules[key] = LoraModuleWeights(a=a.float().contiguous(), b=b.float().contiguous(), scale=plan.scales[key])
+    return LoraAdapter(adapter_id=adapter_id, source=Path(path), modules=modules, lora_alpha=plan.lora_alpha,
+                       use_rslora=plan.use_rslora, base_model_name=plan.base_model_name)

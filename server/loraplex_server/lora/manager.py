@@ -1,8 +1,14 @@
-"""The LoRA side of the engine in one object: registry (disk/CPU tier), device slots, step mapping."""
+"""The LoRA side of the engine in one object: registry (disk/CPU tiers), device slots, step mapping.
+
+Requests are bound to an ``AdapterVersion``; everything below the registry is keyed by the
+version key (``id@n``), so a hot-swap never mixes two versions in one request.
+"""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Callable
 
 from torch import nn
 
@@ -11,70 +17,98 @@ from ..errors import AdapterPinError
 from .layers import LoraStepState
 from .mapping import LoraMapping
 from .model import find_targets, inject_lora_layers
-from .registry import AdapterRegistry
+from .registry import AdapterRegistry, AdapterVersion
 from .slots import SlotManager
-from .weights import AdapterInfo, LoraAdapter
+from .weights import AdapterInfo
 
 
 class LoraManager:
-    def __init__(self, model: nn.Module, config: LoraConfig):
+    def __init__(self, model: nn.Module, config: LoraConfig, load_fn: Callable | None = None):
         self.config = config
         self.state = LoraStepState()
         self.targets = find_targets(model)
         self.layers = inject_lora_layers(model, config.max_loras, config.max_lora_rank, self.state)
+        extra = {"load_fn": load_fn} if load_fn is not None else {}
         self.registry = AdapterRegistry(self.targets, config.max_lora_rank, config.max_cpu_loras,
-                                        config.adapter_root)
+                                        config.adapter_root, config.max_adapter_bytes, **extra)
         self.slots = SlotManager(self.layers, config.max_loras)
         self.request_counts: dict[str, int] = {}
+        self.pinned_ids: set[str] = set()
 
-    def add_adapter(self, adapter_id: str, source: str | Path) -> LoraAdapter:
-        """Validate and register (thread-safe; reads weights on the caller's thread)."""
-        return self.registry.add(adapter_id, source)
+    # ---- registration (any thread) ----------------------------------------------------------
+    def add_adapter(self, adapter_id: str, source: str | Path, *, eager: bool = True,
+                    owner: str | None = None) -> AdapterVersion:
+        """Validate and publish a version (eager: weights read and checked before publishing)."""
+        return self.registry.register(adapter_id, source, eager=eager, owner=owner)
 
     def has_adapter(self, adapter_id: str) -> bool:
         return adapter_id in self.registry
 
-    def remove_adapter(self, adapter_id: str) -> None:
-        self.registry.remove(adapter_id)
-        self.slots.pinned.discard(adapter_id)
-        self.request_counts.pop(adapter_id, None)
+    def resolve(self, adapter_id: str) -> AdapterVersion:
+        return self.registry.current(adapter_id)
 
     def count_request(self, adapter_id: str) -> None:
         self.request_counts[adapter_id] = self.request_counts.get(adapter_id, 0) + 1
 
+    # ---- engine thread ----------------------------------------------------------------------
+    def remove_adapter(self, adapter_id: str) -> AdapterVersion:
+        version = self.registry.unpublish(adapter_id)
+        self.pinned_ids.discard(adapter_id)
+        self.request_counts.pop(adapter_id, None)
+        return version
+
+    def ready(self, key: str) -> bool:
+        """Weights are on the device or in the CPU cache; otherwise a background load starts."""
+        if self.slots.slot_of(key) is not None or self.registry.ready(key):
+            return True
+        self.registry.ensure_loading(key)
+        return False
+
+    def failure(self, key: str) -> str | None:
+        return self.registry.failure(key)
+
+    def reserved_keys(self) -> set[str]:
+        """Version keys of pinned adapters: they hold device slots while idle."""
+        return {self.registry.current(a).key for a in self.pinned_ids if a in self.registry}
+
     def pin(self, adapter_id: str, protected: set[str]) -> None:
-        """Keep an adapter in a device slot for good; at least one slot always stays unpinned.
-
-        Engine thread only.
-        """
-        self.registry.meta(adapter_id)  # NOT_FOUND if unknown
-        if adapter_id not in self.slots.pinned and len(self.slots.pinned) + 1 >= self.config.max_loras:
-            raise AdapterPinError(f"cannot pin {adapter_id!r}: {len(self.slots.pinned)} of {self.config.max_loras} "
+        """Keep an adapter in a device slot for good; at least one slot always stays unpinned."""
+        key = self.registry.current(adapter_id).key
+        if adapter_id not in self.pinned_ids and len(self.pinned_ids) + 1 >= self.config.max_loras:
+            raise AdapterPinError(f"cannot pin {adapter_id!r}: {len(self.pinned_ids)} of {self.config.max_loras} "
                                   "device slots are pinned and one must stay free")
-        self.slots.activate({adapter_id}, self.registry.get, protected)
-        self.slots.pinned.add(adapter_id)
+        self.pinned_ids.add(adapter_id)
+        self.activate({key}, protected)
 
-    def info(self) -> list[AdapterInfo]:
-        """Every registered adapter with its tier (engine thread, or a consistent snapshot)."""
-        out = []
-        for adapter_id in self.registry.adapter_ids:
-            if self.slots.slot_of(adapter_id) is not None:
-                state = "device"
-            elif self.registry.in_cpu_cache(adapter_id):
-                state = "cpu"
-            else:
-                state = "disk"
-            out.append(AdapterInfo(self.registry.meta(adapter_id), state, adapter_id in self.slots.pinned,
-                                   self.request_counts.get(adapter_id, 0)))
-        return out
+    def activate(self, keys: set[str], protected: set[str]) -> dict[str, int]:
+        """Make the step's adapter versions resident in device slots; returns key -> slot."""
+        self.slots.pinned = self.reserved_keys()
+        now = time.time()
+        for key in keys:
+            self.registry.version(key).last_used = now
+        return self.slots.activate(keys, self.registry.weights, protected)
 
-    def release_slot(self, adapter_id: str) -> None:
-        """Free an adapter's device slot (only when no running request uses it)."""
-        self.slots.evict(adapter_id)
-
-    def activate(self, adapter_ids: set[str], protected: set[str]) -> dict[str, int]:
-        """Make the step's adapters resident in device slots; returns adapter id -> slot."""
-        return self.slots.activate(adapter_ids, self.registry.get, protected)
+    def release(self, key: str) -> None:
+        """A retired version no request uses any more: free its slot and forget it."""
+        self.slots.evict(key)
+        self.registry.forget(key)
 
     def set_mapping(self, mapping: LoraMapping | None) -> None:
         self.state.mapping = mapping
+
+    def info(self) -> list[AdapterInfo]:
+        """Every published adapter with its tier (call on the engine thread)."""
+        out = []
+        for adapter_id in self.registry.adapter_ids:
+            v = self.registry.current(adapter_id)
+            out.append(AdapterInfo(v.meta, self._tier(v.key), adapter_id in self.pinned_ids,
+                                   self.request_counts.get(adapter_id, 0), v.version, v.last_used,
+                                   v.load_latency_s, v.owner, self.registry.failure(v.key)))
+        return out
+
+    def _tier(self, key: str) -> str:
+        if self.slots.slot_of(key) is not None:
+            return "device"
+        if self.registry.in_cpu_cache(key):
+            return "cpu"
+        return "loading" if self.registry.is_loading(key) else "disk"

@@ -1,18 +1,30 @@
-"""Adapter registry: adapter id -> source directory, with a host-memory LRU of loaded weights.
+"""Adapter registry: the disk and CPU tiers of the adapter lifecycle.
 
-``add`` validates an adapter fully before publishing it. Weights evicted from the CPU cache are
-read again from their source on the next use.
+- Registration is cheap: config and safetensors header are validated (no tensor data read) and an
+  immutable ``AdapterVersion`` is published under the adapter id. Publishing a new version under an
+  existing id is a hot-swap: requests keep the version they were bound to.
+- Weights are read lazily by a background loader (never on the engine thread) into a host-memory
+  LRU cache of at most ``max_cpu_loras`` adapters; ``ensure_loading`` starts a load (prefetch),
+  ``ready``/``failure`` report on it.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ..errors import AdapterLoadError, AdapterNotFoundError
-from .loader import load_adapter
+from .loader import DEFAULT_MAX_ADAPTER_BYTES, inspect_adapter, load_adapter
 from .weights import AdapterMeta, LoraAdapter, ModuleKey, TargetShape
+
+log = logging.getLogger(__name__)
+LoadFn = Callable[[str, Path, dict, int, int], LoraAdapter]
 
 
 def resolve_source(root: Path | None, source: str | Path) -> Path:
@@ -27,74 +39,168 @@ def resolve_source(root: Path | None, source: str | Path) -> Path:
     return candidate
 
 
+@dataclass(eq=False)
+class AdapterVersion:
+    """One published version of an adapter; requests are bound to it for their whole life."""
+
+    meta: AdapterMeta
+    version: int
+    owner: str | None = None  # tenant owning it; None = public
+    published_at: float = field(default_factory=time.time)
+    last_used: float | None = None
+    load_latency_s: float | None = None  # disk -> CPU, once loaded
+
+    @property
+    def adapter_id(self) -> str:
+        return self.meta.adapter_id
+
+    @property
+    def key(self) -> str:
+        """Unique per version: what device slots and the CPU cache are keyed by."""
+        return f"{self.meta.adapter_id}@{self.version}"
+
+
 class AdapterRegistry:
     def __init__(self, targets: dict[ModuleKey, TargetShape], max_rank: int, max_cpu_loras: int,
-                 adapter_root: Path | None = None):
+                 adapter_root: Path | None = None, max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
+                 load_fn: LoadFn = load_adapter, load_workers: int = 2):
         self.targets = targets
         self.max_rank = max_rank
         self.max_cpu_loras = max(1, max_cpu_loras)
         self.adapter_root = adapter_root
-        self._meta: dict[str, AdapterMeta] = {}
-        self._cpu: OrderedDict[str, LoraAdapter] = OrderedDict()
+        self.max_adapter_bytes = max_adapter_bytes
+        self._load_fn = load_fn
+        self._executor = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="loraplex-adapter-load")
+        self._current: dict[str, AdapterVersion] = {}
+        self._versions: dict[str, AdapterVersion] = {}  # key -> version, every version still known
+        self._cpu: OrderedDict[str, LoraAdapter] = OrderedDict()  # key -> weights, LRU first
+        self._loading: dict[str, Future] = {}
+        self._failed: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._next_version = 1
         self.num_cpu_loads = 0
         self.num_cpu_evictions = 0
 
+    # ---- publishing ------------------------------------------------------------------------
     def __contains__(self, adapter_id: str) -> bool:
-        return adapter_id in self._meta
+        return adapter_id in self._current
 
     @property
     def adapter_ids(self) -> list[str]:
-        return sorted(self._meta)
+        return sorted(self._current)
 
-    def meta(self, adapter_id: str) -> AdapterMeta:
+    def current(self, adapter_id: str) -> AdapterVersion:
         try:
-            return self._meta[adapter_id]
+            return self._current[adapter_id]
         except KeyError:
             raise AdapterNotFoundError(adapter_id) from None
 
-    def add(self, adapter_id: str, source: str | Path) -> LoraAdapter:
-        """Validate and register; raises AdapterLoadError and changes nothing on failure."""
+    def version(self, key: str) -> AdapterVersion:
+        return self._versions[key]
+
+    def register(self, adapter_id: str, source: str | Path, *, eager: bool = False,
+                 owner: str | None = None) -> AdapterVersion:
+        """Validate and publish a new version (raises AdapterLoadError and changes nothing on failure).
+
+        ``eager`` reads and checks all weights first (so NaN/Inf are refused before publishing).
+        """
         if not adapter_id:
             raise AdapterLoadError(adapter_id, "adapter id must be non-empty")
         path = resolve_source(self.adapter_root, source)
-        adapter = load_adapter(adapter_id, path, self.targets, self.max_rank)
+        plan = inspect_adapter(adapter_id, path, self.targets, self.max_rank, self.max_adapter_bytes)
+        weights = self._timed_load(adapter_id, path) if eager else None
         with self._lock:
-            self._meta[adapter_id] = AdapterMeta.of(adapter)
-            self._put_cpu(adapter)
-        return adapter
+            version = AdapterVersion(plan.meta, self._next_version, owner)
+            self._next_version += 1
+            self._current[adapter_id] = version
+            self._versions[version.key] = version
+            if weights is not None:
+                version.load_latency_s = weights[1]
+                self._put_cpu(version.key, weights[0])
+        return version
 
-    def remove(self, adapter_id: str) -> None:
+    def unpublish(self, adapter_id: str) -> AdapterVersion:
+        """New requests get NOT_FOUND; requests bound to the version keep it."""
         with self._lock:
-            if self._meta.pop(adapter_id, None) is None:
-                raise AdapterNotFoundError(adapter_id)
-            self._cpu.pop(adapter_id, None)
+            version = self._current.pop(adapter_id, None)
+        if version is None:
+            raise AdapterNotFoundError(adapter_id)
+        return version
 
-    def get(self, adapter_id: str) -> LoraAdapter:
-        """The adapter's weights, from the CPU cache or read again from its source."""
+    def forget(self, key: str) -> None:
+        """Drop a retired version nobody uses any more (its CPU weights too)."""
         with self._lock:
-            if adapter_id not in self._meta:
-                raise AdapterNotFoundError(adapter_id)
-            if adapter_id in self._cpu:
-                self._cpu.move_to_end(adapter_id)
-                return self._cpu[adapter_id]
-            path = self._meta[adapter_id].source
-        adapter = load_adapter(adapter_id, path, self.targets, self.max_rank)
+            version = self._versions.get(key)
+            if version is not None and self._current.get(version.adapter_id) is not version:
+                self._versions.pop(key, None)
+                self._cpu.pop(key, None)
+                self._failed.pop(key, None)
+
+    # ---- the CPU tier ----------------------------------------------------------------------
+    def ready(self, key: str) -> bool:
+        return key in self._cpu
+
+    def failure(self, key: str) -> str | None:
+        return self._failed.get(key)
+
+    def ensure_loading(self, key: str) -> None:
+        """Start a background load of a version's weights unless cached, loading or failed."""
         with self._lock:
-            self._put_cpu(adapter)
-        return adapter
+            if key in self._cpu or key in self._loading or key in self._failed:
+                return
+            version = self._versions[key]
+            self._loading[key] = self._executor.submit(self._load_version, version)
+
+    def _timed_load(self, adapter_id: str, path: Path) -> tuple[LoraAdapter, float]:
+        start = time.perf_counter()
+        weights = self._load_fn(adapter_id, path, self.targets, self.max_rank, self.max_adapter_bytes)
+        return weights, time.perf_counter() - start
+
+    def _load_version(self, version: AdapterVersion) -> None:
+        try:
+            weights, latency = self._timed_load(version.adapter_id, version.meta.source)
+        except Exception as exc:  # noqa: BLE001 - reported to the requests that wait for it
+            message = exc.reason if isinstance(exc, AdapterLoadError) else f"{type(exc).__name__}: {exc}"
+            log.warning("adapter %s failed to load: %s", version.key, message)
+            with self._lock:
+                self._failed[version.key] = message
+                self._loading.pop(version.key, None)
+            return
+        with self._lock:
+            version.load_latency_s = latency
+            self._put_cpu(version.key, weights)
+            self._loading.pop(version.key, None)
+
+    def weights(self, key: str) -> LoraAdapter:
+        """Weights for a device slot (engine thread). Falls back to a synchronous read if evicted."""
+        with self._lock:
+            if key in self._cpu:
+                self._cpu.move_to_end(key)
+                return self._cpu[key]
+            version = self._versions[key]
+        log.warning("adapter %s left the CPU cache before reaching a slot; reading it again", key)
+        weights, latency = self._timed_load(version.adapter_id, version.meta.source)
+        with self._lock:
+            self._put_cpu(key, weights)
+        return weights
+
+    def is_loading(self, key: str) -> bool:
+        return key in self._loading
+
+    def in_cpu_cache(self, key: str) -> bool:
+        return key in self._cpu
 
     @property
     def num_in_cpu_cache(self) -> int:
         return len(self._cpu)
 
-    def in_cpu_cache(self, adapter_id: str) -> bool:
-        return adapter_id in self._cpu
-
-    def _put_cpu(self, adapter: LoraAdapter) -> None:
-        self._cpu[adapter.adapter_id] = adapter
-        self._cpu.move_to_end(adapter.adapter_id)
+    def _put_cpu(self, key: str, weights: LoraAdapter) -> None:
+        self._cpu[key] = weights
+        self._cpu.move_to_end(key)
         self.num_cpu_loads += 1
         while len(self._cpu) > self.max_cpu_loras:
             self._cpu.popitem(last=False)
             self.num_cpu_evictions += 1
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -47,7 +47,7 @@ class SlotManager:
         for adapter_id in adapter_ids:
             if adapter_id not in self._slot_of:
                 adapter = fetch(adapter_id)
-                self._load(adapter, self._take_slot(keep))
+                self._load(adapter_id, adapter, self._take_slot(keep))
         return {a: self._slot_of[a] for a in adapter_ids}
 
     def _take_slot(self, keep: set[str]) -> int:
@@ -59,10 +59,10 @@ class SlotManager:
                 return self._slot_of.pop(victim)
         raise SlotsExhaustedError(f"all {self.max_loras} LoRA slots hold adapters in use")
 
-    def _load(self, adapter: LoraAdapter, slot: int) -> None:
+    def _load(self, adapter_id: str, adapter: LoraAdapter, slot: int) -> None:
         for key, layer in self.layers.items():
             layer.set_slot(slot, adapter.modules.get(key))
-        self._slot_of[adapter.adapter_id] = slot
+        self._slot_of[adapter_id] = slot
         self.num_loads += 1
 
     def evict(self, adapter_id: str) -> None:

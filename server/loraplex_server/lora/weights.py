@@ -69,14 +69,15 @@ class AdapterMeta:
     target_modules: tuple[str, ...]
     size_bytes: int
 
-    @classmethod
-    def of(cls, adapter: "LoraAdapter") -> "AdapterMeta":
-        return cls(adapter.adapter_id, adapter.source, adapter.rank, adapter.target_modules, adapter.size_bytes)
-
 
 @dataclass(frozen=True)
 class AdapterInfo:
     meta: AdapterMeta
-    state: str  # "disk" | "cpu" | "device"
+    state: str  # "disk" | "loading" | "cpu" | "device"
     pinned: bool
     request_count: int
+    version: int = 0
+    last_used: float | None = None  # unix time of the last step that ran it
+    load_latency_s: float | None = None  # disk -> CPU
+    owner: str | None = None
+    error: str | None = None  # why its weights could not be loaded
