@@ -78,7 +78,7 @@ def bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> str:
     if not isinstance(value, str) or not value.startswith(_BEARER_PREFIX):
         raise AuthenticationError("malformed 'authorization' metadata (expected 'Bearer <api key>')")
     token = value[len(_BEARER_PREFIX):]
-    if not _TOKEN_RE.match(token):
+    if not _TOKEN_RE.fullmatch(token):
         raise AuthenticationError("malformed 'authorization' metadata (expected 'Bearer <api key>')")
     return token
 
@@ -104,9 +104,9 @@ def _parse_key(i: int, entry: Any) -> tuple[str, Principal]:
     if missing:
         raise ValueError(f"{where}: missing field(s) {sorted(missing)}")
     digest, tenant, role = entry["sha256"], entry["tenant"], entry["role"]
-    if not isinstance(digest, str) or not _SHA256_HEX_RE.match(digest):
+    if not isinstance(digest, str) or not _SHA256_HEX_RE.fullmatch(digest):
         raise ValueError(f"{where}.sha256: not a sha256 hex digest (64 hex characters)")
-    if not isinstance(tenant, str) or not TENANT_NAME_RE.match(tenant):
+    if not isinstance(tenant, str) or not TENANT_NAME_RE.fullmatch(tenant):
         raise ValueError(f"{where}.tenant: invalid tenant name {tenant!r} (must match {TENANT_NAME_RE.pattern})")
     if role not in ROLES:
         raise ValueError(f"{where}.role: unknown role {role!r} (expected one of {sorted(ROLES)})")
@@ -120,7 +120,7 @@ def _parse_limits(tenants: Any) -> dict[str, TenantLimits]:
     limits = {}
     for name, table in tenants.items():
         where = f"tenants.{name}"
-        if not TENANT_NAME_RE.match(name):
+        if not TENANT_NAME_RE.fullmatch(name):
             raise ValueError(f"{where}: invalid tenant name {name!r} (must match {TENANT_NAME_RE.pattern})")
         if not isinstance(table, dict):
             raise ValueError(f"{where}: expected a table")
