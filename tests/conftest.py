@@ -45,7 +45,7 @@ def peft_adapters(model_dir, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture
 def make_engine(model_dir, tokenizer):
-    def build(**kwargs) -> LLMEngine:
+    def build(adapter_load_fn=None, **kwargs) -> LLMEngine:
         loaded = LoadedModel(load_fresh(model_dir), tokenizer, "test", torch.device("cpu"), torch.float32)
-        return LLMEngine(engine_config(**kwargs), loaded=loaded)
+        return LLMEngine(engine_config(**kwargs), loaded=loaded, adapter_load_fn=adapter_load_fn)
     return build

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ from loraplex_server.config import CacheConfig, EngineConfig, LoraConfig, Schedu
 from loraplex_server.engine.engine import LLMEngine
 
 ASSETS = Path(__file__).parent / "assets"
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 # (name, rank, alpha, target modules, rslora): different ranks and target sets on purpose.
 ADAPTER_SPECS = [
@@ -54,15 +56,18 @@ def engine_config(num_blocks=256, block_size=16, max_loras=4, max_rank=32, max_t
     )
 
 
-def run_to_completion(engine: LLMEngine, max_steps: int = 10_000) -> dict[str, list]:
+def run_to_completion(engine: LLMEngine, timeout_s: float = 300.0) -> dict[str, list]:
     """Step until idle; returns request id -> list of deltas."""
     outputs: dict[str, list] = {}
-    for _ in range(max_steps):
-        if not engine.has_work:
-            return outputs
+    deadline = time.monotonic() + timeout_s
+    while engine.has_work:
+        if time.monotonic() > deadline:
+            raise AssertionError("engine did not finish")
         for out in engine.step():
             outputs.setdefault(out.request_id, []).append(out)
-    raise AssertionError("engine did not finish")
+        if not engine.last_batch[0]:
+            time.sleep(0.001)  # waiting on background adapter loads
+    return outputs
 
 
 def tokens_of(deltas) -> list[int]:

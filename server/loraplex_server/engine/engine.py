@@ -38,13 +38,14 @@ def eos_token_ids(loaded: LoadedModel) -> set[int]:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, adapter_load_fn=None):
+        """``adapter_load_fn`` replaces the adapter weight reader (fault injection in tests)."""
         self.config = config
         torch.set_num_threads(config.resolved_threads())
         self.loaded = loaded or load_model(config.model)
         model = self.loaded.model
         register_paged_attention(model)
-        self.lora = LoraManager(model, config.lora)
+        self.lora = LoraManager(model, config.lora, load_fn=adapter_load_fn)
         spec = KVCacheSpec.from_model_config(model.config, self.loaded.dtype)
         num_blocks = num_blocks_for(spec, config.cache)
         self.blocks = BlockManager(num_blocks, config.cache.block_size)
@@ -123,9 +124,11 @@ class LLMEngine:
         return failed + self._postprocess(sampled, samples)
 
     def _prefetch_adapters(self) -> list[RequestOutput]:
-        """Start loads for queued requests' adapters (up to the CPU cache size, in queue order) and
-        end the requests whose adapter failed to load."""
+        """Start loads for queued requests' adapters (in queue order, up to half the CPU cache so
+        prefetching never evicts what the head of the queue needs) and end the requests whose
+        adapter failed to load."""
         outputs, seen = [], set()
+        window = max(1, self.config.lora.max_cpu_loras // 2)
         for request in list(self.scheduler.waiting):
             key = request.adapter_key
             if not key or key in seen:
@@ -135,7 +138,7 @@ class LLMEngine:
                 err = AdapterUnavailableError(request.adapter_id, reason)
                 outputs.append(self.outputs.final(request, FinishReason.ERROR, str(err), "adapter_unavailable"))
                 self._finish(request)
-            elif len(seen) < self.config.lora.max_cpu_loras:
+            elif len(seen) < window:
                 seen.add(key)
                 self.lora.ready(key)
         return outputs

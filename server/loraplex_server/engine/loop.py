@@ -9,6 +9,7 @@ Validation and tokenization run on the caller's thread, so bad input raises at `
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -90,14 +91,12 @@ class RequestStream:
 
 
 def merge_outputs(deltas: list[RequestOutput]) -> RequestOutput:
-    last = deltas[-1]
-    return RequestOutput(
-        request_id=last.request_id,
+    """All deltas of one request as one output (the last delta's status, timings and errors)."""
+    return dataclasses.replace(
+        deltas[-1],
         token_ids=tuple(t for d in deltas for t in d.token_ids),
         text="".join(d.text for d in deltas),
-        finished=last.finished, finish_reason=last.finish_reason,
-        prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
-        logprobs=tuple(lp for d in deltas for lp in d.logprobs), error=last.error,
+        logprobs=tuple(lp for d in deltas for lp in d.logprobs),
     )
 
 
