@@ -56,6 +56,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512  # per-step token budget (prefill chunks + decodes)
     max_num_seqs: int = 64  # cap on running sequences
     max_queued_requests: int = 1024
+    fairness: str = "vtc"  # vtc (Virtual Token Counter across tenants) | fcfs
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,8 @@ class ServerConfig:
     grace_period_s: float = 10.0  # SIGTERM: in-flight requests get this long to finish
     log_level: str = "INFO"
     adapters: tuple[tuple[str, str], ...] = ()  # (name, path inside the adapter root) loaded at start
+    keys_file: Path | None = None  # API keys (TOML, sha256-hashed); None = open development mode
+    adapter_discovery: bool = False  # register every adapter directory under the adapter root
 
 
 @dataclass(frozen=True)

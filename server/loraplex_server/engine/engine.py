@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from typing import Callable
 
 import torch
 
@@ -17,6 +18,7 @@ from ..lora.manager import LoraManager
 from ..metrics import StepStats
 from ..model.attention import register_paged_attention
 from ..model.loader import LoadedModel, load_model
+from .fairness import FcfsOrder, VirtualTokenCounter
 from .inputs import InputProcessor
 from .kv_blocks import BlockManager
 from .kv_cache import KVCacheSpec, allocate_kv_cache, num_blocks_for
@@ -26,6 +28,14 @@ from .runner import ModelRunner
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
+
+
+def make_fairness(kind: str, tenant_weight: Callable[[str], float] | None):
+    if kind == "fcfs":
+        return FcfsOrder()
+    if kind == "vtc":
+        return VirtualTokenCounter(tenant_weight or (lambda tenant: 1.0))
+    raise ValueError(f"unknown fairness policy {kind!r} (vtc or fcfs)")
 
 
 def eos_token_ids(loaded: LoadedModel) -> set[int]:
@@ -38,8 +48,10 @@ def eos_token_ids(loaded: LoadedModel) -> set[int]:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, adapter_load_fn=None):
-        """``adapter_load_fn`` replaces the adapter weight reader (fault injection in tests)."""
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, adapter_load_fn=None,
+                 tenant_weight: Callable[[str], float] | None = None):
+        """``adapter_load_fn`` replaces the adapter weight reader (fault injection in tests);
+        ``tenant_weight`` gives each tenant's share weight for fair scheduling (default 1)."""
         self.config = config
         torch.set_num_threads(config.resolved_threads())
         self.loaded = loaded or load_model(config.model)
@@ -51,7 +63,8 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.cache.block_size)
         kv_caches = allocate_kv_cache(spec, num_blocks, config.cache.block_size, self.loaded.device)
         self.scheduler = Scheduler(config.scheduler, self.blocks, config.lora.max_loras,
-                                   adapter_ready=self.lora.ready, reserved_adapters=self.lora.reserved_keys)
+                                   adapter_ready=self.lora.ready, reserved_adapters=self.lora.reserved_keys,
+                                   fairness=make_fairness(config.scheduler.fairness, tenant_weight))
         self.runner = ModelRunner(model, kv_caches, config.cache.block_size, self.loaded.device, self.lora)
         model_len = config.model.max_model_len or getattr(model.config, "max_position_embeddings", 2048)
         self.inputs = InputProcessor(self.loaded.tokenizer, model.config.vocab_size, model_len,
@@ -67,7 +80,7 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------
     def make_request(self, prompt: Prompt, sampling: SamplingParams, adapter_id: str | None = None,
-                     request_id: str | None = None) -> Request:
+                     request_id: str | None = None, tenant: str = "") -> Request:
         """Validate and tokenize (any thread); raises a domain error for bad input."""
         version = self.lora.resolve(adapter_id) if adapter_id else None  # NOT_FOUND if unknown
         if version is not None and self.lora.failure(version.key):
@@ -75,7 +88,7 @@ class LLMEngine:
         token_ids = self.inputs.token_ids(prompt)
         self.inputs.check(token_ids, sampling)
         return Request(request_id or uuid.uuid4().hex, token_ids, sampling, adapter_id or None,
-                       adapter_key=version.key if version else None)
+                       adapter_key=version.key if version else None, tenant=tenant)
 
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:

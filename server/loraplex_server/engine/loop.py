@@ -132,10 +132,10 @@ class EngineLoop:
 
     # ---- caller API (any thread) ----------------------------------------------------------
     def submit(self, prompt: Prompt, sampling: SamplingParams, adapter_id: str | None = None,
-               request_id: str | None = None) -> RequestStream:
+               request_id: str | None = None, tenant: str = "") -> RequestStream:
         if self._stopping:
             raise EngineStoppedError("the engine is shutting down")
-        request = self.engine.make_request(prompt, sampling, adapter_id, request_id)
+        request = self.engine.make_request(prompt, sampling, adapter_id, request_id, tenant)
         stream = RequestStream(request.request_id, self.abort)
         with self._lock:
             if len(self._streams) >= self.engine.config.scheduler.max_queued_requests:

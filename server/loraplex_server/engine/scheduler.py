@@ -1,7 +1,8 @@
 """Continuous batching policy (pure Python, no torch).
 
 Each step packs running requests first (decodes and unfinished prefill chunks, oldest first), then
-admits waiting requests in arrival order (FCFS) while the token budget, the running-sequence cap,
+admits waiting requests in arrival order (FCFS; across tenants, optionally by Virtual Token
+Counter, see fairness.py) while the token budget, the running-sequence cap,
 the KV blocks and the ``max_loras`` distinct-adapter cap allow. Admission stops at the first
 waiting request that does not fit, so nothing behind it can starve it. When a running request
 needs a KV block and none is free, the most recently admitted request is preempted: its blocks
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..config import SchedulerConfig
+from .fairness import FcfsOrder, VirtualTokenCounter
 from .kv_blocks import BlockManager
 from .request import Request, RequestStatus
 
@@ -49,12 +51,13 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager, max_loras: int,
                  adapter_ready: Callable[[str], bool] = lambda _id: True,
-                 reserved_adapters: Callable[[], set[str]] = set):
+                 reserved_adapters: Callable[[], set[str]] = set, fairness: FcfsOrder | VirtualTokenCounter | None = None):
         self.config = config
         self.blocks = blocks
         self.max_loras = max_loras
         self.adapter_ready = adapter_ready
         self.reserved_adapters = reserved_adapters  # pinned: they hold device slots while idle
+        self.fairness = fairness or FcfsOrder()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -77,6 +80,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self.fairness.refresh(self.waiting, self.running)
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.preempted:
             self._admit_waiting(out, budget)
@@ -93,7 +97,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                out.scheduled.append(ScheduledRequest.of(request, n))
+                self._take(out, request, n)
                 budget -= n
                 i += 1
         return budget
@@ -103,7 +107,7 @@ class Scheduler:
         place); one that would exceed the distinct-adapter cap stops admission (no starvation)."""
         adapters = self.running_adapters()
         reserved = self.reserved_adapters()
-        for request in list(self.waiting):
+        for request in self.fairness.candidates(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             key = request.adapter_key
@@ -120,8 +124,12 @@ class Scheduler:
             self.running.append(request)
             if key:
                 adapters.add(key)
-            out.scheduled.append(ScheduledRequest.of(request, n))
+            self._take(out, request, n)
             budget -= n
+
+    def _take(self, out: SchedulerOutput, request: Request, n: int) -> None:
+        out.scheduled.append(ScheduledRequest.of(request, n))
+        self.fairness.charge(request, n)
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.running.remove(request)
