@@ -58,7 +58,7 @@ def finish_reason_to_proto(label: str | None) -> int:
 
 
 def adapter_state_from_proto(value: int) -> str:
-    """``ADAPTER_STATE_*`` value -> label (``"disk"``, ``"cpu"``, ``"device"``, ``"unspecified"``)."""
+    """``ADAPTER_STATE_*`` value -> label (``"disk"``, ``"loading"``, ``"cpu"``, ``"device"``, ``"unspecified"``)."""
     return enum_label(pb.AdapterState, _STATE_PREFIX, value)
 
 
@@ -165,6 +165,11 @@ def adapter_info_from_proto(msg: pb.AdapterInfo) -> AdapterInfo:
         request_count=msg.request_count,
         source=msg.source,
         size_bytes=msg.size_bytes,
+        version=msg.version,
+        last_used_unix=msg.last_used_unix,
+        load_latency_s=msg.load_latency_s,
+        owner=msg.owner,
+        error=msg.error,
     )
 
 
@@ -179,6 +184,11 @@ def adapter_info_to_proto(info: AdapterInfo) -> pb.AdapterInfo:
         request_count=info.request_count,
         source=info.source,
         size_bytes=info.size_bytes,
+        version=info.version,
+        last_used_unix=info.last_used_unix,
+        load_latency_s=info.load_latency_s,
+        owner=info.owner,
+        error=info.error,
     )
 
 

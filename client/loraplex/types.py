@@ -83,8 +83,9 @@ class StreamChunk:
 class AdapterInfo:
     """A registered adapter.
 
-    ``state`` is where its weights are: ``"disk"``, ``"cpu"`` or ``"device"`` (``"unspecified"``
-    if the server did not say).
+    ``state`` is where its weights are: ``"disk"``, ``"loading"``, ``"cpu"`` or ``"device"``
+    (``"unspecified"`` if the server did not say). ``version`` bumps on every hot-swap;
+    ``owner`` is the owning tenant ("" = public).
     """
 
     adapter_id: str
@@ -95,6 +96,11 @@ class AdapterInfo:
     request_count: int = 0
     source: str = ""
     size_bytes: int = 0
+    version: int = 0
+    last_used_unix: float = 0.0
+    load_latency_s: float = 0.0
+    owner: str = ""
+    error: str = ""
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,10 @@ FLAGS = [
     ("--port", "server", "port", int, "gRPC port (default 50051)"),
     ("--metrics-port", "server", "metrics_port", int, "Prometheus /metrics port (default 9090; -1 = off)"),
     ("--grace-period", "server", "grace_period_s", float, "seconds in-flight requests get on SIGTERM"),
+    ("--keys-file", "server", "keys_file", Path, "API keys (TOML, sha256-hashed; reloaded on change); "
+                                                  "without it the server runs open"),
+    ("--fairness", "scheduler", "fairness", str, "vtc (fair share across tenants) | fcfs"),
+    ("--max-adapter-bytes", "lora", "max_adapter_bytes", parse_size, "adapter weights file size limit"),
     ("--log-level", "server", "log_level", str, "DEBUG | INFO | WARNING | ERROR"),
 ]
 

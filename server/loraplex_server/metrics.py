@@ -61,9 +61,11 @@ class StepStats:
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None, max_adapter_labels: int = 32):
+    def __init__(self, registry: CollectorRegistry | None = None, max_adapter_labels: int = 32,
+                 max_tenant_labels: int = 32):
         self.registry = registry if registry is not None else CollectorRegistry()
         self.adapter_label = LabelCap(max_adapter_labels)
+        self.tenant_label = LabelCap(max_tenant_labels)
         self._last: dict[str, int] = {}
         self._lock = threading.Lock()
         self._define_request_metrics()
@@ -91,6 +93,11 @@ class Metrics:
         self.adapter_load_seconds = self._histogram("adapter_load_seconds", "Reading and validating an adapter",
                                                     LATENCY_BUCKETS)
         self.adapter_load_failures = self._counter("adapter_load_failures_total", "Adapters refused at load")
+        self.tenant_requests = self._counter("tenant_requests_total", "Finished generation RPCs by tenant and "
+                                             "gRPC status", ("tenant", "status"))
+        self.tenant_tokens = self._counter("tenant_generated_tokens_total", "Generated tokens by tenant", ("tenant",))
+        self.tenant_queue_wait = self._histogram("tenant_queue_wait_seconds", "Arrival to first scheduled step, "
+                                                 "by tenant", LATENCY_BUCKETS, ("tenant",))
 
     def _define_engine_metrics(self) -> None:
         self.running = self._gauge("requests_running", "Requests in the running batch")
@@ -106,8 +113,20 @@ class Metrics:
         self.preemptions = self._counter("preemptions_total", "Requests preempted for lack of KV blocks")
 
     # ---- recording --------------------------------------------------------------------
-    def record_rpc(self, method: str, status: str, adapter_id: str | None) -> None:
+    def record_rpc(self, method: str, status: str, adapter_id: str | None, tenant: str | None = None) -> None:
         self.requests.labels(method, status, self.adapter_label(adapter_id)).inc()
+        if tenant is not None and method.startswith("Generate"):
+            self.tenant_requests.labels(self._tenant(tenant), status).inc()
+
+    def _tenant(self, tenant: str) -> str:
+        return self.tenant_label(tenant) if tenant else "none"
+
+    def record_tenant_request(self, tenant: str, output) -> None:
+        """A tenant's finished request: its tokens and queue wait."""
+        label = self._tenant(tenant)
+        self.tenant_tokens.labels(label).inc(output.completion_tokens)
+        if output.timings is not None and output.timings.queue_wait is not None:
+            self.tenant_queue_wait.labels(label).observe(output.timings.queue_wait)
 
     def record_request(self, output) -> None:
         """The final RequestOutput of a request (with timings)."""

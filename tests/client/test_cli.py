@@ -158,7 +158,8 @@ def test_adapters_list_json_and_empty(fake, capsys):
     assert [a["adapter_id"] for a in listed] == ["upper", "json"]
     assert listed[0] == {"adapter_id": "upper", "rank": 8, "target_modules": ["q_proj", "v_proj"],
                          "state": "device", "pinned": True, "request_count": 12,
-                         "source": "upper", "size_bytes": 1024}
+                         "source": "upper", "size_bytes": 1024, "version": 0, "last_used_unix": 0.0,
+                         "load_latency_s": 0.0, "owner": "", "error": ""}
     fake.adapters.clear()
     assert run(fake, "adapters", "list") == 0
     assert capsys.readouterr().out == "no adapters registered\n"

@@ -21,6 +21,7 @@ class AdapterState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ADAPTER_STATE_DISK: _ClassVar[AdapterState]
     ADAPTER_STATE_CPU: _ClassVar[AdapterState]
     ADAPTER_STATE_DEVICE: _ClassVar[AdapterState]
+    ADAPTER_STATE_LOADING: _ClassVar[AdapterState]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
@@ -30,6 +31,7 @@ ADAPTER_STATE_UNSPECIFIED: AdapterState
 ADAPTER_STATE_DISK: AdapterState
 ADAPTER_STATE_CPU: AdapterState
 ADAPTER_STATE_DEVICE: AdapterState
+ADAPTER_STATE_LOADING: AdapterState
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -184,7 +186,7 @@ class ListAdaptersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("adapter_id", "rank", "target_modules", "state", "pinned", "request_count", "source", "size_bytes")
+    __slots__ = ("adapter_id", "rank", "target_modules", "state", "pinned", "request_count", "source", "size_bytes", "version", "last_used_unix", "load_latency_s", "owner", "error")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +195,11 @@ class AdapterInfo(_message.Message):
     REQUEST_COUNT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    LOAD_LATENCY_S_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     rank: int
     target_modules: _containers.RepeatedScalarFieldContainer[str]
@@ -201,7 +208,12 @@ class AdapterInfo(_message.Message):
     request_count: int
     source: str
     size_bytes: int
-    def __init__(self, adapter_id: _Optional[str] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[AdapterState, str]] = ..., pinned: _Optional[bool] = ..., request_count: _Optional[int] = ..., source: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    version: int
+    last_used_unix: float
+    load_latency_s: float
+    owner: str
+    error: str
+    def __init__(self, adapter_id: _Optional[str] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[AdapterState, str]] = ..., pinned: _Optional[bool] = ..., request_count: _Optional[int] = ..., source: _Optional[str] = ..., size_bytes: _Optional[int] = ..., version: _Optional[int] = ..., last_used_unix: _Optional[float] = ..., load_latency_s: _Optional[float] = ..., owner: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ListAdaptersResponse(_message.Message):
     __slots__ = ("adapters",)

@@ -20,7 +20,8 @@ _FINISH = {
     FinishReason.EOS: pb.FINISH_REASON_EOS,
     FinishReason.ABORT: pb.FINISH_REASON_ABORT,
 }
-_STATE = {"disk": pb.ADAPTER_STATE_DISK, "cpu": pb.ADAPTER_STATE_CPU, "device": pb.ADAPTER_STATE_DEVICE}
+_STATE = {"disk": pb.ADAPTER_STATE_DISK, "cpu": pb.ADAPTER_STATE_CPU, "device": pb.ADAPTER_STATE_DEVICE,
+          "loading": pb.ADAPTER_STATE_LOADING}
 
 
 def check_id(field: str, value: str, required: bool = True) -> str:
@@ -96,4 +97,6 @@ def adapter_info(info: AdapterInfo) -> pb.AdapterInfo:
     m = info.meta
     return pb.AdapterInfo(adapter_id=m.adapter_id, rank=m.rank, target_modules=list(m.target_modules),
                           state=_STATE[info.state], pinned=info.pinned, request_count=info.request_count,
-                          source=str(m.source), size_bytes=m.size_bytes)
+                          source=str(m.source), size_bytes=m.size_bytes, version=info.version,
+                          last_used_unix=info.last_used or 0.0, load_latency_s=info.load_latency_s or 0.0,
+                          owner=info.owner or "", error=info.error or "")

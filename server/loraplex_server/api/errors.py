@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from .. import errors as e
+from .. import tenancy as t
 
 _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (e.PromptTooLongError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -15,6 +16,9 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (e.AdapterUnavailableError, grpc.StatusCode.FAILED_PRECONDITION),
     (e.DuplicateRequestError, grpc.StatusCode.ALREADY_EXISTS),
     (e.QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (t.RateLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (t.AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
+    (t.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (e.EngineStoppedError, grpc.StatusCode.UNAVAILABLE),
 ]
 

@@ -24,7 +24,10 @@ from ..engine.engine import LLMEngine
 from ..engine.loop import EngineLoop
 from ..engine.request import Prompt, SamplingParams
 from ..metrics import Metrics
-from .servicer import LoraplexServicer, ServingState
+from .access import owner_of
+from .auth import KeyStore
+from .calls import ServingState
+from .servicer import LoraplexServicer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LoraplexService"].full_name
@@ -36,7 +39,10 @@ class LoraplexServer:
                  metrics: Metrics | None = None):
         self.config = config
         self.engine_factory = engine_factory
-        self.state = ServingState(metrics=metrics or Metrics())
+        keys = KeyStore(config.server.keys_file)
+        if keys.open_mode:
+            log.warning("no keys file: running OPEN (development mode), every caller is an admin")
+        self.state = ServingState(metrics=metrics or Metrics(), keys=keys)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -70,10 +76,11 @@ class LoraplexServer:
 
     async def _bring_up(self) -> None:
         engine = await asyncio.to_thread(self.engine_factory, self.config.engine)
+        engine.set_tenant_weights(lambda tenant: self.state.keys.limits_for(tenant).weight)
         loop = EngineLoop(engine, self.state.metrics).start()
         try:
             for name, path in self.config.server.adapters:
-                await asyncio.to_thread(loop.add_adapter, name, path)
+                await asyncio.to_thread(loop.add_adapter, name, path, owner=owner_of(name))
             await asyncio.to_thread(loop.generate, Prompt(token_ids=(0,)), SamplingParams(max_new_tokens=2))
         except BaseException:
             loop.stop()

@@ -1,4 +1,4 @@
-"""The gRPC service: validates and converts at the edge, talks to the engine loop, maps errors.
+"""The gRPC service: authenticates, validates and converts at the edge, talks to the engine loop.
 
 Nothing here blocks the event loop: tokenization and adapter reads run in worker threads, engine
 state is read on the engine thread (``EngineLoop.call``), and deltas arrive through async queues.
@@ -7,124 +7,65 @@ state is read on the engine thread (``EngineLoop.call``), and deltas arrive thro
 from __future__ import annotations
 
 import asyncio
-import functools
-import logging
 import time
-from dataclasses import dataclass
 
-import grpc
 from loraplex.v1 import loraplex_pb2 as pb
 from loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 
 from .. import __version__
 from ..engine.loop import EngineLoop, merge_outputs
-from ..engine.request import FinishReason, RequestOutput
-from ..errors import (AdapterLoadError, AdapterUnavailableError, EngineStoppedError, InvalidRequestError,
-                      LoraplexError)
-from ..metrics import Metrics
-from . import convert
-from .errors import status_for
-
-log = logging.getLogger("loraplex.requests")
-
-
-class EngineFailure(LoraplexError):
-    """The engine ended a request with an internal error."""
-
-
-@dataclass
-class ServingState:
-    metrics: Metrics
-    loop: EngineLoop | None = None  # None until the model is loaded and warmed up
-    draining: bool = False
-
-    def engine_loop(self) -> EngineLoop:
-        if self.draining:
-            raise EngineStoppedError("the server is shutting down")
-        if self.loop is None:
-            raise EngineStoppedError("the model is still loading")
-        return self.loop
-
-
-class RpcCall:
-    """Bookkeeping of one RPC: status metric, one structured log line, error -> status code."""
-
-    def __init__(self, method: str, state: ServingState, adapter_id: str = "", request_id: str = ""):
-        self.method, self.state = method, state
-        self.adapter_id, self.request_id = adapter_id, request_id
-        self.start = time.monotonic()
-
-    def _log(self, status: str, output: RequestOutput | None = None, error: str = "") -> None:
-        self.state.metrics.record_rpc(self.method, status, self.adapter_id)
-        fields = {"event": "rpc", "method": self.method, "status": status, "adapter": self.adapter_id or None,
-                  "request_id": self.request_id or None, "duration_s": round(time.monotonic() - self.start, 4)}
-        if output is not None:
-            t = output.timings
-            fields.update(prompt_tokens=output.prompt_tokens, completion_tokens=output.completion_tokens,
-                          finish_reason=output.finish_reason.value if output.finish_reason else None,
-                          ttft_s=round(t.time_to_first_token, 4) if t and t.time_to_first_token else None,
-                          queue_s=round(t.queue_wait, 4) if t and t.queue_wait is not None else None)
-        if error:
-            fields["error"] = error
-        log.info("%s %s", self.method, status, extra={"fields": fields})
-
-    def ok(self, output: RequestOutput | None = None) -> None:
-        self._log("OK", output)
-
-    def cancelled(self) -> None:
-        self._log("CANCELLED")
-
-    async def fail(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
-        code = status_for(exc)
-        if code is grpc.StatusCode.INTERNAL and not isinstance(exc, EngineFailure):
-            log.exception("internal error in %s (request id %s)", self.method, self.request_id or "-")
-            details = f"internal error (request id {self.request_id or '-'})"
-        else:
-            details = str(exc)
-        self._log(code.name, error=details)
-        await context.abort(code, details)
-
-
-def check_final(out: RequestOutput) -> None:
-    if out.finish_reason is FinishReason.ERROR:
-        if out.error_kind == "adapter_unavailable":
-            raise AdapterUnavailableError(out.adapter_id or "", out.error or "load failed")
-        raise EngineFailure(out.error or "the engine failed this request")
-    if out.finish_reason is FinishReason.ABORT:
-        raise EngineStoppedError("the request was aborted by the server")
-
-
-def admin_rpc(body):
-    """A unary handler from ``body(self, request) -> response``: status mapping and the RPC log line."""
-    @functools.wraps(body)
-    async def handler(self, request, context):
-        call = RpcCall(body.__name__, self.state, getattr(request, "adapter_id", ""))
-        try:
-            response = await body(self, request)
-        except Exception as exc:  # noqa: BLE001 - mapped to a status code in one place
-            await call.fail(context, exc)
-            return None
-        call.ok()
-        return response
-    return handler
+from ..errors import AdapterLoadError, InvalidRequestError
+from . import access, convert
+from .calls import RpcCall, ServingState, admin_rpc, check_final, start_call
 
 
 class LoraplexServicer(pb_grpc.LoraplexServiceServicer):
     def __init__(self, state: ServingState):
         self.state = state
 
-    async def _submit(self, request: pb.GenerateRequest, call: RpcCall):
+    # ---- generation -------------------------------------------------------------------------
+    async def _open(self, request: pb.GenerateRequest, call: RpcCall):
+        """Check access and tenant limits, then submit; returns (stream, ticket)."""
         loop = self.state.engine_loop()
         call.request_id = convert.request_id_of(request)
+        adapter_id = request.adapter_id or None
+        if adapter_id:
+            access.check_visible(call.principal, adapter_id, loop.engine.lora.resolve(adapter_id).owner)
         prompt = convert.prompt_from_proto(request)
         sampling = convert.sampling_from_proto(request.sampling)
-        return await asyncio.to_thread(loop.submit, prompt, sampling, request.adapter_id or None, call.request_id)
+        limiter, tenant = self.state.limiter, call.tenant
+        limiter.check_queue(tenant, self.state.queued[tenant])
+        ticket = limiter.admit(tenant)
+        try:
+            stream = await asyncio.to_thread(loop.submit, prompt, sampling, adapter_id, call.request_id, tenant)
+        except BaseException:
+            ticket.release()
+            raise
+        return stream, ticket
+
+    async def _deltas(self, request: pb.GenerateRequest, call: RpcCall):
+        """The request's deltas, keeping the tenant's queue count and token window up to date."""
+        stream, ticket = await self._open(request, call)
+        tenant, queued = call.tenant, True
+        self.state.queued[tenant] += 1
+        try:
+            async for out in stream:
+                if queued and (out.token_ids or out.finished):
+                    queued = False
+                    self.state.queued[tenant] -= 1
+                ticket.record_tokens(len(out.token_ids))
+                if out.finished:
+                    self.state.metrics.record_tenant_request(tenant, out)
+                yield out
+        finally:
+            if queued:
+                self.state.queued[tenant] -= 1
+            ticket.release()
 
     async def Generate(self, request, context):
-        call = RpcCall("Generate", self.state, request.adapter_id)
+        call = await start_call("Generate", self.state, context, request.adapter_id)
         try:
-            stream = await self._submit(request, call)
-            merged = merge_outputs([d async for d in stream])
+            merged = merge_outputs([d async for d in self._deltas(request, call)])
             check_final(merged)
             call.ok(merged)
             return convert.full_response(merged, request.adapter_id)
@@ -135,10 +76,9 @@ class LoraplexServicer(pb_grpc.LoraplexServiceServicer):
             await call.fail(context, exc)
 
     async def GenerateStream(self, request, context):
-        call = RpcCall("GenerateStream", self.state, request.adapter_id)
+        call = await start_call("GenerateStream", self.state, context, request.adapter_id)
         try:
-            stream = await self._submit(request, call)
-            async for out in stream:
+            async for out in self._deltas(request, call):
                 if out.finished:
                     check_final(out)
                     call.ok(out)
@@ -149,12 +89,17 @@ class LoraplexServicer(pb_grpc.LoraplexServiceServicer):
         except Exception as exc:  # noqa: BLE001
             await call.fail(context, exc)
 
+    # ---- adapters ---------------------------------------------------------------------------
     @admin_rpc
-    async def LoadAdapter(self, request):
+    async def LoadAdapter(self, request, call):
         adapter_id = convert.check_id("adapter_id", request.adapter_id)
         if not request.source:
             raise InvalidRequestError("source", "is required")
         loop = self.state.engine_loop()
+        lora = loop.engine.lora
+        existing = lora.resolve(adapter_id) if lora.has_adapter(adapter_id) else None
+        access.check_may_manage(call.principal, adapter_id, existing.owner if existing else None,
+                                exists=existing is not None)
         await self._load(loop, adapter_id, request.source)
         if request.pin:
             await asyncio.wrap_future(loop.call(lambda e: e.pin_adapter(adapter_id)))
@@ -164,7 +109,7 @@ class LoraplexServicer(pb_grpc.LoraplexServiceServicer):
     async def _load(self, loop: EngineLoop, adapter_id: str, source: str) -> None:
         start = time.perf_counter()
         try:
-            await asyncio.to_thread(loop.add_adapter, adapter_id, source)
+            await asyncio.to_thread(loop.add_adapter, adapter_id, source, owner=access.owner_of(adapter_id))
         except AdapterLoadError:
             self.state.metrics.adapter_load_failures.inc()
             raise
@@ -176,18 +121,22 @@ class LoraplexServicer(pb_grpc.LoraplexServiceServicer):
         return infos if adapter_id is None else next(i for i in infos if i.meta.adapter_id == adapter_id)
 
     @admin_rpc
-    async def UnloadAdapter(self, request):
+    async def UnloadAdapter(self, request, call):
         adapter_id = convert.check_id("adapter_id", request.adapter_id)
-        await asyncio.wrap_future(self.state.engine_loop().remove_adapter(adapter_id))
+        loop = self.state.engine_loop()
+        existing = loop.engine.lora.resolve(adapter_id)  # NOT_FOUND if unknown
+        access.check_may_manage(call.principal, adapter_id, existing.owner, exists=True)
+        await asyncio.wrap_future(loop.remove_adapter(adapter_id))
         return pb.UnloadAdapterResponse()
 
     @admin_rpc
-    async def ListAdapters(self, request):
+    async def ListAdapters(self, request, call):
         infos = await self._info(self.state.engine_loop())
-        return pb.ListAdaptersResponse(adapters=[convert.adapter_info(i) for i in infos])
+        visible = [i for i in infos if access.can_see(call.principal, i.owner)]
+        return pb.ListAdaptersResponse(adapters=[convert.adapter_info(i) for i in visible])
 
     @admin_rpc
-    async def GetServerInfo(self, request):
+    async def GetServerInfo(self, request, call):
         engine = self.state.engine_loop().engine
         cfg = engine.config
         return pb.GetServerInfoResponse(

@@ -175,6 +175,11 @@ class LLMEngine:
             cpu_loads=registry.num_cpu_loads, cpu_evictions=registry.num_cpu_evictions,
             preemptions=self.scheduler.num_preemptions)
 
+    def set_tenant_weights(self, weight_of: Callable[[str], float]) -> None:
+        """Tenant share weights for fair scheduling (no effect under FCFS)."""
+        if isinstance(self.scheduler.fairness, VirtualTokenCounter):
+            self.scheduler.fairness.weight_of = weight_of
+
     def pin_adapter(self, adapter_id: str) -> None:
         self.lora.pin(adapter_id, self.scheduler.running_adapters())
 
