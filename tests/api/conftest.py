@@ -47,11 +47,11 @@ class ServerThread:
             self.thread.join(10)
 
 
-def make_config(adapter_root, adapters=(), **engine_kwargs) -> Config:
+def make_config(adapter_root, adapters=(), server_overrides=None, **engine_kwargs) -> Config:
     engine = engine_config(**engine_kwargs)
     engine = replace(engine, lora=replace(engine.lora, adapter_root=adapter_root))
-    return Config(engine=engine, server=ServerConfig(host="127.0.0.1", port=0, metrics_port=0,
-                                                     grace_period_s=5, adapters=tuple(adapters)))
+    server = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, grace_period_s=5, adapters=tuple(adapters))
+    return Config(engine=engine, server=replace(server, **(server_overrides or {})))
 
 
 @pytest.fixture
@@ -68,8 +68,9 @@ def engine_factory(model_dir, tokenizer):
 def start_server(engine_factory):
     servers = []
 
-    def start(adapter_root, adapters=(), factory=None, wait_ready=True, **engine_kwargs):
-        srv = ServerThread(make_config(adapter_root, adapters, **engine_kwargs), factory or engine_factory)
+    def start(adapter_root, adapters=(), factory=None, wait_ready=True, server_overrides=None, **engine_kwargs):
+        config = make_config(adapter_root, adapters, server_overrides, **engine_kwargs)
+        srv = ServerThread(config, factory or engine_factory)
         servers.append(srv)
         return srv.start(wait_ready)
 

@@ -37,3 +37,32 @@ def test_flooding_tenant_cannot_starve_the_other(make_engine, policy):
     else:
         assert share < 0.4, share
     print(f"{policy}: tenant B share of generated tokens = {share:.3f} (fair share 0.5)")
+
+
+def steps_until_first_token(engine, policy: str) -> int:
+    """Tenant A floods (40 requests, 4 run at once); B arrives late with one request."""
+    engine.scheduler.fairness = make_fairness(policy, None)
+    for i in range(40):
+        engine.add_request(engine.make_request(Prompt(token_ids=(5, 6, 7, 8 + i % 7)), SamplingParams(
+            max_new_tokens=12, ignore_eos=True), tenant="a", request_id=f"a{i}"))
+    for _ in range(3):
+        engine.step()
+    engine.add_request(engine.make_request(Prompt(token_ids=(9, 10, 11)), SamplingParams(
+        max_new_tokens=4, ignore_eos=True), tenant="b", request_id="b"))
+    steps = 0
+    while True:
+        steps += 1
+        if any(o.request_id == "b" and o.token_ids for o in engine.step()):
+            return steps
+
+
+@pytest.mark.parametrize("policy", ["vtc", "fcfs"])
+def test_a_flood_does_not_delay_another_tenant_beyond_one_running_request(make_engine, policy):
+    """The bound: with VTC, B's first token comes no later than the first free running slot
+    (at most one A request's remaining decode steps, 12 here); FCFS makes B wait for A's backlog."""
+    steps = steps_until_first_token(make_engine(max_seqs=4), policy)
+    print(f"{policy}: tenant B's first token after {steps} steps")
+    if policy == "vtc":
+        assert steps <= 12
+    else:
+        assert steps > 60

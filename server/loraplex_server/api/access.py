@@ -26,13 +26,12 @@ def check_visible(principal: Principal, adapter_id: str, owner: str | None) -> N
         raise AdapterNotFoundError(adapter_id)
 
 
-def check_may_manage(principal: Principal, adapter_id: str, exists_with_owner: str | None = None,
-                     exists: bool = False) -> None:
-    """Load or unload ``adapter_id``: admins anywhere, tenants inside their namespace."""
-    if principal.is_admin:
-        return
-    if exists and not can_see(principal, exists_with_owner):
-        raise AdapterNotFoundError(adapter_id)
-    if owner_of(adapter_id) != principal.tenant:
+def check_may_manage(principal: Principal, adapter_id: str) -> None:
+    """Load or unload ``adapter_id``: admins anywhere, tenants inside their namespace.
+
+    Decided from the id alone, so the answer never depends on (or reveals) whether another
+    tenant's adapter exists.
+    """
+    if not principal.is_admin and owner_of(adapter_id) != principal.tenant:
         raise PermissionDeniedError(f"tenant {principal.tenant!r} may only manage adapters named "
                                     f"'{principal.tenant}/<name>'")

@@ -95,11 +95,8 @@ class LoraplexServicer(pb_grpc.LoraplexServiceServicer):
         adapter_id = convert.check_id("adapter_id", request.adapter_id)
         if not request.source:
             raise InvalidRequestError("source", "is required")
+        access.check_may_manage(call.principal, adapter_id)
         loop = self.state.engine_loop()
-        lora = loop.engine.lora
-        existing = lora.resolve(adapter_id) if lora.has_adapter(adapter_id) else None
-        access.check_may_manage(call.principal, adapter_id, existing.owner if existing else None,
-                                exists=existing is not None)
         await self._load(loop, adapter_id, request.source)
         if request.pin:
             await asyncio.wrap_future(loop.call(lambda e: e.pin_adapter(adapter_id)))
@@ -123,10 +120,8 @@ class LoraplexServicer(pb_grpc.LoraplexServiceServicer):
     @admin_rpc
     async def UnloadAdapter(self, request, call):
         adapter_id = convert.check_id("adapter_id", request.adapter_id)
-        loop = self.state.engine_loop()
-        existing = loop.engine.lora.resolve(adapter_id)  # NOT_FOUND if unknown
-        access.check_may_manage(call.principal, adapter_id, existing.owner, exists=True)
-        await asyncio.wrap_future(loop.remove_adapter(adapter_id))
+        access.check_may_manage(call.principal, adapter_id)
+        await asyncio.wrap_future(self.state.engine_loop().remove_adapter(adapter_id))
         return pb.UnloadAdapterResponse()
 
     @admin_rpc
