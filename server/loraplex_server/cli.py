@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, help="TOML config file (also $LORAPLEX_CONFIG)")
     for flag, _section, field, kind, doc in FLAGS:
         p.add_argument(flag, dest=field, type=kind, default=None, help=doc)
+    p.add_argument("--adapter-discovery", action="store_true", default=None,
+                   help="register every adapter directory under --adapter-root, now and when added")
     p.add_argument("--adapter", action="append", default=None, metavar="NAME=PATH",
                    help="adapter to load at start (repeatable); PATH resolves inside --adapter-root")
     return p
@@ -60,6 +62,7 @@ def flag_values(args: argparse.Namespace) -> dict[str, dict]:
     for _flag, section, field, _kind, _doc in FLAGS:
         values.setdefault(section, {})[field] = getattr(args, field)
     values["server"]["adapters"] = parse_adapters(args.adapter) if args.adapter else None
+    values["server"]["adapter_discovery"] = args.adapter_discovery
     return values
 
 

@@ -111,6 +111,13 @@ class Metrics:
         self.adapter_loads = self._counter("adapter_loads_total", "Adapter loads into a tier", ("tier",))
         self.adapter_evictions = self._counter("adapter_evictions_total", "Adapter evictions from a tier", ("tier",))
         self.preemptions = self._counter("preemptions_total", "Requests preempted for lack of KV blocks")
+        self.adapter_info = self._gauge("adapter_info", "1 per published adapter (capped labels)",
+                                        ("adapter", "tier", "version"))
+        self.adapter_size = self._gauge("adapter_size_bytes", "Resident bytes of an adapter", ("adapter",))
+        self.adapter_last_used = self._gauge("adapter_last_used_timestamp_seconds", "Unix time of an adapter's "
+                                             "last step", ("adapter",))
+        self.adapter_last_load = self._gauge("adapter_last_load_seconds", "Latest disk -> host load time of an "
+                                             "adapter", ("adapter",))
 
     # ---- recording --------------------------------------------------------------------
     def record_rpc(self, method: str, status: str, adapter_id: str | None, tenant: str | None = None) -> None:
@@ -160,6 +167,21 @@ class Metrics:
         self._advance(self.adapter_evictions.labels("device"), "device_evictions", s.device_evictions)
         self._advance(self.adapter_evictions.labels("cpu"), "cpu_evictions", s.cpu_evictions)
         self._advance(self.preemptions, "preemptions", s.preemptions)
+
+    def record_adapters(self, infos) -> None:
+        """Per-adapter tier, version, size, last use and load latency (labelled adapters only)."""
+        for gauge in (self.adapter_info, self.adapter_size, self.adapter_last_used, self.adapter_last_load):
+            gauge.clear()
+        for info in infos:
+            label = self.adapter_label(info.meta.adapter_id)
+            if label == OTHER_LABEL:
+                continue
+            self.adapter_info.labels(label, info.state, str(info.version)).set(1)
+            self.adapter_size.labels(label).set(info.meta.size_bytes)
+            if info.last_used is not None:
+                self.adapter_last_used.labels(label).set(info.last_used)
+            if info.load_latency_s is not None:
+                self.adapter_last_load.labels(label).set(info.load_latency_s)
 
     def _advance(self, counter, key: str, total: int) -> None:
         """Counters mirror cumulative engine counts: add what is new since the last step."""

@@ -237,6 +237,13 @@ def test_metrics_parse_and_move(server, client):
     assert delta("loraplex_batch_tokens_count") >= 5
     assert after[("loraplex_kv_blocks_total", ())] == 256
     assert after[("loraplex_adapters_resident", (("tier", "registered"),))] == 2
+    info_key = ("loraplex_adapter_info", (("adapter", "upper"), ("tier", "device"), ("version", "1")))
+    deadline = time.monotonic() + 10
+    while info_key not in after and time.monotonic() < deadline:  # per-adapter gauges refresh every 2 s
+        client.generate("tick", max_new_tokens=1)
+        time.sleep(0.2)
+        after = metric_samples(server)
+    assert after[info_key] == 1 and after[("loraplex_adapter_size_bytes", (("adapter", "upper"),))] > 0
     names = {n for n, _ in after}
     for required in ["loraplex_time_per_output_token_seconds_count", "loraplex_queue_wait_seconds_count",
                      "loraplex_prompt_tokens_total", "loraplex_requests_running", "loraplex_requests_waiting",

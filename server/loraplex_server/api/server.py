@@ -25,6 +25,7 @@ from ..engine.loop import EngineLoop
 from ..engine.request import Prompt, SamplingParams
 from ..metrics import Metrics
 from .access import owner_of
+from .discovery import AdapterDiscovery
 from .auth import KeyStore
 from .calls import ServingState
 from .servicer import LoraplexServicer
@@ -49,6 +50,8 @@ class LoraplexServer:
         self._grpc: grpc.aio.Server | None = None
         self._metrics_http = None
         self._ready: asyncio.Task | None = None
+        self.discovery: AdapterDiscovery | None = None
+        self._discovery_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Open the ports (health NOT_SERVING) and begin loading the model in the background."""
@@ -85,6 +88,10 @@ class LoraplexServer:
         except BaseException:
             loop.stop()
             raise
+        if self.config.server.adapter_discovery and self.config.engine.lora.adapter_root is not None:
+            self.discovery = AdapterDiscovery(loop, self.config.engine.lora.adapter_root)
+            await asyncio.to_thread(self.discovery.sweep)
+            self._discovery_task = asyncio.create_task(self.discovery.run())
         self.state.loop = loop
         if not self.state.draining:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -105,8 +112,9 @@ class LoraplexServer:
         log.info("draining", extra={"fields": {"grace_s": grace}})
         if self._grpc is not None:
             await self._grpc.stop(grace)
-        if self._ready is not None and not self._ready.done():
-            self._ready.cancel()
+        for task in (self._ready, self._discovery_task):
+            if task is not None and not task.done():
+                task.cancel()
         if self.state.loop is not None:
             await asyncio.to_thread(self.state.loop.stop)
         if self._metrics_http is not None:

@@ -26,6 +26,7 @@ from .request import Prompt, RequestOutput, SamplingParams
 log = logging.getLogger(__name__)
 _END = object()
 T = TypeVar("T")
+ADAPTER_METRICS_PERIOD_S = 2.0
 
 
 class RequestStream:
@@ -112,6 +113,7 @@ class EngineLoop:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
         self.num_steps = 0
+        self._adapters_recorded = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> "EngineLoop":
@@ -214,6 +216,9 @@ class EngineLoop:
         self.num_steps += 1
         if self.metrics is not None:
             self.metrics.record_step(self.engine.stats(time.perf_counter() - start))
+            if time.monotonic() - self._adapters_recorded > ADAPTER_METRICS_PERIOD_S:
+                self._adapters_recorded = time.monotonic()
+                self.metrics.record_adapters(self.engine.lora.info())
         return outputs
 
     def _drain_commands(self) -> None:

@@ -1,0 +1,58 @@
+"""``--adapter-discovery``: register every valid adapter directory under the adapter root, at start
+and whenever new ones appear. An adapter's id is its path relative to the root (``acme/sql``), so
+a first path component names the owning tenant. Registration reads only config and headers;
+weights load on first use."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from ..engine.loop import EngineLoop
+from ..errors import LoraplexError
+from .access import owner_of
+
+log = logging.getLogger(__name__)
+CONFIG_FILE = "adapter_config.json"
+
+
+def scan(root: Path) -> dict[str, Path]:
+    """Adapter id -> directory, for every directory under ``root`` holding an adapter config."""
+    root = root.resolve()
+    found = {}
+    for config in sorted(root.rglob(CONFIG_FILE)):
+        directory = config.parent
+        if directory == root or root not in directory.resolve().parents:
+            continue  # the root itself, or a symlink leading outside the root
+        found[directory.relative_to(root).as_posix()] = directory
+    return found
+
+
+class AdapterDiscovery:
+    def __init__(self, loop: EngineLoop, root: Path, interval_s: float = 5.0):
+        self.loop, self.root, self.interval_s = loop, Path(root), interval_s
+        self._seen: set[str] = set()
+
+    def sweep(self) -> list[str]:
+        """Register directories not seen before; returns the ids registered now."""
+        added = []
+        for adapter_id, directory in scan(self.root).items():
+            if adapter_id in self._seen:
+                continue
+            self._seen.add(adapter_id)
+            if self.loop.engine.lora.has_adapter(adapter_id):
+                continue
+            try:
+                self.loop.add_adapter(adapter_id, directory, eager=False, owner=owner_of(adapter_id))
+                added.append(adapter_id)
+            except LoraplexError as exc:
+                log.warning("discovery skipped %s: %s", directory, exc)
+        if added:
+            log.info("discovered adapters", extra={"fields": {"adapters": added}})
+        return added
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.to_thread(self.sweep)
+            await asyncio.sleep(self.interval_s)
