@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from dataclasses import replace
 
@@ -100,3 +101,24 @@ def test_keys_file_reloads_without_restart(tenant_server):
         os.utime(tenant_server.keys_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
         time.sleep(1.2)
         assert {a.adapter_id for a in gamma.list_adapters()} == {"upper"}
+
+
+def test_per_tenant_queue_cap(start_server, tmp_path):
+    keys_file = tmp_path / "keys.toml"
+    keys_file.write_text(keys_toml("[tenants.acme]\nmax_queued = 1\n"))
+    srv = start_server(ASSETS / "adapters", max_seqs=1, server_overrides=dict(keys_file=keys_file))
+    with client(srv, "acme") as acme, client(srv, "admin") as admin:
+        running = acme.generate_stream("Count:", max_new_tokens=60, ignore_eos=True)
+        next(running)  # occupies the only running slot
+        queued = acme.generate_stream("Wait:", max_new_tokens=2)
+        done = threading.Thread(target=lambda: list(queued))
+        done.start()
+        deadline = time.monotonic() + 10
+        while srv.server.state.queued["acme"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(cerr.ResourceExhaustedError, match="queued"):
+            acme.generate("one too many", max_new_tokens=1)
+        assert srv.server.state.queued["admin"] == 0
+        running.close()
+        done.join(30)
+        assert admin.generate("fine", max_new_tokens=1).usage.completion_tokens == 1
