@@ -14,6 +14,26 @@ def test_mapping_merges_runs_into_segments():
     assert m.num_tokens == 11 and m.active_slots == {0, 1, 2}
 
 
+def test_slot_batches_regroup_tokens_per_slot():
+    m = LoraMapping.from_runs([(0, 2), (NO_SLOT, 1), (2, 1), (0, 1)])
+    b = m.slot_batches(num_slots=3)
+    assert b.width == 3
+    assert b.gather.view(3, 3)[0].tolist() == [0, 1, 4] and b.gather.view(3, 3)[2, 0] == 3
+    assert sorted(b.dest.tolist()) == [0, 1, 3, 4]  # the base row (2) is never touched
+
+
+def test_dispatch_uses_slot_batches_when_most_slots_are_busy(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ops, "slot_batched_sgmv", lambda *a: calls.append("batched"))
+    monkeypatch.setattr(ops, "sgmv", lambda *a: calls.append("sgmv"))
+    a, b = torch.zeros(8, 4, 16), torch.zeros(8, 16, 4)
+    busy = LoraMapping.from_runs([(s, 1) for s in range(8)])
+    few = LoraMapping.from_runs([(s, 1) for s in range(3)])
+    ops.lora_apply(torch.zeros(8, 16), torch.zeros(8, 16), a, b, [4] * 8, busy)
+    ops.lora_apply(torch.zeros(3, 16), torch.zeros(3, 16), a, b, [4] * 8, few)
+    assert calls == ["batched", "sgmv"]
+
+
 def test_mapping_without_adapters_has_no_lora():
     m = LoraMapping.from_runs([(NO_SLOT, 5)])
     assert not m.has_lora and m.token_slots.tolist() == [-1] * 5
@@ -43,7 +63,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("ranks,runs", CASES)
-@pytest.mark.parametrize("fn", ["sgmv", "bgmv", "lora_apply"])
+@pytest.mark.parametrize("fn", ["sgmv", "bgmv", "slot_batched", "lora_apply"])
 @pytest.mark.parametrize("d_in,d_out", [(64, 96), (96, 32)])
 def test_fast_paths_match_reference(ranks, runs, fn, d_in, d_out):
     a, b, x, y, mapping = make_case(len(ranks), 16, ranks, d_in, d_out, runs)
@@ -54,6 +74,8 @@ def test_fast_paths_match_reference(ranks, runs, fn, d_in, d_out):
         ops.sgmv(got, x, a, b, ranks, mapping.segments)
     elif fn == "bgmv":
         ops.bgmv(got, x, a, b, ranks, mapping)
+    elif fn == "slot_batched":
+        ops.slot_batched_sgmv(got, x, a, b, ranks, mapping)
     else:
         ops.lora_apply(got, x, a, b, ranks, mapping)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
