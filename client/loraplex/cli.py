@@ -21,6 +21,7 @@ from typing import Any, Callable, TextIO
 import grpc
 
 from loraplex._version import __version__
+from loraplex.bench import add_bench_parser
 from loraplex.client import DEFAULT_TARGET, Client
 from loraplex.errors import LoraplexError
 from loraplex.types import AdapterInfo, ChatMessage, StreamChunk
@@ -138,6 +139,7 @@ def build_parser(default_target: str = DEFAULT_TARGET,
     _add_generate(sub, parent)
     _add_chat(sub, parent)
     _add_adapters(sub)
+    add_bench_parser(sub)
     info = sub.add_parser("info", help="show the served model and limits")
     info.add_argument("--json", action="store_true")
     info.set_defaults(handler=cmd_info)
