@@ -1,0 +1,411 @@
+"""Offline, apples-to-apples benchmark: Loraplex against PEFT on the same model, prompts and adapters.
+
+    python benchmarks/offline.py                      # the target configuration (several minutes)
+    python benchmarks/offline.py --smoke              # everything tiny, for CI (seconds)
+    python benchmarks/offline.py --load-format dummy --model llama-3-8b --device cuda --dtype bfloat16
+
+Systems, each measured in the same run on the same workload (same base weights, same prompt token
+ids from a seeded RNG, same synthetic PEFT-format adapter files, greedy, exactly ``--new-tokens``
+output tokens per request, same dtype and torch threads):
+
+1. ``peft_sequential``: PEFT, one request at a time, ``set_adapter`` per request (the naive way).
+2. ``peft_batched``: PEFT, static batches of ``--batch-size`` in arrival order, mixed adapters with
+   ``generate(adapter_names=...)`` (left padding, ``__base__`` for none).
+3. ``loraplex_base``: Loraplex with every request on the base model (the ceiling).
+4. ``loraplex_lora``: Loraplex with the adapters: all requests submitted at once, continuous batching.
+
+Per system: output tokens/s (generated tokens / wall time), requests/s, and per-request end-to-end
+latency and time to first token (Loraplex and PEFT sequential) at p50/p90/p99, counted from t0 (every
+request arrives at t0). Then the scaling runs: Loraplex with 1, 8, 64, 512 distinct adapters
+registered lazily, a small ``--scaling-max-loras`` and ``--scaling-max-cpu-loras``.
+
+Writes ``<out>/<tag>.json``, ``<out>/<tag>.md`` and two PNG plots (throughput vs adapters, latency
+CDFs); with ``--profile``, ``<out>/<tag>_profile.txt`` (where a Loraplex step spends its time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import plots  # noqa: E402
+import report  # noqa: E402
+from peers import (SYSTEMS, ModelSpec, PeftPeer, RunResult, Workload, assign_adapters, free_memory,  # noqa: E402
+                   loraplex_engine, make_prompts, run_loraplex, warm_up_loraplex, warm_up_peft,
+                   write_adapter_pool)
+
+from loraplex_server.config import default_cache_dir  # noqa: E402
+from loraplex_server.model.loader import EMBEDDED_NAME, dummy_config, embedded_model_dir  # noqa: E402
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+# A tiny Llama for --smoke: every code path, no real compute.
+SMOKE_MODEL = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, vocab_size=1024, max_position_embeddings=512,
+                   rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1,
+                   eos_token_id=2)
+
+# (full run, --smoke) defaults of the size options.
+SIZES = {
+    "requests": (64, 8), "adapters": (16, 4), "prompt_tokens": (64, 16), "new_tokens": (64, 8),
+    "batch_size": (16, 4), "scaling": ([1, 8, 64, 512], [1, 8, 16]), "scaling_requests": (128, 16),
+    "scaling_new_tokens": (32, 8), "scaling_max_cpu_loras": (64, 8), "repeats": (2, 1),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="everything tiny (a tiny dummy Llama unless --model)")
+    p.add_argument("--model", default=None, help="HF dir, .gguf, or with --load-format dummy a preset/config.json")
+    p.add_argument("--load-format", default=None, help="auto | safetensors | gguf | dummy")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for every system")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--requests", type=int)
+    p.add_argument("--adapters", type=int, help="distinct adapters in the comparison workload")
+    p.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32])
+    p.add_argument("--prompt-tokens", type=int)
+    p.add_argument("--new-tokens", type=int)
+    p.add_argument("--batch-size", type=int, help="PEFT static batch size")
+    p.add_argument("--systems", nargs="*", choices=SYSTEMS, default=list(SYSTEMS))
+    p.add_argument("--repeats", type=int, help="Loraplex runs per system (alternating); the best is kept")
+    p.add_argument("--max-loras", type=int, default=None, help="Loraplex slots (default: --adapters)")
+    p.add_argument("--max-cpu-loras", type=int, default=64)
+    p.add_argument("--max-lora-rank", type=int, default=None, help="default: the largest of --ranks")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-batch-tokens", type=int, default=512)
+    p.add_argument("--kv-cache-bytes", type=int, default=None, help="default: the engine's (512 MiB)")
+    p.add_argument("--scaling", type=int, nargs="*", help="adapter counts of the scaling runs (none: skip)")
+    p.add_argument("--scaling-requests", type=int)
+    p.add_argument("--scaling-new-tokens", type=int)
+    p.add_argument("--scaling-max-loras", type=int, default=8)
+    p.add_argument("--scaling-max-cpu-loras", type=int)
+    p.add_argument("--scaling-dist", choices=["round-robin", "zipf"], default="round-robin")
+    p.add_argument("--no-scaling-base", action="store_true", help="skip the base-only run of the scaling workload")
+    p.add_argument("--adapter-dir", type=Path, default=None,
+                   help="keep (and reuse) the synthetic adapter files here (default: a temporary dir)")
+    p.add_argument("--profile", action="store_true", help="also profile one Loraplex run with adapters")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results directory (default: benchmarks/results; with --smoke, a directory under /tmp)")
+    p.add_argument("--tag", default=None, help="file name stem (default: offline, or offline_smoke)")
+    args = p.parse_args(argv)
+    for name, (full, smoke) in SIZES.items():
+        if getattr(args, name) is None:
+            setattr(args, name, smoke if args.smoke else full)
+    if args.out is None:
+        args.out = Path(tempfile.gettempdir()) / "loraplex-offline-smoke" if args.smoke else DEFAULT_OUT
+    if args.tag is None:
+        args.tag = "offline_smoke" if args.smoke else "offline"
+    if args.max_lora_rank is None:
+        args.max_lora_rank = max(args.ranks)
+    return args
+
+
+def model_config(spec: ModelSpec):
+    """The base model's config (for adapter shapes) without loading its weights."""
+    from transformers import AutoConfig
+
+    if spec.load_format == "dummy":
+        return dummy_config(spec.model)
+    if spec.model is None:
+        return AutoConfig.from_pretrained(str(embedded_model_dir(default_cache_dir())))
+    path = Path(spec.model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoConfig.from_pretrained(str(path))
+
+
+def model_name(spec: ModelSpec) -> str:
+    if spec.load_format == "dummy":
+        return f"dummy:{Path(spec.model).name if spec.model and Path(spec.model).exists() else spec.model}"
+    return EMBEDDED_NAME if spec.model is None else Path(spec.model).name
+
+
+def host_info() -> dict:
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
+            "loadavg_start": _loadavg()}
+
+
+def git_info() -> dict | None:
+    """The commit measured, and whether the engine's sources differ from it (others edit them live)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "server"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"commit": commit, "server_changes": [line[3:] for line in dirty if line.strip()]}
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def describe(run: RunResult) -> str:
+    s = report.summarize(run)
+    ttft = f"{s['ttft_s']['p99']:.2f}s" if s["ttft_s"] else "n/a"
+    return (f"{run.system}: {s['output_tokens_per_s']:.1f} tok/s, {s['requests_per_s']:.2f} req/s, "
+            f"e2e p99 {s['e2e_s']['p99']:.2f}s, TTFT p99 {ttft}, wall {run.wall_s:.1f}s {run.extra or ''}")
+
+
+def check_lengths(run: RunResult, new_tokens: int) -> None:
+    bad = [i for i, r in enumerate(run.records) if len(r.tokens) != new_tokens]
+    if bad:
+        raise RuntimeError(f"{run.system}: requests {bad[:5]} did not generate exactly {new_tokens} tokens")
+
+
+# ---- the phases ------------------------------------------------------------------------------
+def run_peft(args, spec: ModelSpec, pool: dict[str, Path], names: list[str], work: Workload,
+             vocab: int) -> dict[str, RunResult]:
+    runs: dict[str, RunResult] = {}
+    log(f"PEFT: loading the base model and {len(names)} adapters")
+    peer = PeftPeer(spec, {n: pool[n] for n in names})
+    warm_up_peft(peer, names[0], vocab)
+    if "peft_sequential" in args.systems:
+        runs["peft_sequential"] = peer.run_sequential(work)
+        log(describe(runs["peft_sequential"]))
+    if "peft_batched" in args.systems:
+        runs["peft_batched"] = peer.run_batched(work, args.batch_size)
+        log(describe(runs["peft_batched"]))
+    del peer
+    free_memory()
+    return runs
+
+
+def run_loraplex_pair(args, spec: ModelSpec, pool: dict[str, Path], names: list[str], work: Workload,
+                      vocab: int) -> tuple[dict[str, RunResult], str | None]:
+    """Base-only and with-adapter runs on one engine, alternating ``--repeats`` times; best kept."""
+    engine = loraplex_engine(spec, max_loras=args.max_loras or len(names),
+                             max_cpu_loras=max(args.max_cpu_loras, len(names)), max_lora_rank=args.max_lora_rank,
+                             max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
+                             kv_cache_bytes=args.kv_cache_bytes)
+    log(f"Loraplex: engine ready ({engine.loaded.name}, max_loras {engine.config.lora.max_loras}), "
+        f"registering {len(names)} adapters (eager)")
+    for name in names:
+        engine.lora.add_adapter(name, pool[name], eager=True)
+    warm_up_loraplex(engine, [None, names[0]], vocab)
+    wanted = [s for s in ("loraplex_base", "loraplex_lora") if s in args.systems]
+    best: dict[str, RunResult] = {}
+    all_tps: dict[str, list[float]] = {s: [] for s in wanted}
+    for rep in range(args.repeats):
+        for system in wanted:
+            run = run_loraplex(engine, work.on_base() if system == "loraplex_base" else work, system, f"r{rep}")
+            log(describe(run))
+            all_tps[system].append(round(run.output_tokens / run.wall_s, 2))
+            if system not in best or run.wall_s < best[system].wall_s:
+                best[system] = run
+    for system, run in best.items():
+        run.extra["repeats_output_tokens_per_s"] = all_tps[system]
+    profile_text = profile_loraplex(engine, work, f"loraplex_lora, {len(names)} adapters") if args.profile else None
+    engine.lora.registry.close()
+    del engine
+    free_memory()
+    return best, profile_text
+
+
+def profile_loraplex(engine, work: Workload, label: str) -> str:
+    """cProfile of one full run: where the engine's step time goes (% of all engine.step time)."""
+    import cProfile
+    import pstats
+
+    log(f"profiling {label} (cProfile)")
+    prof = cProfile.Profile()
+    prof.enable()
+    run = run_loraplex(engine, work, "profile")
+    prof.disable()
+    stats = pstats.Stats(prof)
+    step_total = next((v[3] for k, v in stats.stats.items() if k[2] == "step" and k[0].endswith("engine.py")), None)
+    steps = run.extra["steps"] + run.extra["idle_steps"]
+    lines = [f"== {label}: {len(work)} requests, {run.output_tokens} tokens, {run.wall_s:.1f}s under the profiler, "
+             f"{steps} engine steps ({run.extra['idle_steps']} with nothing scheduled), engine.step total "
+             f"{step_total:.2f}s = {1e3 * step_total / max(steps, 1):.1f} ms/step; {run.extra}",
+             "percentages are of the total engine.step time; ms/step = per engine step on average", ""]
+    rows = [(ct, tt, nc, f"{Path(file).name}:{line}({func})")
+            for (file, line, func), (_cc, nc, tt, ct, _callers) in stats.stats.items()]
+    for title, key in (("by cumulative time", 0), ("by own time", 1)):
+        lines.append(f"top 30 {title}")
+        lines.append(f"{'cum s':>8} {'cum %':>6} {'ms/step':>8} {'own s':>8} {'own %':>6} {'calls':>9}  function")
+        for ct, tt, nc, name in sorted(rows, key=lambda r: -r[key])[:30]:
+            lines.append(f"{ct:8.2f} {100 * ct / step_total:6.1f} {1e3 * ct / max(steps, 1):8.1f} {tt:8.2f} "
+                         f"{100 * tt / step_total:6.1f} {nc:9d}  {name}")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def scaling_engine(args, spec: ModelSpec, pool: dict[str, Path], names: list[str], count: int, vocab: int):
+    """A fresh engine with ``count`` adapters registered lazily; every adapter starts cold, on disk."""
+    engine = loraplex_engine(spec, max_loras=args.scaling_max_loras, max_cpu_loras=args.scaling_max_cpu_loras,
+                             max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs,
+                             max_batch_tokens=args.max_batch_tokens, kv_cache_bytes=args.kv_cache_bytes)
+    start = time.perf_counter()
+    for name in names[:count]:
+        engine.lora.add_adapter(name, pool[name], eager=False)
+    register_s = time.perf_counter() - start
+    warm_up_loraplex(engine, [None, None], vocab)  # base only
+    return engine, register_s
+
+
+def run_scaling(args, spec: ModelSpec, pool: dict[str, Path], names: list[str],
+                vocab: int) -> tuple[dict, str | None]:
+    prompts = make_prompts(args.scaling_requests, args.prompt_tokens, vocab, args.seed + 1)
+    scaling = {"max_loras": args.scaling_max_loras, "max_cpu_loras": args.scaling_max_cpu_loras,
+               "requests": args.scaling_requests, "prompt_tokens": args.prompt_tokens,
+               "new_tokens": args.scaling_new_tokens, "dist": args.scaling_dist, "points": [], "base": None}
+    latencies = {}
+
+    def workload(count: int) -> Workload:
+        adapters = assign_adapters(args.scaling_requests, names[:count], args.seed, args.scaling_dist)
+        return Workload(prompts, adapters, args.scaling_new_tokens)
+
+    counts = ([0] if not args.no_scaling_base else []) + list(args.scaling)
+    for count in counts:
+        engine, register_s = scaling_engine(args, spec, pool, names, count, vocab)
+        run = run_loraplex(engine, workload(count), f"scale{count}")
+        check_lengths(run, args.scaling_new_tokens)
+        run.extra["register_s"] = round(register_s, 3)
+        log(f"scaling {count} adapters: " + describe(run))
+        point = dict(report.summarize(run), adapters=count)
+        point.pop("label")
+        if count == 0:
+            scaling["base"] = point
+        else:
+            scaling["points"].append(point)
+            latencies[str(count)] = report.raw_latencies(run)
+        engine.lora.registry.close()
+        del engine
+        free_memory()
+    scaling["ratio"] = report.scaling_ratio(scaling["points"])
+    scaling["latencies"] = latencies
+    profile_text = None
+    if args.profile and args.scaling:
+        top = max(args.scaling)
+        engine, _ = scaling_engine(args, spec, pool, names, top, vocab)
+        profile_text = profile_loraplex(engine, workload(top),
+                                        f"scaling point, {top} adapters (cold, lazily registered)")
+        engine.lora.registry.close()
+        del engine
+        free_memory()
+    return scaling, profile_text
+
+
+# ---- entry points ----------------------------------------------------------------------------
+def run(argv=None) -> dict:
+    """Run the benchmark; returns the results dict (also written to ``<out>/<tag>.json``)."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = parse_args(argv)
+    args.argv = argv
+    plots.require_matplotlib()  # fail before minutes of measuring, not after
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="loraplex-offline-"))
+    try:
+        if args.smoke and args.model is None:
+            (workdir / "config.json").write_text(json.dumps(SMOKE_MODEL))
+            args.model, args.load_format = str(workdir / "config.json"), "dummy"
+        spec = ModelSpec(args.model, args.load_format or "auto", args.device, args.dtype, args.threads, args.seed)
+        return _run(args, spec, args.adapter_dir or workdir / "adapters")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run(args, spec: ModelSpec, adapter_dir: Path) -> dict:
+    host = host_info()
+    config = model_config(spec)
+    vocab = config.vocab_size
+    pool_size = max([args.adapters] + list(args.scaling or []))
+    log(f"writing {pool_size} synthetic adapters (ranks {args.ranks}) under {adapter_dir}")
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    pool = write_adapter_pool(adapter_dir, config, pool_size, args.ranks)
+    names = list(pool)
+    main_names = names[:args.adapters]
+    work = Workload(make_prompts(args.requests, args.prompt_tokens, vocab, args.seed),
+                    assign_adapters(args.requests, main_names, args.seed), args.new_tokens)
+
+    runs: dict[str, RunResult] = {}
+    if any(s.startswith("peft") for s in args.systems):
+        runs.update(run_peft(args, spec, pool, main_names, work, vocab))
+    profile_text = None
+    if any(s.startswith("loraplex") for s in args.systems):
+        loraplex_runs, profile_text = run_loraplex_pair(args, spec, pool, main_names, work, vocab)
+        runs.update(loraplex_runs)
+    for r in runs.values():
+        check_lengths(r, args.new_tokens)
+    scaling, scaling_profile = run_scaling(args, spec, pool, names, vocab) if args.scaling else (None, None)
+    profile_text = "\n".join(t for t in (profile_text, scaling_profile) if t) or None
+    host["loadavg_end"] = _loadavg()
+
+    import peft
+    import transformers
+
+    systems = {name: report.summarize(runs[name]) for name in SYSTEMS if name in runs}
+    results = {
+        "config": {
+            "command": "python benchmarks/offline.py " + shlex.join(args.argv),
+            "model_name": model_name(spec), "model": spec.model, "load_format": spec.load_format,
+            "device": spec.device, "dtype": spec.dtype, "threads": args.threads, "seed": args.seed,
+            "requests": args.requests, "adapters": args.adapters, "ranks": args.ranks,
+            "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "batch_size": args.batch_size,
+            "max_loras": args.max_loras or args.adapters, "max_cpu_loras": max(args.max_cpu_loras, args.adapters),
+            "max_lora_rank": args.max_lora_rank, "max_num_seqs": args.max_num_seqs,
+            "max_batch_tokens": args.max_batch_tokens, "repeats": args.repeats, "smoke": args.smoke,
+            "host": host, "git": git_info(),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__, "peft": peft.__version__},
+        },
+        "systems": systems,
+        "ratios": report.ratios(systems),
+        "agreement": {
+            "peft_sequential vs loraplex_lora": report.token_agreement(runs, "peft_sequential", "loraplex_lora"),
+            "peft_batched vs loraplex_lora": report.token_agreement(runs, "peft_batched", "loraplex_lora"),
+            "peft_sequential vs peft_batched": report.token_agreement(runs, "peft_sequential", "peft_batched"),
+        },
+        "scaling": scaling,
+        "latencies": {name: report.raw_latencies(runs[name]) for name in SYSTEMS if name in runs},
+        "plots": [],
+    }
+    out, tag = args.out, args.tag
+    if scaling and scaling["points"]:
+        ceiling = scaling["base"]["output_tokens_per_s"] if scaling.get("base") else None
+        results["plots"].append(plots.throughput_vs_adapters(scaling, out / f"{tag}_throughput_vs_adapters.png",
+                                                             ceiling).name)
+    if results["latencies"]:
+        results["plots"].append(plots.latency_cdfs(results["latencies"], out / f"{tag}_latency_cdf.png").name)
+    if profile_text:
+        (out / f"{tag}_profile.txt").write_text(profile_text)
+    report.write_json(out / f"{tag}.json", results)
+    md = report.markdown(results)
+    (out / f"{tag}.md").write_text(md)
+    print(md)
+    return results
+
+
+def main(argv=None) -> dict:
+    return run(argv)
+
+
+if __name__ == "__main__":
+    main()
