@@ -2,7 +2,7 @@ PYTHON ?= python3
 PORT ?= 50051
 METRICS_PORT ?= 9090
 
-.PHONY: install test test-fast serve protos bench-decode
+.PHONY: install test test-fast serve protos bench bench-smoke bench-decode
 
 # torch is pinned first so pip takes the CPU build on disk instead of a multi-GB CUDA wheel.
 install:
@@ -24,6 +24,14 @@ serve: install
 
 protos:
 	$(PYTHON) scripts/gen_protos.py
+
+# The offline harness: PEFT sequential / PEFT mixed batches / Loraplex base / Loraplex adapters,
+# scaling 1-512 adapters; JSON, Markdown and PNG plots under benchmarks/results/ (several minutes).
+bench: install
+	$(PYTHON) benchmarks/offline.py --profile --out benchmarks/results
+
+bench-smoke: install
+	$(PYTHON) benchmarks/offline.py --smoke
 
 bench-decode:
 	$(PYTHON) benchmarks/decode_throughput.py --threads 1
