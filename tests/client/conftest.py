@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import socket
-from concurrent import futures
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2_grpc
 
-from fake_loraplex_server import FakeLoraplex
-from loraplex.v1 import loraplex_pb2_grpc as pb_grpc
+from fake_loraplex_server import FakeLoraplex, serve_fake
 
 
 @pytest.fixture
 def fake():
     """A started fake server; ``fake.target`` is its address."""
     servicer = FakeLoraplex()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    pb_grpc.add_LoraplexServiceServicer_to_server(servicer, server)
-    health_pb2_grpc.add_HealthServicer_to_server(servicer.health, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    servicer.target = f"127.0.0.1:{port}"
+    server = serve_fake(servicer)
     yield servicer
     server.stop(None).wait(5)
 

@@ -180,3 +180,20 @@ class FakeLoraplex(pb_grpc.LoraplexServiceServicer):
     def GetServerInfo(self, request, context):  # noqa: N802
         self._enter("GetServerInfo", request, context)
         return self.info
+
+
+def serve_fake(servicer: FakeLoraplex, max_workers: int = 8):
+    """Start ``servicer`` (and its health service) on a free local port; sets ``servicer.target``.
+
+    Returns the grpc server; stop it with ``server.stop(None).wait(5)``.
+    """
+    from concurrent import futures
+    from grpc_health.v1 import health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
+    pb_grpc.add_LoraplexServiceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer.health, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    servicer.target = f"127.0.0.1:{port}"
+    return server

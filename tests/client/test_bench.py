@@ -12,13 +12,11 @@ import random
 import statistics
 import time
 from collections import Counter
-from concurrent import futures
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2_grpc
 
-from fake_loraplex_server import FakeLoraplex
+from fake_loraplex_server import FakeLoraplex, serve_fake
 from loraplex._bench_stats import arrival_times, popularity_weights
 from loraplex.bench import (
     TOKEN_ID_RANGE,
@@ -33,7 +31,6 @@ from loraplex.bench import (
 )
 from loraplex.cli import main
 from loraplex.v1 import loraplex_pb2 as pb
-from loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 
 
 class BenchFake(FakeLoraplex):
@@ -80,12 +77,7 @@ def bench_fake():
     """A started BenchFake with more server threads than any test's concurrency, so the server
     would see it if the client overshot."""
     servicer = BenchFake()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=48))
-    pb_grpc.add_LoraplexServiceServicer_to_server(servicer, server)
-    health_pb2_grpc.add_HealthServicer_to_server(servicer.health, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    servicer.target = f"127.0.0.1:{port}"
+    server = serve_fake(servicer, max_workers=48)
     yield servicer
     server.stop(None).wait(5)
 
