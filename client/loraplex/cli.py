@@ -21,7 +21,7 @@ from typing import Any, Callable, TextIO
 import grpc
 
 from loraplex._version import __version__
-from loraplex.bench import add_bench_parser
+from loraplex._bench_cli import add_bench_parser
 from loraplex.client import DEFAULT_TARGET, Client
 from loraplex.errors import LoraplexError
 from loraplex.types import AdapterInfo, ChatMessage, StreamChunk
