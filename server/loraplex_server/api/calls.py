@@ -54,9 +54,8 @@ class RpcCall:
     def __init__(self, method: str, state: ServingState, context, adapter_id: str = ""):
         self.method, self.state = method, state
         self.adapter_id, self.request_id = adapter_id, ""
-        self.principal: Principal | None = None
         self.start = time.monotonic()
-        self.principal = state.keys.authenticate(context.invocation_metadata())
+        self.principal: Principal = state.keys.authenticate(context.invocation_metadata())
         state.metrics.tenant_label.allow(self.principal.tenant)
 
     @property

@@ -83,8 +83,9 @@ class LLMEngine:
                      request_id: str | None = None, tenant: str = "") -> Request:
         """Validate and tokenize (any thread); raises a domain error for bad input."""
         version = self.lora.resolve(adapter_id) if adapter_id else None  # NOT_FOUND if unknown
-        if version is not None and self.lora.failure(version.key):
-            raise AdapterUnavailableError(adapter_id, self.lora.failure(version.key))
+        failure = self.lora.failure(version.key) if version is not None else None
+        if failure is not None:
+            raise AdapterUnavailableError(adapter_id, failure)
         token_ids = self.inputs.token_ids(prompt)
         self.inputs.check(token_ids, sampling)
         return Request(request_id or uuid.uuid4().hex, token_ids, sampling, adapter_id or None,

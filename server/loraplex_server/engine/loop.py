@@ -183,10 +183,6 @@ class EngineLoop:
             raise AdapterNotFoundError(adapter_id)
         return self.call(lambda e: e.remove_adapter(adapter_id))
 
-    @property
-    def num_in_flight(self) -> int:
-        return len(self._streams)
-
     # ---- the engine thread ----------------------------------------------------------------
     def _send(self, command) -> None:
         self._commands.put(command)

