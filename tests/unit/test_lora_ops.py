@@ -14,24 +14,18 @@ def test_mapping_merges_runs_into_segments():
     assert m.num_tokens == 11 and m.active_slots == {0, 1, 2}
 
 
-def test_slot_batches_regroup_tokens_per_slot():
-    m = LoraMapping.from_runs([(0, 2), (NO_SLOT, 1), (2, 1), (0, 1)])
-    b = m.slot_batches(num_slots=3)
-    assert b.width == 3
-    assert b.gather.view(3, 3)[0].tolist() == [0, 1, 4] and b.gather.view(3, 3)[2, 0] == 3
-    assert sorted(b.dest.tolist()) == [0, 1, 3, 4]  # the base row (2) is never touched
+def test_neighbouring_equal_segments_form_one_run():
+    # slots 0,1 (rank 8, 2 tokens each) batch together; slot 2 differs in rank, slot 4 in width
+    m = LoraMapping.from_runs([(NO_SLOT, 1), (0, 2), (1, 2), (2, 2), (3, 2), (4, 1)])
+    runs = m.segment_runs([8, 8, 16, 16, 16])
+    assert [(r.lo, r.hi, r.rank, r.width, r.start, r.end) for r in runs] == [
+        (0, 2, 8, 2, 1, 5), (2, 4, 16, 2, 5, 9), (4, 5, 16, 1, 9, 10)]
 
 
-def test_dispatch_uses_slot_batches_when_most_slots_are_busy(monkeypatch):
-    calls = []
-    monkeypatch.setattr(ops, "slot_batched_sgmv", lambda *a: calls.append("batched"))
-    monkeypatch.setattr(ops, "sgmv", lambda *a: calls.append("sgmv"))
-    a, b = torch.zeros(8, 4, 16), torch.zeros(8, 16, 4)
-    busy = LoraMapping.from_runs([(s, 1) for s in range(8)])
-    few = LoraMapping.from_runs([(s, 1) for s in range(3)])
-    ops.lora_apply(torch.zeros(8, 16), torch.zeros(8, 16), a, b, [4] * 8, busy)
-    ops.lora_apply(torch.zeros(3, 16), torch.zeros(3, 16), a, b, [4] * 8, few)
-    assert calls == ["batched", "sgmv"]
+def test_runs_skip_slots_unused_by_the_module_and_break_on_gaps():
+    m = LoraMapping.from_runs([(0, 1), (1, 1), (3, 1), (0, 1)])
+    runs = m.segment_runs([4, 0, 4, 4])
+    assert [(r.lo, r.hi, r.start) for r in runs] == [(0, 1, 0), (3, 4, 2), (0, 1, 3)]
 
 
 def test_mapping_without_adapters_has_no_lora():
@@ -42,14 +36,14 @@ def test_mapping_without_adapters_has_no_lora():
 def make_case(num_slots, max_rank, ranks, d_in, d_out, runs, seed=0):
     g = torch.Generator().manual_seed(seed)
     a = torch.zeros(num_slots, max_rank, d_in)
-    b = torch.zeros(num_slots, d_out, max_rank)
+    bt = torch.zeros(num_slots, max_rank, d_out)
     for s, r in enumerate(ranks):
         a[s, :r] = torch.randn(r, d_in, generator=g)
-        b[s, :, :r] = torch.randn(d_out, r, generator=g)
+        bt[s, :r] = torch.randn(r, d_out, generator=g)
     mapping = LoraMapping.from_runs(runs)
     x = torch.randn(mapping.num_tokens, d_in, generator=g)
     y = torch.randn(mapping.num_tokens, d_out, generator=g)
-    return a, b, x, y, mapping
+    return a, bt, x, y, mapping
 
 
 CASES = [
@@ -58,26 +52,20 @@ CASES = [
     ([4, 8, 16], [(0, 3), (NO_SLOT, 2), (1, 1), (2, 7)]),
     ([8, 0, 16, 4], [(0, 1), (2, 1), (3, 1), (NO_SLOT, 1), (0, 1), (2, 1)]),  # slot 1: module unused
     ([16] * 7, [(s % 7, 1) for s in range(17)] + [(NO_SLOT, 3)]),
+    ([8, 8, 8, 16, 16, 4], [(NO_SLOT, 2), (0, 3), (1, 3), (2, 3), (3, 1), (4, 1), (5, 5)]),  # sorted decode-like
     ([4, 16], [(NO_SLOT, 5)]),
 ]
 
 
 @pytest.mark.parametrize("ranks,runs", CASES)
-@pytest.mark.parametrize("fn", ["sgmv", "bgmv", "slot_batched", "lora_apply"])
+@pytest.mark.parametrize("fn", ["sgmv", "bgmv", "lora_apply"])
 @pytest.mark.parametrize("d_in,d_out", [(64, 96), (96, 32)])
 def test_fast_paths_match_reference(ranks, runs, fn, d_in, d_out):
     a, b, x, y, mapping = make_case(len(ranks), 16, ranks, d_in, d_out, runs)
     expected = y.clone()
     ops.lora_apply_reference(expected, x, a, b, mapping.token_slots)
     got = y.clone()
-    if fn == "sgmv":
-        ops.sgmv(got, x, a, b, ranks, mapping.segments)
-    elif fn == "bgmv":
-        ops.bgmv(got, x, a, b, ranks, mapping)
-    elif fn == "slot_batched":
-        ops.slot_batched_sgmv(got, x, a, b, ranks, mapping)
-    else:
-        ops.lora_apply(got, x, a, b, ranks, mapping)
+    getattr(ops, fn)(got, x, a, b, ranks, mapping)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
     base_rows = mapping.token_slots < 0
     assert torch.equal(got[base_rows], y[base_rows]), "rows without an adapter must keep the base output exactly"
@@ -86,6 +74,6 @@ def test_fast_paths_match_reference(ranks, runs, fn, d_in, d_out):
 def test_reference_is_the_plain_formula():
     a, b, x, y, mapping = make_case(2, 4, [4, 2], 8, 6, [(1, 1), (NO_SLOT, 1)])
     expected = y.clone()
-    expected[0] += b[1] @ (a[1] @ x[0])
+    expected[0] += b[1].T @ (a[1] @ x[0])  # Bt is B transposed
     ops.lora_apply_reference(y, x, a, b, mapping.token_slots)
     torch.testing.assert_close(y, expected)

@@ -39,7 +39,7 @@ def test_activate_loads_once_and_reuses():
     assert fetched == ["a"] and sm.num_loads == 1
     q = ls[KEYS[0]]
     assert q.slot_ranks == [4, 0]
-    torch.testing.assert_close(q.lora_b[0, :, :4], torch.full((16, 4), 0.5))  # scale folded into B
+    torch.testing.assert_close(q.lora_bt[0, :4], torch.full((4, 16), 0.5))  # scale folded into B
     assert q.lora_a[0, 4:].abs().sum() == 0  # rank padding stays zero
 
 
@@ -59,7 +59,7 @@ def test_unused_module_slot_is_cleared_on_reuse():
     sm.activate({"a"}, fetch)
     sm.activate({"q-only"}, fetch)
     v = ls[KEYS[1]]
-    assert v.slot_ranks == [0] and v.lora_a.abs().sum() == 0 and v.lora_b.abs().sum() == 0
+    assert v.slot_ranks == [0] and v.lora_a.abs().sum() == 0 and v.lora_bt.abs().sum() == 0
 
 
 def test_layer_adds_delta_only_for_mapped_rows():
@@ -70,7 +70,7 @@ def test_layer_adds_delta_only_for_mapped_rows():
     base = layer.base(x)
     state.mapping = LoraMapping.from_runs([(0, 2), (-1, 1)])
     y = layer(x)
-    expected = base[0, :2] + (x[0, :2] @ layer.lora_a[0, :4].T) @ layer.lora_b[0, :, :4].T
+    expected = base[0, :2] + (x[0, :2] @ layer.lora_a[0, :4].T) @ layer.lora_bt[0, :4]
     torch.testing.assert_close(y[0, :2], expected)
     assert torch.equal(y[0, 2], base[0, 2])
 
@@ -81,3 +81,16 @@ def test_evict_clears_slot():
     sm.evict("a")
     assert sm.resident == [] and ls[KEYS[0]].slot_ranks == [0, 0]
     assert sm.activate({"b"}, fetch)["b"] in (0, 1)
+
+
+def test_placement_keeps_equal_ranks_side_by_side():
+    ls, _ = layers(max_loras=6, rank=8)
+    ranks = {"r4a": 4, "r8a": 8, "r2a": 2, "r4b": 4, "r8b": 8, "r2b": 2}
+    adapters = {n: adapter(n, rank=r) for n, r in ranks.items()}
+    sm = SlotManager(ls, 6)
+    slots = sm.activate(set(ranks), adapters.__getitem__)
+    by_slot = [ranks[a] for a, _ in sorted(slots.items(), key=lambda kv: kv[1])]
+    assert by_slot == [2, 2, 4, 4, 8, 8]
+    sm.evict("r4a")
+    sm.evict("r8b")  # free slots 2 and 5: a rank-8 adapter goes beside the other rank-8 one
+    assert sm.activate({"r8b"}, adapters.__getitem__) == {"r8b": 5}

@@ -26,8 +26,9 @@ class LoraLinear(nn.Module):
         w = base.weight
         self.register_buffer("lora_a", torch.zeros(max_loras, max_rank, base.in_features,
                                                    dtype=w.dtype, device=w.device), persistent=False)
-        self.register_buffer("lora_b", torch.zeros(max_loras, base.out_features, max_rank,
-                                                   dtype=w.dtype, device=w.device), persistent=False)
+        # [max_loras, max_rank, in] and [max_loras, max_rank, out] (= (scale * B)^T): see ops.py
+        self.register_buffer("lora_bt", torch.zeros(max_loras, max_rank, base.out_features,
+                                                    dtype=w.dtype, device=w.device), persistent=False)
         self.slot_ranks = [0] * max_loras  # 0 = this module is unused by the slot's adapter
 
     @property
@@ -48,18 +49,18 @@ class LoraLinear(nn.Module):
         if mapping is None or not mapping.has_lora:
             return y
         lora_apply(y.view(-1, self.out_features), x.reshape(-1, self.in_features),
-                   self.lora_a, self.lora_b, self.slot_ranks, mapping)
+                   self.lora_a, self.lora_bt, self.slot_ranks, mapping)
         return y
 
     @torch.no_grad()
     def set_slot(self, slot: int, weights: LoraModuleWeights | None) -> None:
         """Write an adapter's weights into ``slot`` (scale folded into B), or clear the slot."""
         self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        self.lora_bt[slot].zero_()
         if weights is None:
             self.slot_ranks[slot] = 0
             return
         r = weights.rank
         self.lora_a[slot, :r].copy_(weights.a)
-        self.lora_b[slot, :, :r].copy_(weights.b * weights.scale)
+        self.lora_bt[slot, :r].copy_(weights.b.T * weights.scale)
         self.slot_ranks[slot] = r

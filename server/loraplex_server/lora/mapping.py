@@ -13,17 +13,16 @@ NO_SLOT = -1
 
 
 @dataclass(frozen=True)
-class SlotBatches:
-    """Tokens regrouped per slot and padded to the longest group, for batched matmuls.
+class SegmentRun:
+    """Neighbouring segments of slots ``lo..hi-1`` (one each, in slot order), all ``width`` tokens
+    long and of one ``rank`` for the module: tokens ``start..end-1``, batched as one matmul pair."""
 
-    ``gather`` [num_slots * width]: token row for each (slot, position) cell (padding reads row 0);
-    ``valid`` [n]: the cells holding real tokens; ``dest`` [n]: their token rows.
-    """
-
-    gather: torch.Tensor
-    valid: torch.Tensor
-    dest: torch.Tensor
+    lo: int
+    hi: int
+    rank: int
     width: int
+    start: int
+    end: int
 
 
 @dataclass(frozen=True)
@@ -31,7 +30,7 @@ class LoraMapping:
     token_slots: torch.Tensor  # [num_tokens] slot of each token, NO_SLOT for the base model
     segments: tuple[tuple[int, int, int], ...]  # (start, end, slot): maximal runs with slot >= 0
     num_tokens: int
-    _batches: dict = field(default_factory=dict, compare=False, repr=False)
+    _runs: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_runs(cls, runs: list[tuple[int, int]], device: torch.device | str = "cpu") -> "LoraMapping":
@@ -60,20 +59,24 @@ class LoraMapping:
     def active_slots(self) -> set[int]:
         return {s for _, _, s in self.segments}
 
-    def slot_batches(self, num_slots: int) -> SlotBatches:
-        """The per-slot regrouping (computed once per step, shared by every LoRA layer)."""
-        if num_slots not in self._batches:
-            rows: dict[int, list[int]] = {}
-            for start, end, slot in self.segments:
-                rows.setdefault(slot, []).extend(range(start, end))
-            width = max(len(r) for r in rows.values())
-            gather = torch.zeros(num_slots, width, dtype=torch.long)
-            valid = torch.zeros(num_slots, width, dtype=torch.bool)
-            for slot, r in rows.items():
-                gather[slot, :len(r)] = torch.tensor(r)
-                valid[slot, :len(r)] = True
-            gather, valid = gather.flatten(), valid.flatten().nonzero().squeeze(1)
-            device = self.token_slots.device
-            self._batches[num_slots] = SlotBatches(gather.to(device), valid.to(device),
-                                                   gather[valid].to(device), width)
-        return self._batches[num_slots]
+    def segment_runs(self, ranks: list[int]) -> list[SegmentRun]:
+        """Segments grouped into runs for a module whose slot ranks are ``ranks`` (cached per ranks)."""
+        key = tuple(ranks)
+        runs = self._runs.get(key)
+        if runs is None:
+            runs = self._runs[key] = _group_runs(self.segments, ranks)
+        return runs
+
+
+def _group_runs(segments, ranks: list[int]) -> list[SegmentRun]:
+    runs: list[SegmentRun] = []
+    for start, end, slot in segments:
+        rank, width = ranks[slot], end - start
+        if rank == 0:
+            continue
+        last = runs[-1] if runs else None
+        if last and last.hi == slot and last.end == start and last.rank == rank and last.width == width:
+            runs[-1] = SegmentRun(last.lo, slot + 1, rank, width, last.start, end)
+        else:
+            runs.append(SegmentRun(slot, slot + 1, rank, width, start, end))
+    return runs
