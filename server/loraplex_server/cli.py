@@ -40,6 +40,8 @@ FLAGS = [
     ("--keys-file", "server", "keys_file", Path, "API keys (TOML, sha256-hashed; reloaded on change); "
                                                   "without it the server runs open"),
     ("--fairness", "scheduler", "fairness", str, "vtc (fair share across tenants) | fcfs"),
+    ("--max-slot-bypass-steps", "scheduler", "max_slot_bypass_steps", int, "steps a request waiting for a "
+     "LoRA slot may be passed over by requests for adapters already in the batch (0: strict order)"),
     ("--max-adapter-bytes", "lora", "max_adapter_bytes", parse_size, "adapter weights file size limit"),
     ("--log-level", "server", "log_level", str, "DEBUG | INFO | WARNING | ERROR"),
 ]

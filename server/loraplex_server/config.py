@@ -57,6 +57,9 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # cap on running sequences
     max_queued_requests: int = 1024
     fairness: str = "vtc"  # vtc (Virtual Token Counter across tenants) | fcfs
+    # steps a request kept out by the max_loras cap may be passed over by requests whose adapters
+    # are already in the batch (0 = strict arrival order)
+    max_slot_bypass_steps: int = 64
 
 
 @dataclass(frozen=True)

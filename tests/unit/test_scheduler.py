@@ -4,9 +4,9 @@ from loraplex_server.engine.request import Request, RequestStatus, SamplingParam
 from loraplex_server.engine.scheduler import Scheduler
 
 
-def make(budget=16, max_seqs=8, num_blocks=64, block_size=4, max_loras=2, **kwargs):
+def make(budget=16, max_seqs=8, num_blocks=64, block_size=4, max_loras=2, bypass=0, **kwargs):
     bm = BlockManager(num_blocks, block_size)
-    config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs)
+    config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, max_slot_bypass_steps=bypass)
     return Scheduler(config, bm, max_loras, **kwargs), bm
 
 
@@ -69,6 +69,25 @@ def test_max_loras_cap_is_fcfs_and_does_not_starve():
     s.finish(s.running[1])  # y finishes -> B frees up
     out = step(s)
     assert set(scheduled(out)) == {"x", "z", "w"}
+
+
+def test_requests_for_batched_adapters_pass_one_kept_out_by_the_cap_for_a_bounded_time():
+    s, _ = make(max_loras=2, budget=64, bypass=2)
+    s.add(req("x", adapter="A"))
+    s.add(req("y", adapter="B"))
+    s.add(req("z", adapter="C"))  # third distinct adapter: waits for a slot
+    s.add(req("w", adapter="A"))  # A is in the batch: may pass z
+    s.add(req("v", adapter="D"))  # a fourth adapter gains nothing from z's wait
+    s.add(req("base"))
+    assert set(scheduled(step(s))) == {"x", "y", "w", "base"}
+    s.add(req("u", adapter="A"))
+    assert "u" in scheduled(step(s))  # z has waited 2 steps: still within the bound
+    s.add(req("t", adapter="A"))
+    assert "t" not in scheduled(step(s))  # bound exceeded: admission stops at z again
+    assert [r.request_id for r in s.waiting] == ["z", "v", "t"]
+    s.finish(next(r for r in s.running if r.request_id == "y"))  # B frees its slot
+    out = step(s)
+    assert "z" in scheduled(out) and out.adapter_ids == {"A", "C"}
 
 
 def test_preempts_latest_when_blocks_run_out_and_requeues_at_head():

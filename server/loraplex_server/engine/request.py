@@ -153,6 +153,7 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_ids: list[int] = field(default_factory=list)
     num_preemptions: int = 0
+    slot_waits: int = 0  # steps passed over while the max_loras cap kept its adapter out
     finish_reason: FinishReason | None = None
     tenant: str = ""
     first_scheduled_time: float | None = None

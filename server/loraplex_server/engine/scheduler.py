@@ -4,7 +4,10 @@ Each step packs running requests first (decodes and unfinished prefill chunks, o
 admits waiting requests in arrival order (FCFS; across tenants, optionally by Virtual Token
 Counter, see fairness.py) while the token budget, the running-sequence cap,
 the KV blocks and the ``max_loras`` distinct-adapter cap allow. Admission stops at the first
-waiting request that does not fit, so nothing behind it can starve it. When a running request
+waiting request that does not fit, so nothing behind it can starve it, with one bounded exception
+(adapter affinity): a request kept out only by the ``max_loras`` cap may be passed over by later
+requests whose adapters are already in the batch, for at most ``max_slot_bypass_steps`` steps;
+then admission stops at it again until a slot frees. When a running request
 needs a KV block and none is free, the most recently admitted request is preempted: its blocks
 are freed and it returns to the head of the queue to be recomputed later (nothing is lost).
 """
@@ -100,7 +103,9 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         """FCFS admission. A request whose adapter is still loading is passed over (it keeps its
-        place); one that would exceed the distinct-adapter cap stops admission (no starvation)."""
+        place); one that would exceed the distinct-adapter cap is passed over for a bounded number
+        of steps (only requests for adapters already in the batch can follow it), then stops
+        admission (no starvation)."""
         adapters = self.running_adapters()
         reserved = self.reserved_adapters()
         for request in self.fairness.candidates(self.waiting):
@@ -109,7 +114,10 @@ class Scheduler:
             key = request.adapter_key
             if key and key not in adapters:
                 if len(adapters | reserved | {key}) > self.max_loras:
-                    break
+                    request.slot_waits += 1
+                    if request.slot_waits > self.config.max_slot_bypass_steps:
+                        break
+                    continue
                 if not self.adapter_ready(key):
                     continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
