@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .metrics_gateway import GatewayCompatMetrics
+
 PREFIX = "loraplex_"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -58,6 +60,9 @@ class StepStats:
     cpu_loads: int
     cpu_evictions: int
     preemptions: int
+    running_adapters: tuple[str, ...] = ()  # adapter ids in the batch / in the queue, sorted
+    waiting_adapters: tuple[str, ...] = ()
+    max_loras: int = 0
 
 
 class Metrics:
@@ -70,6 +75,7 @@ class Metrics:
         self._lock = threading.Lock()
         self._define_request_metrics()
         self._define_engine_metrics()
+        self.gateway = GatewayCompatMetrics(self.registry)
 
     def _counter(self, name, doc, labels=()):
         return Counter(PREFIX + name, doc, labels, registry=self.registry)
@@ -167,6 +173,7 @@ class Metrics:
         self._advance(self.adapter_evictions.labels("device"), "device_evictions", s.device_evictions)
         self._advance(self.adapter_evictions.labels("cpu"), "cpu_evictions", s.cpu_evictions)
         self._advance(self.preemptions, "preemptions", s.preemptions)
+        self.gateway.record(s)
 
     def record_adapters(self, infos) -> None:
         """Per-adapter tier, version, size, last use and load latency (labelled adapters only)."""

@@ -174,7 +174,9 @@ class LLMEngine:
             adapters_cpu=registry.num_in_cpu_cache, adapters_registered=len(registry.adapter_ids),
             device_loads=slots.num_loads, device_evictions=slots.num_evictions,
             cpu_loads=registry.num_cpu_loads, cpu_evictions=registry.num_cpu_evictions,
-            preemptions=self.scheduler.num_preemptions)
+            preemptions=self.scheduler.num_preemptions,
+            running_adapters=_adapter_ids(self.scheduler.running), waiting_adapters=_adapter_ids(self.scheduler.waiting),
+            max_loras=slots.max_loras)
 
     def set_tenant_weights(self, weight_of: Callable[[str], float]) -> None:
         """Tenant share weights for fair scheduling (no effect under FCFS)."""
@@ -215,3 +217,7 @@ class LLMEngine:
         for key in list(self._retired - in_use):
             self.lora.release(key)
             self._retired.discard(key)
+
+
+def _adapter_ids(requests) -> tuple[str, ...]:
+    return tuple(sorted({r.adapter_id for r in requests if r.adapter_id}))
