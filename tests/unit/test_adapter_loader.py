@@ -137,6 +137,16 @@ def test_registry_publishes_nothing_on_failure_and_reloads_after_cpu_eviction(tm
     assert reg.weights(v1.key).adapter_id == "g1" and v1.load_latency_s is not None
 
 
+def test_touched_weights_are_not_the_next_cpu_eviction(tmp_path, targets):
+    reg = AdapterRegistry(targets, max_rank=16, max_cpu_loras=2)
+    path = save(tmp_path, "good")
+    a, b = (reg.register(name, path, eager=True) for name in ("a", "b"))
+    assert reg.touch(a.key)  # a queued request needs a soon: b is now the least recently used
+    c = reg.register("c", path, eager=True)
+    assert reg.ready(a.key) and not reg.ready(b.key) and reg.ready(c.key)
+    assert not reg.touch(b.key)  # not cached: nothing to touch
+
+
 def test_registration_is_cheap_and_loading_happens_in_the_background(tmp_path, targets):
     calls = []
     gate = threading.Event()

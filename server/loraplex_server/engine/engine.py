@@ -138,9 +138,9 @@ class LLMEngine:
         return failed + self._postprocess(sampled, samples)
 
     def _prefetch_adapters(self) -> list[RequestOutput]:
-        """Start loads for queued requests' adapters (in queue order, up to half the CPU cache so
-        prefetching never evicts what the head of the queue needs) and end the requests whose
-        adapter failed to load."""
+        """Start loads for queued requests' adapters (in queue order, up to half the CPU cache),
+        keep the cached ones of that window fresh so later prefetches evict something else, and
+        end the requests whose adapter failed to load."""
         outputs, seen = [], set()
         window = max(1, self.config.lora.max_cpu_loras // 2)
         for request in list(self.scheduler.waiting):
@@ -154,7 +154,7 @@ class LLMEngine:
                 self._finish(request)
             elif len(seen) < window:
                 seen.add(key)
-                self.lora.ready(key)
+                self.lora.prefetch(key)
         return outputs
 
     @staticmethod

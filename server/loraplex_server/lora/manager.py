@@ -64,6 +64,12 @@ class LoraManager:
         self.registry.ensure_loading(key)
         return False
 
+    def prefetch(self, key: str) -> None:
+        """A queued request will need this version soon: start its load, or keep its cached weights
+        from being the next CPU-cache eviction."""
+        if self.slots.slot_of(key) is None and not self.registry.touch(key):
+            self.registry.ensure_loading(key)
+
     def failure(self, key: str) -> str | None:
         return self.registry.failure(key)
 

@@ -140,6 +140,14 @@ class AdapterRegistry:
         """The version's weights are in the CPU cache."""
         return key in self._cpu
 
+    def touch(self, key: str) -> bool:
+        """Mark cached weights most recently used; False if they are not cached."""
+        with self._lock:
+            if key not in self._cpu:
+                return False
+            self._cpu.move_to_end(key)
+            return True
+
     def failure(self, key: str) -> str | None:
         return self._failed.get(key)
 
