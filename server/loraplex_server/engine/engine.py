@@ -18,6 +18,7 @@ from ..lora.manager import LoraManager
 from ..metrics import StepStats
 from ..model.attention import register_paged_attention
 from ..model.loader import LoadedModel, load_model
+from ..model.triton_attention import select_attention_function
 from .fairness import FcfsOrder, VirtualTokenCounter
 from .inputs import InputProcessor
 from .kv_blocks import BlockManager
@@ -56,7 +57,7 @@ class LLMEngine:
         torch.set_num_threads(config.resolved_threads())
         self.loaded = loaded or load_model(config.model)
         model = self.loaded.model
-        register_paged_attention(model)
+        register_paged_attention(model, select_attention_function(self.loaded.device))  # Triton on CUDA
         self.lora = LoraManager(model, config.lora, load_fn=adapter_load_fn)
         spec = KVCacheSpec.from_model_config(model.config, self.loaded.dtype)
         num_blocks = num_blocks_for(spec, config.cache)

@@ -1,4 +1,4 @@
-"""LoRA-wrapped linear layer: ``y = base(x) + lora_apply(x)`` over stacked per-slot buffers."""
+"""LoRA-wrapped linear layer: ``y = base(x) + apply(x)`` over stacked per-slot buffers."""
 
 from __future__ import annotations
 
@@ -6,14 +6,16 @@ import torch
 from torch import nn
 
 from .mapping import LoraMapping
-from .ops import lora_apply
+from .ops import LoraApply, lora_apply
 from .weights import LoraModuleWeights, ModuleKey
 
 
 class LoraStepState:
-    """Shared by every LoRA layer of one model; the runner sets ``mapping`` before each forward."""
+    """Shared by every LoRA layer of one model: the apply function, chosen once for the model's
+    device (``ops.apply_function``), and the ``mapping`` the runner sets before each forward."""
 
-    def __init__(self):
+    def __init__(self, apply: LoraApply = lora_apply):
+        self.apply = apply
         self.mapping: LoraMapping | None = None
 
 
@@ -48,8 +50,8 @@ class LoraLinear(nn.Module):
         mapping = self.state.mapping
         if mapping is None or not mapping.has_lora:
             return y
-        lora_apply(y.view(-1, self.out_features), x.reshape(-1, self.in_features),
-                   self.lora_a, self.lora_bt, self.slot_ranks, mapping)
+        self.state.apply(y.view(-1, self.out_features), x.reshape(-1, self.in_features),  # [T, out], [T, in]
+                         self.lora_a, self.lora_bt, self.slot_ranks, mapping)
         return y
 
     @torch.no_grad()

@@ -16,7 +16,8 @@ from ..config import LoraConfig
 from ..errors import AdapterPinError
 from .layers import LoraStepState
 from .mapping import LoraMapping
-from .model import find_targets, inject_lora_layers
+from .model import find_targets, inject_lora_layers, model_device
+from .ops import apply_function
 from .registry import AdapterRegistry, AdapterVersion
 from .slots import SlotManager
 from .weights import AdapterInfo
@@ -25,7 +26,7 @@ from .weights import AdapterInfo
 class LoraManager:
     def __init__(self, model: nn.Module, config: LoraConfig, load_fn: Callable | None = None):
         self.config = config
-        self.state = LoraStepState()
+        self.state = LoraStepState(apply_function(model_device(model)))  # Triton on CUDA, else torch
         self.targets = find_targets(model)
         self.layers = inject_lora_layers(model, config.max_loras, config.max_lora_rank, self.state)
         extra = {"load_fn": load_fn} if load_fn is not None else {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 
 from .layers import LoraLinear, LoraStepState
@@ -21,6 +22,11 @@ def _targetable(model: nn.Module):
 
 def find_targets(model: nn.Module) -> dict[ModuleKey, TargetShape]:
     return {key: TargetShape(m.in_features, m.out_features) for _, key, m in _targetable(model)}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's weights (and so its LoRA buffers) live."""
+    return next(model.parameters()).device
 
 
 def inject_lora_layers(model: nn.Module, max_loras: int, max_rank: int,

@@ -16,15 +16,24 @@ Layouts behind one function (``lora_apply``):
   GPU kernels use for decode. On CPU the gathers cost more than they save, so the dispatcher
   does not pick it there.
 
+``apply_function(device)`` picks a model's apply once: the Triton kernels (``triton_ops``, same
+signature and buffers) on a CUDA device when triton imports, else ``lora_apply``.
+
 Measured on CPU (fp32, one thread, cold weights): ``bmm(A, x^T)`` then ``baddbmm(h^T, Bt)`` reads
 the weights ~1.6x faster than ``bmm(x, A^T)`` then ``bmm(h, B^T)`` with B stored [out, rank].
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .mapping import LoraMapping
+from .triton_ops import select_lora_backend
+
+# (y [T, out], x [T, in], lora_a [S, R, in], lora_bt [S, R, out], ranks per slot, mapping) -> None
+LoraApply = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int], LoraMapping], None]
 
 
 def lora_apply_reference(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.Tensor,
@@ -81,3 +90,9 @@ def lora_apply(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: 
     """Add every token's LoRA delta to ``y`` [T, out] in place; ``x`` is [T, in]."""
     if mapping.segments:
         sgmv(y, x, lora_a, lora_bt, ranks, mapping)
+
+
+def apply_function(device: torch.device | str) -> LoraApply:
+    """The LoRA apply for a model on ``device``: a Triton backend on CUDA (when triton imports),
+    else the torch ``lora_apply``. Call once per model: a Triton backend keeps per-step caches."""
+    return select_lora_backend(device) or lora_apply

@@ -16,6 +16,7 @@ included), query ``i`` (absolute position ``p = ctx_len - q_len + i``) attends k
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +72,7 @@ class PagedAttentionMetadata:
         return self._masks[key]
 
 
-def _window(module, kwargs: dict) -> int | None:
+def layer_window(module, kwargs: dict) -> int | None:
     """The layer's sliding window: Mistral/Phi-3 pass it as a kwarg, Qwen2/3 keep it on the module."""
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     return int(window) if window else None
@@ -112,7 +113,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     v_new = value[0].transpose(0, 1)
     k_cache[meta.slot_mapping] = k_new.to(k_cache.dtype)
     v_cache[meta.slot_mapping] = v_new.to(v_cache.dtype)
-    window = _window(module, kwargs)
+    window = layer_window(module, kwargs)
     out = query.new_empty(q.shape[1], q.shape[0], q.shape[2])  # [T, H, D]
     for span in meta.prefills:
         out[span.q_start:span.q_start + span.q_len] = _attend_prefill(
@@ -122,7 +123,22 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     return out.unsqueeze(0), None
 
 
-def register_paged_attention(model) -> None:
-    """Register our attention function and select it on ``model``."""
-    AttentionInterface.register(ATTENTION_NAME, paged_attention)
-    model.set_attn_implementation(ATTENTION_NAME)
+def attention_name(attention: Callable) -> str:
+    """The registry name of an attention function: its module and qualified name (two closures
+    made by one ``def`` share a name; the last one registered serves both)."""
+    return f"{ATTENTION_NAME}:{attention.__module__}.{attention.__qualname__}"
+
+
+def register_paged_attention(model, attention: Callable = paged_attention) -> str:
+    """Register ``attention`` (``paged_attention``'s signature; the engine picks it per device) and
+    select it on ``model``; returns the name it is registered under.
+
+    transformers' ``AttentionInterface.register`` writes a process-global table (a class-level
+    dict), while the selection is per model (its config's attn_implementation). Each function is
+    registered under its own name, so two engines in one process that use different functions
+    (the torch one on CPU, the Triton one on CUDA) never overwrite each other's entry.
+    """
+    name = attention_name(attention)
+    AttentionInterface.register(name, attention)
+    model.set_attn_implementation(name)
+    return name

@@ -1,0 +1,243 @@
+"""Triton kernels for the batched LoRA apply: shrink ``h = A[s] @ x`` then expand ``y += h @ Bt[s]``.
+
+The maths is ``ops.lora_apply_reference``, generalised to ``P`` fused projections that share
+their input (q/k/v, gate/up; ``P = 1`` is a plain module). Stacks are ``A`` [num_slots, R, in]
+and ``Bt`` [num_slots, R, out] (B transposed, scale folded in, as ``LoraLinear`` keeps them);
+``R`` is the padded rank:
+
+    for t in range(num_tokens):
+        s = token_slots[t]
+        if s < 0:
+            continue                                    # base-model row: y[t] stays as it is
+        for p in range(P):
+            r = ranks[s, p]                             # 0: the slot's adapter skips this projection
+            for j in range(r):                          # shrink, fp32 accumulation
+                h[t, p * R + j] = sum(A_p[s, j, k] * x[t, k] for k in range(in_features))
+            for n in range(out_p):                      # expand, added in place
+                y_p[t, n] += sum(h[t, p * R + j] * Bt_p[s, j, n] for j in range(r))
+
+``h`` is rounded to the weights' dtype before the expand, as the torch path does. Two layouts:
+
+- segment (SGMV): programs per (row block of one segment, projection, ...), tiles through
+  ``tl.dot``. For prefill, where a segment holds many tokens of one adapter.
+- gather (BGMV): one program per token (and projection, ...), reductions through ``tl.reduce`` (a sum).
+  For decode, where segments are a token or two long.
+
+Fused stacks are separate tensors (or views of one buffer) addressed as element offsets from the
+lowest-addressed one, passed as scalar kernel arguments (no per-call device tensors). Launches,
+tile sizes and argument checks live in ``triton_ops.py``. Without triton installed this module
+still imports (the kernels stay plain, never-launched functions); ``triton_available()`` says False.
+"""
+
+from types import SimpleNamespace
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the kernels below are defined but never launched
+    triton = None
+    tl = SimpleNamespace(constexpr=None)
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+def _jit(**kwargs):
+    def wrap(fn):
+        return triton.jit(fn, **kwargs) if triton is not None else fn
+    return wrap
+
+
+_OFFSETS = ["off0", "off1", "off2"]
+
+
+# Kernels use builtins only, plus these: tl.sum / tl.max / tl.zeros / tl.cdiv are themselves
+# @jit functions, which the CPU interpreter cannot call when triton was imported before
+# TRITON_INTERPRET was set (transformers imports triton early). Same op as tl.sum.
+@_jit()
+def _sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+@_jit()
+def _pick(p, v0, v1, v2):
+    """``(v0, v1, v2)[p]`` for a runtime projection index."""
+    return tl.where(p == 0, v0, tl.where(p == 1, v1, v2))
+
+
+@_jit()
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b in fp32; UPCAST: fp32 operands (the CPU interpreter multiplies bf16 as raw bits)."""
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION)
+    return out
+
+
+@_jit()
+def _shrink_tile(x_ptr, a_ptr, rows, row_ok, rank, k_lo, k_hi, sx_t, sx_k, sa_r, sa_k,
+                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc[m, j] = sum(x[rows[m], k] * a[j, k] for k in range(k_lo, k_hi)) for j < rank; [BLOCK_M, BLOCK_R]."""
+    cols = tl.arange(0, BLOCK_R)
+    acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < k_hi
+        xt = tl.load(x_ptr + rows[:, None] * sx_t + ks[None, :] * sx_k,
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        at = tl.load(a_ptr + cols[None, :] * sa_r + ks[:, None] * sa_k,
+                     mask=(cols[None, :] < rank) & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_R]
+        acc += _dot(xt, at.to(xt.dtype), PRECISION, UPCAST)
+    return acc
+
+
+@_jit(do_not_specialize=_OFFSETS)
+def sgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, ranks_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr,
+                        off0, off1, off2, K, R, P, sx_t, sx_k, sa_s, sa_r, sa_k, sh_t,
+                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                        SPLIT_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Segment shrink; grid (row blocks, segments, P * SPLIT_K). For each segment (start, len, s):
+
+        for t in range(start, start + len):
+            for p in range(P):
+                h[t, p*R : p*R + ranks[s, p]] = A_p[s, :ranks[s, p]] @ x[t]   # fp32; atomic under split-K
+    """
+    pid_m, seg, pid_pk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    p, split = pid_pk // SPLIT_K, pid_pk % SPLIT_K
+    seg_len = tl.load(seg_len_ptr + seg)
+    slot = tl.load(seg_slot_ptr + seg).to(tl.int64)
+    rank = tl.load(ranks_ptr + slot * P + p)
+    if (pid_m * BLOCK_M >= seg_len) | (rank == 0):
+        return
+    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = local < seg_len
+    rows = (tl.load(seg_start_ptr + seg) + local).to(tl.int64)  # [BLOCK_M] token rows
+    k_span = (K + SPLIT_K * BLOCK_K - 1) // (SPLIT_K * BLOCK_K) * BLOCK_K
+    k_lo = split * k_span
+    k_hi = tl.minimum(k_lo + k_span, K)
+    a_base = a_ptr + _pick(p, off0, off1, off2) + slot * sa_s
+    acc = _shrink_tile(x_ptr, a_base, rows, row_ok, rank, k_lo, k_hi, sx_t, sx_k, sa_r, sa_k,
+                       BLOCK_M, BLOCK_R, BLOCK_K, PRECISION, UPCAST)  # [BLOCK_M, BLOCK_R]
+    cols = tl.arange(0, BLOCK_R)
+    ptrs = h_ptr + rows[:, None] * sh_t + (p * R + cols)[None, :]
+    mask = row_ok[:, None] & (cols[None, :] < rank)
+    if SPLIT_K == 1:
+        tl.store(ptrs, acc.to(h_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ptrs, acc, mask=mask)
+
+
+@_jit(do_not_specialize=_OFFSETS)
+def bgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, ranks_ptr, token_slots_ptr, off0, off1, off2,
+                        K, R, P, sx_t, sx_k, sa_s, sa_r, sa_k, sh_t,
+                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Gather shrink; grid (tokens, P * SPLIT_K). For token t with slot s = token_slots[t] >= 0:
+
+        for p in range(P):
+            for j in range(ranks[s, p]):
+                h[t, p*R + j] = sum(A_p[s, j, k] * x[t, k] for k in range(K))   # fp32
+    """
+    t, pid_pk = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    p, split = pid_pk // SPLIT_K, pid_pk % SPLIT_K
+    slot = tl.load(token_slots_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    rank = tl.load(ranks_ptr + slot * P + p)
+    if rank == 0:
+        return
+    cols = tl.arange(0, BLOCK_R)
+    k_span = (K + SPLIT_K * BLOCK_K - 1) // (SPLIT_K * BLOCK_K) * BLOCK_K
+    k_lo = split * k_span
+    k_hi = tl.minimum(k_lo + k_span, K)
+    a_base = a_ptr + _pick(p, off0, off1, off2) + slot * sa_s
+    acc = tl.full((BLOCK_R,), 0.0, tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < k_hi
+        xk = tl.load(x_ptr + t * sx_t + ks * sx_k, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+        at = tl.load(a_base + cols[:, None] * sa_r + ks[None, :] * sa_k,
+                     mask=(cols[:, None] < rank) & k_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_K]
+        acc += _sum(at.to(tl.float32) * xk[None, :], 1)
+    ptrs = h_ptr + t * sh_t + p * R + cols
+    if SPLIT_K == 1:
+        tl.store(ptrs, acc.to(h_ptr.dtype.element_ty), mask=cols < rank)
+    else:
+        tl.atomic_add(ptrs, acc, mask=cols < rank)
+
+
+@_jit(do_not_specialize=["b0", "b1", "b2", "y0", "y1", "y2"])
+def sgmv_expand_kernel(h_ptr, b_ptr, y_ptr, ranks_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr,
+                        n0, n1, n2, b0, b1, b2, bs0, bs1, bs2, br0, br1, br2, y0, y1, y2, ys0, ys1, ys2,
+                        R, P, N_TILES, sh_t, sb_n,
+                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                        PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Segment expand; grid (row blocks, segments, P * N_TILES). For each segment (start, len, s):
+
+        for t in range(start, start + len):
+            for p in range(P):
+                r = ranks[s, p]
+                y_p[t, :] += h[t, p*R : p*R + r] @ Bt_p[s, :r, :]   # fp32 accumulation, in place
+    """
+    pid_m, seg, pid_pn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    p, tile = pid_pn // N_TILES, pid_pn % N_TILES
+    n_out = _pick(p, n0, n1, n2)
+    seg_len = tl.load(seg_len_ptr + seg)
+    slot = tl.load(seg_slot_ptr + seg).to(tl.int64)
+    rank = tl.load(ranks_ptr + slot * P + p)
+    if (pid_m * BLOCK_M >= seg_len) | (rank == 0) | (tile * BLOCK_N >= n_out):
+        return
+    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = local < seg_len
+    rows = (tl.load(seg_start_ptr + seg) + local).to(tl.int64)  # [BLOCK_M]
+    cols = tl.arange(0, BLOCK_R)
+    ns = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = ns < n_out
+    b_base = b_ptr + _pick(p, b0, b1, b2) + slot * _pick(p, bs0, bs1, bs2)
+    bt = tl.load(b_base + cols[:, None] * _pick(p, br0, br1, br2) + ns[None, :] * sb_n,
+                 mask=(cols[:, None] < rank) & n_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+    ht = tl.load(h_ptr + rows[:, None] * sh_t + (p * R + cols)[None, :],
+                 mask=row_ok[:, None] & (cols[None, :] < rank), other=0.0)  # [BLOCK_M, BLOCK_R]
+    acc = _dot(ht.to(bt.dtype), bt, PRECISION, UPCAST)  # [BLOCK_M, BLOCK_N]
+    y_ptrs = y_ptr + _pick(p, y0, y1, y2) + rows[:, None] * _pick(p, ys0, ys1, ys2) + ns[None, :]
+    mask = row_ok[:, None] & n_ok[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0)
+    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=mask)
+
+
+@_jit(do_not_specialize=["b0", "b1", "b2", "y0", "y1", "y2"])
+def bgmv_expand_kernel(h_ptr, b_ptr, y_ptr, ranks_ptr, token_slots_ptr,
+                        n0, n1, n2, b0, b1, b2, bs0, bs1, bs2, br0, br1, br2, y0, y1, y2, ys0, ys1, ys2,
+                        R, P, N_TILES, sh_t, sb_n,
+                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Gather expand; grid (tokens, P * N_TILES). For token t with slot s = token_slots[t] >= 0:
+
+        for p in range(P):
+            r = ranks[s, p]
+            for n in range(out_p):
+                y_p[t, n] += sum(h[t, p*R + j] * Bt_p[s, j, n] for j in range(r))   # fp32
+    """
+    t, pid_pn = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    p, tile = pid_pn // N_TILES, pid_pn % N_TILES
+    n_out = _pick(p, n0, n1, n2)
+    slot = tl.load(token_slots_ptr + t).to(tl.int64)
+    if (slot < 0) | (tile * BLOCK_N >= n_out):
+        return
+    rank = tl.load(ranks_ptr + slot * P + p)
+    if rank == 0:
+        return
+    cols = tl.arange(0, BLOCK_R)
+    ns = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = ns < n_out
+    b_base = b_ptr + _pick(p, b0, b1, b2) + slot * _pick(p, bs0, bs1, bs2)
+    bt = tl.load(b_base + cols[:, None] * _pick(p, br0, br1, br2) + ns[None, :] * sb_n,
+                 mask=(cols[:, None] < rank) & n_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+    ht = tl.load(h_ptr + t * sh_t + p * R + cols, mask=cols < rank, other=0.0)  # [BLOCK_R]
+    ht = ht.to(bt.dtype).to(tl.float32)
+    acc = _sum(bt.to(tl.float32) * ht[:, None], 0)  # [BLOCK_N]
+    y_ptrs = y_ptr + _pick(p, y0, y1, y2) + t * _pick(p, ys0, ys1, ys2) + ns
+    y = tl.load(y_ptrs, mask=n_ok, other=0.0)
+    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=n_ok)
+

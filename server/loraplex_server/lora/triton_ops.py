@@ -1,0 +1,291 @@
+"""Host side of the Triton LoRA apply: segment tables, layout and tile choice, kernel launches.
+
+``TritonLoraBackend`` is a drop-in for ``ops.lora_apply`` (same signature, same buffers:
+``lora_a`` [num_slots, max_rank, in], ``lora_bt`` [num_slots, max_rank, out]); the kernels and the
+loop they compute are in ``triton_kernels.py``. ``lora_shrink`` / ``lora_expand`` also take up to
+``MAX_FUSED`` projections that share their input (q/k/v, gate/up) in one launch each. Layouts:
+'segment' (SGMV) when segments hold several tokens each (prefill), else 'gather' (BGMV, decode).
+
+``select_lora_backend(device)`` gives a backend for a CUDA device when triton imports, else None
+(``ops.apply_function`` then falls back to the torch ops). Without triton this module still imports.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .mapping import LoraMapping
+from .triton_kernels import (bgmv_expand_kernel, bgmv_shrink_kernel, sgmv_expand_kernel, sgmv_shrink_kernel,
+                             triton_available)
+
+MAX_FUSED = 3  # projections per launch (q/k/v); the kernels take this many offsets
+SGMV_MIN_TOKENS_PER_SEGMENT = 8  # below this the gather layout wins (decode)
+_TARGET_PROGRAMS = 512  # split-K fills the GPU when a shrink launches fewer programs than this
+INTERPRETER_TILE_SCALE = 4  # wider K/N tiles under the CPU interpreter, where each program costs Python time
+_RANKS_CACHE_SIZE = 64
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class SegmentTensors:
+    """A step's adapter segments on the device (built once per step, shared by every layer)."""
+
+    starts: torch.Tensor  # [num_segments] int32 first token row
+    lens: torch.Tensor  # [num_segments] int32
+    slots: torch.Tensor  # [num_segments] int32
+    max_len: int
+    num_tokens: int  # tokens inside segments (rows with an adapter)
+
+    @classmethod
+    def from_segments(cls, segments: Sequence[tuple[int, int, int]],
+                      device: torch.device | str) -> "SegmentTensors":
+        """``segments``: (start, end, slot) runs with slot >= 0, as in ``LoraMapping.segments``."""
+        table = torch.tensor([[s, e - s, slot] for s, e, slot in segments], dtype=torch.int32)
+        table = table.reshape(-1, 3).t().contiguous().to(device)  # [3, num_segments]
+        lens = [e - s for s, e, _ in segments]
+        return cls(table[0], table[1], table[2], max(lens, default=0), sum(lens))
+
+    @property
+    def count(self) -> int:
+        return self.starts.shape[0]
+
+
+def choose_layout(segments: SegmentTensors) -> str:
+    """'segment' (SGMV) when segments hold several tokens each (prefill), else 'gather' (BGMV)."""
+    if segments.num_tokens >= SGMV_MIN_TOKENS_PER_SEGMENT * max(segments.count, 1):
+        return "segment"
+    return "gather"
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _as_list(t: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    stacks = [t] if isinstance(t, torch.Tensor) else list(t)
+    if not 1 <= len(stacks) <= MAX_FUSED:
+        raise ValueError(f"between 1 and {MAX_FUSED} fused projections, got {len(stacks)}")
+    return stacks
+
+
+def _padded(values: list[int]) -> list[int]:
+    return values + [0] * (MAX_FUSED - len(values))
+
+
+def _offsets(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """The lowest-addressed tensor and every tensor's element offset from it (padded to MAX_FUSED)."""
+    if len(tensors) == 1:
+        return tensors[0], [0] * MAX_FUSED
+    base = min(tensors, key=lambda t: t.data_ptr())
+    size = base.element_size()
+    offsets = []
+    for t in tensors:
+        diff = t.data_ptr() - base.data_ptr()
+        if t.dtype != base.dtype or t.device != base.device or diff % size:
+            raise ValueError("fused tensors must share dtype and device")
+        offsets.append(diff // size)
+    return base, _padded(offsets)
+
+
+def _ranks_2d(ranks: torch.Tensor | Sequence[int], num_slots: int, num_proj: int,
+              device: torch.device) -> torch.Tensor:
+    """[num_slots, num_proj] int32 on ``device``; accepts [num_slots] when num_proj == 1."""
+    t = ranks if isinstance(ranks, torch.Tensor) else torch.tensor(list(ranks))
+    return t.to(device=device, dtype=torch.int32).reshape(num_slots, num_proj).contiguous()
+
+
+def _interpreted(kernel) -> bool:
+    return type(kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 (CPU tests)
+
+
+def _dot_options(kernel, dtype: torch.dtype) -> dict:
+    """fp32 dots stay exact (IEEE, not TF32); bf16 dots go through fp32 under the CPU interpreter."""
+    return dict(PRECISION="ieee" if dtype == torch.float32 else None,
+                UPCAST=_interpreted(kernel) and dtype == torch.bfloat16)
+
+
+def _tiles(kernel, layout: str, dtype: torch.dtype, max_rank: int, max_len: int) -> dict:
+    """Tile sizes, tuned for the GPU (K and N tiles scaled up under the interpreter)."""
+    scale = INTERPRETER_TILE_SCALE if _interpreted(kernel) else 1
+    block_r = max(16, _next_pow2(max_rank))
+    if layout == "segment":
+        return dict(BLOCK_M=min(64, max(16, _next_pow2(max_len))), BLOCK_R=block_r,
+                    BLOCK_K=(32 if dtype == torch.float32 else 64) * scale, BLOCK_N=64 * scale)
+    wide = max(32, min(256, 4096 // block_r)) * scale  # [BLOCK_R, wide] tiles of ~4K elements
+    return dict(BLOCK_R=block_r, BLOCK_K=wide, BLOCK_N=wide)
+
+
+def _split_k(programs: int, k_blocks: int, device: torch.device, requested: int | None) -> int:
+    """Split the reduction over K when too few programs would run (decode on a large GPU)."""
+    if requested is not None:
+        return requested
+    split = 1
+    if device.type == "cuda":
+        while programs * split * 2 <= _TARGET_PROGRAMS and split * 2 <= min(16, k_blocks):
+            split *= 2
+    return split
+
+
+def _check_stacks(stacks: list[torch.Tensor], what: str, same_shape: bool) -> None:
+    """Fused [num_slots, R, cols] stacks share num_slots, R and the column stride (A: all strides)."""
+    first = stacks[0]
+    for s in stacks:
+        if s.dim() != 3 or s.shape[:2] != first.shape[:2] or s.stride(2) != first.stride(2):
+            raise ValueError(f"fused {what} stacks must share num_slots, max rank and column stride")
+        if same_shape and (s.shape != first.shape or s.stride() != first.stride()):
+            raise ValueError(f"fused {what} stacks must share shape and strides")
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor | Sequence[torch.Tensor], ranks: torch.Tensor,
+                token_slots: torch.Tensor, segments: SegmentTensors, layout: str | None = None,
+                out_dtype: torch.dtype = torch.float32, split_k: int | None = None) -> torch.Tensor:
+    """h [T, P * max_rank] = per token and projection ``A_p[slot] @ x[t]``.
+
+    Only the cells of tokens with a slot and columns below the slot's rank are written.
+
+    ``x`` [T, in]; ``lora_a`` one [num_slots, max_rank, in] stack or up to 3 of them (fused
+    projections sharing ``x``); ``ranks`` [num_slots] or [num_slots, P]. Split-K needs fp32 ``h``.
+    """
+    stacks = _as_list(lora_a)
+    _check_stacks(stacks, "A", same_shape=True)
+    num_slots, max_rank, k = stacks[0].shape
+    num_proj, num_tokens = len(stacks), x.shape[0]
+    ranks = _ranks_2d(ranks, num_slots, num_proj, x.device)
+    layout = layout or choose_layout(segments)
+    kernel = sgmv_shrink_kernel if layout == "segment" else bgmv_shrink_kernel
+    tiles = _tiles(kernel, layout, x.dtype, max_rank, segments.max_len)
+    del tiles["BLOCK_N"]
+    if layout == "segment":
+        grid = (_cdiv(segments.max_len, tiles["BLOCK_M"]), segments.count, num_proj)
+    else:
+        grid = (num_tokens, num_proj)
+    fp32 = out_dtype == torch.float32
+    k_blocks = _cdiv(k, tiles["BLOCK_K"])
+    split = _split_k(math.prod(grid), k_blocks, x.device, split_k) if fp32 else (split_k or 1)
+    if split > 1 and not fp32:
+        raise ValueError("split-K accumulates atomically and needs an fp32 h")
+    alloc = torch.zeros if split > 1 else torch.empty  # only cells the expand reads are written
+    h = alloc(num_tokens, num_proj * max_rank, dtype=out_dtype, device=x.device)  # [T, P * R]
+    if segments.count == 0 or num_tokens == 0:
+        return h
+    base, offs = _offsets(stacks)
+    args = (*offs, k, max_rank, num_proj, *x.stride(), *base.stride(), h.stride(0))
+    grid = (*grid[:-1], grid[-1] * split)
+    if layout == "segment":
+        kernel[grid](x, base, h, ranks, segments.starts, segments.lens, segments.slots, *args,
+                     SPLIT_K=split, **tiles, **_dot_options(kernel, x.dtype))
+    else:
+        kernel[grid](x, base, h, ranks, token_slots, *args, SPLIT_K=split, **tiles)
+    return h
+
+
+def _output_slices(y: torch.Tensor | Sequence[torch.Tensor], outs: list[int]) -> list[torch.Tensor]:
+    """One [T, out_p] view per projection: a list as given, or column slices of one fused output."""
+    if isinstance(y, torch.Tensor) and len(outs) == 1:
+        ys = [y]
+    elif isinstance(y, torch.Tensor):
+        if y.shape[1] != sum(outs):
+            raise ValueError(f"fused output has {y.shape[1]} columns, projections need {sum(outs)}")
+        ys = list(y.split(outs, dim=1))
+    else:
+        ys = list(y)
+    if len(ys) != len(outs) or any(t.shape[1] != n or t.stride(1) != 1 for t, n in zip(ys, outs)):
+        raise ValueError("each output must be [T, out_p] with contiguous columns")
+    return ys
+
+
+def lora_expand(y: torch.Tensor | Sequence[torch.Tensor], h: torch.Tensor,
+                lora_bt: torch.Tensor | Sequence[torch.Tensor], ranks: torch.Tensor, token_slots: torch.Tensor,
+                segments: SegmentTensors, layout: str | None = None) -> None:
+    """In place: ``y_p[t] += h[t, p*R : p*R + rank] @ Bt_p[slot, :rank]`` for every token with a slot.
+
+    ``lora_bt`` one [num_slots, max_rank, out] stack or up to 3 (out may differ; strides are read,
+    so views pass uncopied); ``y`` one tensor ([T, out], or [T, sum out_p] written slice by slice)
+    or a list of [T, out_p].
+    """
+    stacks = _as_list(lora_bt)
+    _check_stacks(stacks, "Bt", same_shape=False)
+    num_slots, max_rank, _ = stacks[0].shape
+    num_proj, num_tokens = len(stacks), h.shape[0]
+    outs = [b.shape[2] for b in stacks]
+    ys = _output_slices(y, outs)
+    if segments.count == 0 or num_tokens == 0:
+        return
+    ranks = _ranks_2d(ranks, num_slots, num_proj, h.device)
+    layout = layout or choose_layout(segments)
+    kernel = sgmv_expand_kernel if layout == "segment" else bgmv_expand_kernel
+    tiles = _tiles(kernel, layout, stacks[0].dtype, max_rank, segments.max_len)
+    del tiles["BLOCK_K"]
+    n_tiles = _cdiv(max(outs), tiles["BLOCK_N"])
+    b_base, b_offs = _offsets(stacks)
+    y_base, y_offs = _offsets(ys)
+    args = (*_padded(outs), *b_offs, *_padded([b.stride(0) for b in stacks]), *_padded([b.stride(1) for b in stacks]),
+            *y_offs, *_padded([t.stride(0) for t in ys]), max_rank, num_proj, n_tiles, h.stride(0), b_base.stride(2))
+    if layout == "segment":
+        grid = (_cdiv(segments.max_len, tiles["BLOCK_M"]), segments.count, num_proj * n_tiles)
+        kernel[grid](h, b_base, y_base, ranks, segments.starts, segments.lens, segments.slots, *args,
+                     **tiles, **_dot_options(kernel, b_base.dtype))
+    else:
+        kernel[(num_tokens, num_proj * n_tiles)](h, b_base, y_base, ranks, token_slots, *args, **tiles)
+
+
+def triton_lora_apply(y, x: torch.Tensor, lora_a, lora_bt, ranks: torch.Tensor, token_slots: torch.Tensor,
+                      segments: SegmentTensors, layout: str | None = None) -> None:
+    """``ops.lora_apply`` semantics on the GPU (optionally fused over up to 3 projections).
+
+    ``y`` [T, out] (or fused outputs, see ``lora_expand``) += the LoRA delta of every token with a
+    slot, in place; ``token_slots`` [T] (-1 = base model); ``segments`` from the same mapping.
+    """
+    if segments.count == 0:
+        return
+    layout = layout or choose_layout(segments)
+    h = lora_shrink(x, lora_a, ranks, token_slots, segments, layout)  # [T, P * max_rank] fp32
+    lora_expand(y, h, lora_bt, ranks, token_slots, segments, layout)
+
+
+class TritonLoraBackend:
+    """Drop-in for ``ops.lora_apply`` (same signature, same ``lora_bt`` layout) running the kernels.
+
+    One per model: it keeps the current step's segment tensors (one mapping per step, shared by
+    every layer) and device copies of the per-module rank lists, so no layer copies host to device.
+    """
+
+    def __init__(self):
+        self._mapping: LoraMapping | None = None
+        self._segments: SegmentTensors | None = None
+        self._ranks: dict[tuple, torch.Tensor] = {}
+
+    def segments_for(self, mapping: LoraMapping) -> SegmentTensors:
+        if mapping is not self._mapping:
+            self._segments = SegmentTensors.from_segments(mapping.segments, mapping.token_slots.device)
+            self._mapping = mapping
+        return self._segments
+
+    def ranks_for(self, ranks: Sequence[int], device: torch.device) -> torch.Tensor:
+        """[num_slots] int32 on ``device``, cached by value (a slot change makes a new key)."""
+        key = (tuple(ranks), str(device))
+        if key not in self._ranks:
+            if len(self._ranks) >= _RANKS_CACHE_SIZE:
+                self._ranks.clear()
+            self._ranks[key] = torch.tensor(key[0], dtype=torch.int32, device=device)
+        return self._ranks[key]
+
+    def __call__(self, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.Tensor,
+                 ranks: Sequence[int], mapping: LoraMapping) -> None:
+        """``y`` [T, out] += each token's delta, in place; ``x`` [T, in]; ``ranks`` per slot."""
+        if not mapping.segments:
+            return
+        triton_lora_apply(y, x, lora_a, lora_bt, self.ranks_for(ranks, x.device), mapping.token_slots,
+                          self.segments_for(mapping))
+
+
+def select_lora_backend(device: torch.device | str) -> TritonLoraBackend | None:
+    """A new Triton backend for a CUDA device when triton imports; None means: use the torch ops."""
+    if torch.device(device).type == "cuda" and triton_available():
+        return TritonLoraBackend()
+    return None

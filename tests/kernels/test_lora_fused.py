@@ -1,0 +1,96 @@
+"""Fused projections (q/k/v, gate/up): one shrink over several A stacks, one expand into several
+outputs or into column slices of one fused output, each projection with its own per-slot ranks."""
+
+import pytest
+import torch
+from kernel_cases import DTYPES, TOLERANCES, grid, lora_stacks, poison_padding, product, random_runs, slot_ranks
+
+from loraplex_server.lora import triton_ops
+from loraplex_server.lora.mapping import LoraMapping
+from loraplex_server.lora.ops import lora_apply_reference
+
+FULL = product((576, 4096), (1, 17, 256), DTYPES, ("segment", "gather"))
+CPU = [(576, 17, "fp32", "segment"), (576, 17, "bf16", "gather"), (576, 64, "fp16", "segment"),
+       (576, 1, "fp32", "gather")]
+
+
+def qkv_batch(hidden, num_tokens, device, concat_a: bool, seed=0):
+    """q/k/v with outs (hidden, hidden / 4, hidden / 4); the adapter of slot 1 skips k (rank 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    num_slots, max_rank, outs = 4, 16, [hidden, hidden // 4, hidden // 4]
+    ranks = torch.stack([slot_ranks(num_slots, max_rank) for _ in outs], dim=1)  # [S, 3]
+    ranks[1, 1] = 0
+    stacks = [lora_stacks(num_slots, max_rank, hidden, n, ranks[:, p], gen) for p, n in enumerate(outs)]
+    mapping = LoraMapping.from_runs(random_runs(num_tokens, num_slots, gen), device)
+    x = torch.randn(num_tokens, hidden, generator=gen)
+    ys = [torch.randn(num_tokens, n, generator=gen) for n in outs]
+    if concat_a:  # one [S, 3R, in] buffer, the A stacks are views of it
+        a_buf = torch.cat([a for a, _ in stacks], dim=1)
+        a_list = [a_buf[:, p * max_rank:(p + 1) * max_rank] for p in range(3)]
+    else:
+        a_list = [a for a, _ in stacks]
+    return ys, x, a_list, [bt for _, bt in stacks], ranks, mapping
+
+
+def expected(ys, x, a_list, bt_list, ranks, mapping, dtype):
+    outs = []
+    for y, a, bt in zip(ys, a_list, bt_list):
+        f64 = [t.to(dtype).double() for t in (y, x, a, bt)]
+        lora_apply_reference(*f64, mapping.token_slots.cpu())
+        outs.append(f64[0])
+    return outs
+
+
+def prepared(ranks, a_list, bt_list, dtype, device, concat_a):
+    """Device copies with NaN past each slot's rank (per projection)."""
+    a_dev = [poison_padding(a, ranks[:, p]).to(device, dtype) for p, a in enumerate(a_list)]
+    if concat_a:
+        buf = torch.cat(a_dev, dim=1)
+        r = a_list[0].shape[1]
+        a_dev = [buf[:, p * r:(p + 1) * r] for p in range(len(a_list))]
+    bt_dev = [poison_padding(bt, ranks[:, p]).to(device, dtype) for p, bt in enumerate(bt_list)]
+    return a_dev, bt_dev
+
+
+@pytest.mark.parametrize("hidden,num_tokens,dtype,layout", grid(FULL, CPU))
+@pytest.mark.parametrize("fused_output", [False, True])
+def test_fused_qkv_matches_three_reference_loops(hidden, num_tokens, dtype, layout, fused_output, device):
+    dtype = DTYPES[dtype]
+    concat_a = fused_output  # cover both A forms without doubling the grid
+    ys, x, a_list, bt_list, ranks, mapping = qkv_batch(hidden, num_tokens, device, concat_a)
+    a_dev, bt_dev = prepared(ranks, a_list, bt_list, dtype, device, concat_a)
+    segments = triton_ops.SegmentTensors.from_segments(mapping.segments, device)
+    if fused_output:
+        y_fused = torch.cat(ys, dim=1).to(device, dtype)  # [T, out_q + out_k + out_v]
+        triton_ops.triton_lora_apply(y_fused, x.to(device, dtype), a_dev, bt_dev, ranks.to(device),
+                                     mapping.token_slots, segments, layout)
+        outs = list(y_fused.split([y.shape[1] for y in ys], dim=1))
+    else:
+        outs = [y.to(device, dtype).clone() for y in ys]
+        triton_ops.triton_lora_apply(outs, x.to(device, dtype), a_dev, bt_dev, ranks.to(device),
+                                     mapping.token_slots, segments, layout)
+    atol, rtol = TOLERANCES[dtype]
+    for out, ref in zip(outs, expected(ys, x, a_list, bt_list, ranks, mapping, dtype)):
+        torch.testing.assert_close(out.double().cpu(), ref, atol=atol, rtol=rtol)
+
+
+def test_rank_zero_projection_leaves_its_output_alone(device):
+    ys, x, a_list, bt_list, ranks, _ = qkv_batch(576, 6, device, concat_a=False)
+    mapping = LoraMapping.from_runs([(1, 6)], device)  # slot 1: k has rank 0
+    outs = [y.to(device).clone() for y in ys]
+    segments = triton_ops.SegmentTensors.from_segments(mapping.segments, device)
+    a_dev, bt_dev = prepared(ranks, a_list, bt_list, torch.float32, device, False)
+    triton_ops.triton_lora_apply(outs, x.to(device), a_dev, bt_dev, ranks.to(device), mapping.token_slots, segments)
+    assert torch.equal(outs[1].cpu(), ys[1])
+    assert not torch.equal(outs[0].cpu(), ys[0])
+
+
+def test_fused_inputs_are_validated(device):
+    ys, x, a_list, bt_list, ranks, mapping = qkv_batch(576, 4, device, concat_a=False)
+    segments = triton_ops.SegmentTensors.from_segments(mapping.segments, device)
+    with pytest.raises(ValueError, match="columns"):
+        triton_ops.lora_expand(torch.zeros(4, 100), torch.zeros(4, 48), bt_list, ranks, mapping.token_slots, segments)
+    with pytest.raises(ValueError, match="fused"):
+        triton_ops.lora_shrink(x, [a_list[0], a_list[1][:, :8]], ranks[:, :2], mapping.token_slots, segments)
+    with pytest.raises(ValueError, match="between 1 and 3"):
+        triton_ops.lora_shrink(x, a_list + a_list[:1], ranks, mapping.token_slots, segments)
