@@ -61,7 +61,7 @@ SMOKE_MODEL = dict(model_type="llama", hidden_size=64, intermediate_size=128, nu
 SIZES = {
     "requests": (64, 8), "adapters": (16, 4), "prompt_tokens": (64, 16), "new_tokens": (64, 8),
     "batch_size": (16, 4), "scaling": ([1, 8, 64, 512], [1, 8, 16]), "scaling_requests": (128, 16),
-    "scaling_new_tokens": (32, 8), "scaling_max_cpu_loras": (64, 8), "repeats": (2, 1),
+    "scaling_new_tokens": (32, 8), "scaling_max_cpu_loras": (64, 8), "scaling_max_loras": (32, 4), "repeats": (2, 1),
 }
 
 
@@ -91,7 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scaling", type=int, nargs="*", help="adapter counts of the scaling runs (none: skip)")
     p.add_argument("--scaling-requests", type=int)
     p.add_argument("--scaling-new-tokens", type=int)
-    p.add_argument("--scaling-max-loras", type=int, default=8)
+    p.add_argument("--scaling-max-loras", type=int,
+                   help="device slots in the scaling runs (fixed; small next to 512 adapters)")
     p.add_argument("--scaling-max-cpu-loras", type=int)
     p.add_argument("--scaling-dist", choices=["round-robin", "zipf"], default="round-robin")
     p.add_argument("--no-scaling-base", action="store_true", help="skip the base-only run of the scaling workload")
