@@ -58,6 +58,28 @@ def test_200_adapters_over_4_slots_equal_each_adapter_alone(make_engine, many_ad
     assert len(distinct) > 1  # the adapters really change outputs
 
 
+def test_a_long_queue_of_cold_adapters_loads_each_once_within_the_prefetch_window(make_engine, many_adapters):
+    loads = []
+
+    def counting_load(adapter_id, *args):
+        loads.append(adapter_id)
+        return load_adapter(adapter_id, *args)
+    engine = make_engine(adapter_load_fn=counting_load, max_loras=2, max_cpu_loras=4, max_rank=8)
+    names = [f"ad{i:03d}" for i in range(30)]
+    for name in names:
+        engine.lora.add_adapter(name, many_adapters[int(name[2:])], eager=False)
+    for name in names:  # every request on its own cold adapter, all queued at once
+        engine.add_request(engine.make_request(Prompt(token_ids=(5, 6, 7)), SamplingParams(max_new_tokens=2,
+                                                                                              ignore_eos=True), name))
+    first = engine.step()
+    assert len(loads) <= 2  # the prefetch window (half the CPU cache), however long the queue
+    outputs = run_to_completion(engine)
+    for out in first:
+        outputs.setdefault(out.request_id, []).insert(0, out)
+    assert len(outputs) == 30 and all(len(tokens_of(deltas)) == 2 for deltas in outputs.values())
+    assert sorted(loads) == names  # each adapter read from disk exactly once: no CPU-cache thrash
+
+
 def chat(q):
     return Prompt(messages=(ChatMessage("user", q),))
 

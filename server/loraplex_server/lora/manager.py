@@ -59,11 +59,10 @@ class LoraManager:
         return version
 
     def ready(self, key: str) -> bool:
-        """Weights are on the device or in the CPU cache; otherwise a background load starts."""
-        if self.slots.slot_of(key) is not None or self.registry.ready(key):
-            return True
-        self.registry.ensure_loading(key)
-        return False
+        """Weights are on the device or in the CPU cache. Starts nothing: loads are the prefetcher's
+        (``prefetch``, for a bounded window of the queue), so asking about a long queue cannot
+        start more loads than the CPU cache holds and thrash it."""
+        return self.slots.slot_of(key) is not None or self.registry.ready(key)
 
     def prefetch(self, key: str) -> None:
         """A queued request will need this version soon: start its load, or keep its cached weights
