@@ -22,6 +22,14 @@ def test_neighbouring_equal_segments_form_one_run():
         (0, 2, 8, 2, 1, 5), (2, 4, 16, 2, 5, 9), (4, 5, 16, 1, 9, 10)]
 
 
+def test_neighbours_of_other_ranks_join_a_run_within_the_padding_bound():
+    m = LoraMapping.from_runs([(0, 2), (1, 2), (2, 2), (3, 2)])
+    ranks = [8, 16, 16, 4]
+    assert [(r.lo, r.hi, r.rank) for r in m.segment_runs(ranks, max_pad_rows=8)] == [(0, 3, 16), (3, 4, 4)]
+    assert [(r.lo, r.hi, r.rank, r.pad_rows) for r in m.segment_runs(ranks, max_pad_rows=20)] == [(0, 4, 16, 20)]
+    assert len(m.segment_runs(ranks)) == 3  # no padding allowed: only equal ranks join
+
+
 def test_runs_skip_slots_unused_by_the_module_and_break_on_gaps():
     m = LoraMapping.from_runs([(0, 1), (1, 1), (3, 1), (0, 1)])
     runs = m.segment_runs([4, 0, 4, 4])

@@ -15,7 +15,8 @@ NO_SLOT = -1
 @dataclass(frozen=True)
 class SegmentRun:
     """Neighbouring segments of slots ``lo..hi-1`` (one each, in slot order), all ``width`` tokens
-    long and of one ``rank`` for the module: tokens ``start..end-1``, batched as one matmul pair."""
+    long, computed at ``rank`` (the largest of their ranks for the module): tokens ``start..end-1``,
+    batched as one matmul pair. ``pad_rows``: zero rank rows read because ranks differ."""
 
     lo: int
     hi: int
@@ -23,6 +24,7 @@ class SegmentRun:
     width: int
     start: int
     end: int
+    pad_rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -59,24 +61,29 @@ class LoraMapping:
     def active_slots(self) -> set[int]:
         return {s for _, _, s in self.segments}
 
-    def segment_runs(self, ranks: list[int]) -> list[SegmentRun]:
-        """Segments grouped into runs for a module whose slot ranks are ``ranks`` (cached per ranks)."""
-        key = tuple(ranks)
+    def segment_runs(self, ranks: list[int], max_pad_rows: int = 0) -> list[SegmentRun]:
+        """Segments grouped into runs for a module whose slot ranks are ``ranks``; neighbours of
+        different rank join a run while it reads at most ``max_pad_rows`` zero rank rows
+        (cached per ranks and bound)."""
+        key = (tuple(ranks), max_pad_rows)
         runs = self._runs.get(key)
         if runs is None:
-            runs = self._runs[key] = _group_runs(self.segments, ranks)
+            runs = self._runs[key] = _group_runs(self.segments, ranks, max_pad_rows)
         return runs
 
 
-def _group_runs(segments, ranks: list[int]) -> list[SegmentRun]:
+def _group_runs(segments, ranks: list[int], max_pad_rows: int) -> list[SegmentRun]:
     runs: list[SegmentRun] = []
     for start, end, slot in segments:
         rank, width = ranks[slot], end - start
         if rank == 0:
             continue
         last = runs[-1] if runs else None
-        if last and last.hi == slot and last.end == start and last.rank == rank and last.width == width:
-            runs[-1] = SegmentRun(last.lo, slot + 1, rank, width, last.start, end)
-        else:
-            runs.append(SegmentRun(slot, slot + 1, rank, width, start, end))
+        if last and last.hi == slot and last.end == start and last.width == width:
+            top = max(last.rank, rank)
+            pad = last.pad_rows + (top - last.rank) * (last.hi - last.lo) + (top - rank)
+            if pad <= max_pad_rows:
+                runs[-1] = SegmentRun(last.lo, slot + 1, top, width, last.start, end, pad)
+                continue
+        runs.append(SegmentRun(slot, slot + 1, rank, width, start, end))
     return runs

@@ -11,7 +11,9 @@ Layouts behind one function (``lora_apply``):
   Neighbouring segments of neighbouring slots with the same rank and the same length are one
   *run*, computed by two batched matmuls on views (no copies); a run of one segment is a plain
   segment matmul pair. Slots are placed so that equal ranks sit side by side (``slots.py``), so
-  a many-adapter decode batch is a handful of runs, each read at its true rank.
+  a many-adapter decode batch is a handful of runs, each read at its true rank. Neighbours of
+  different rank join a run at the larger rank (padding rows are zero, so nothing changes) when
+  the extra bytes read cost less than another matmul pair (``RUN_MERGE_PAD_BYTES``).
 - BGMV (gather): per-token gather of the slot weights and batched matmuls per token; the layout
   GPU kernels use for decode. On CPU the gathers cost more than they save, so the dispatcher
   does not pick it there.
@@ -31,6 +33,10 @@ import torch
 
 from .mapping import LoraMapping
 from .triton_ops import select_lora_backend
+
+# On CPU a matmul pair costs ~25 us of dispatch, about the time to stream 256 KB of weights (one
+# core, ~10 GB/s): reading fewer zero padding bytes than that beats splitting a run.
+RUN_MERGE_PAD_BYTES = 256 * 1024
 
 # (y [T, out], x [T, in], lora_a [S, R, in], lora_bt [S, R, out], ranks per slot, mapping) -> None
 LoraApply = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int], LoraMapping], None]
@@ -59,7 +65,8 @@ def sgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.
         xs = x[run tokens] viewed [n, width, in]
         y[run tokens] viewed [n, width, out] += (A[lo:hi, :r] @ xs^T)^T @ Bt[lo:hi, :r]
     """
-    for run in mapping.segment_runs(ranks):
+    row_bytes = (lora_a.shape[2] + lora_bt.shape[2]) * lora_a.element_size()  # one rank row of A and Bt
+    for run in mapping.segment_runs(ranks, RUN_MERGE_PAD_BYTES // row_bytes):
         n, r = run.hi - run.lo, run.rank
         xs = x[run.start:run.end].reshape(n, run.width, -1)  # [n, width, in]
         h = torch.bmm(lora_a[run.lo:run.hi, :r], xs.transpose(1, 2))  # [n, r, width]
