@@ -28,7 +28,7 @@ protos:
 # The offline harness: PEFT sequential / PEFT mixed batches / Loraplex base / Loraplex adapters,
 # scaling 1-512 adapters; JSON, Markdown and PNG plots under benchmarks/results/ (several minutes).
 bench: install
-	$(PYTHON) benchmarks/offline.py --profile --out benchmarks/results
+	$(PYTHON) benchmarks/offline.py --profile --repeats 3 --out benchmarks/results
 
 bench-smoke: install
 	$(PYTHON) benchmarks/offline.py --smoke
