@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sysconfig
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -32,8 +33,9 @@ SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_s
 
 
 def tool(name: str) -> str:
-    """The path of an external tool; a missing tool fails the test (CI installs them)."""
-    path = shutil.which(name)
+    """The path of an external tool: pip puts it beside this interpreter's scripts (also when that
+    directory is not on PATH, e.g. pyenv before a rehash); a missing tool fails the test."""
+    path = shutil.which(name, path=sysconfig.get_path("scripts")) or shutil.which(name)
     if path is None:
         pytest.fail(f"{name} not found on PATH: pip install {TOOL_PACKAGES[name]}")
     return path
