@@ -2,8 +2,8 @@
 
 ``TRITON_INTERPRET`` is read when ``@triton.jit`` decorates a kernel, i.e. when our kernel modules
 are imported. The engine imports them (through ``lora.ops`` and ``model.triton_attention``) before
-this file runs, so it is set here and the kernel modules are reloaded in place, kernels first, then
-the host module that took names from them. triton itself is required: CI installs it.
+this file runs, so it is set here and the kernel modules are reloaded in place: the shared jit
+helpers first, then the kernels, then the host modules that took names from them. triton itself is required: CI installs it.
 """
 
 import importlib
@@ -16,7 +16,8 @@ import torch
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
-    for _name in ("loraplex_server.lora.triton_kernels", "loraplex_server.lora.triton_ops",
+    for _name in ("loraplex_server.triton_common", "loraplex_server.lora.triton_kernels",
+                  "loraplex_server.lora.triton_ops",
                   "loraplex_server.model.triton_attention"):
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])

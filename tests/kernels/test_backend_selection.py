@@ -55,11 +55,12 @@ def _fresh_copy(module_name: str, monkeypatch):
 def test_modules_import_without_triton(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
     monkeypatch.setitem(sys.modules, "triton.language", None)
-    kernels = _fresh_copy("loraplex_server.lora.triton_kernels", monkeypatch)
+    common = _fresh_copy("loraplex_server.triton_common", monkeypatch)
+    _fresh_copy("loraplex_server.lora.triton_kernels", monkeypatch)  # jit helpers from the fresh common
     host = _fresh_copy("loraplex_server.lora.triton_ops", monkeypatch)  # imports the fresh kernels
     lora_ops = _fresh_copy("loraplex_server.lora.ops", monkeypatch)
     attention = _fresh_copy("loraplex_server.model.triton_attention", monkeypatch)
-    assert not kernels.triton_available() and not host.triton_available() and not attention.triton_available()
+    assert not common.triton_available() and not host.triton_available() and not attention.triton_available()
     assert host.select_lora_backend("cuda") is None
     assert lora_ops.apply_function("cuda") is lora_ops.lora_apply
     assert attention.select_attention_function("cuda") is paged_attention

@@ -26,57 +26,21 @@ and ``Bt`` [num_slots, R, out] (B transposed, scale folded in, as ``LoraLinear``
 Fused stacks are separate tensors (or views of one buffer) addressed as element offsets from the
 lowest-addressed one, passed as scalar kernel arguments (no per-call device tensors). Launches,
 tile sizes and argument checks live in ``triton_ops.py``. Without triton installed this module
-still imports (the kernels stay plain, never-launched functions); ``triton_available()`` says False.
+still imports (the kernels stay plain, never-launched functions; see ``triton_common``).
 """
 
-from types import SimpleNamespace
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the kernels below are defined but never launched
-    triton = None
-    tl = SimpleNamespace(constexpr=None)
-
-
-def triton_available() -> bool:
-    return triton is not None
-
-
-def _jit(**kwargs):
-    def wrap(fn):
-        return triton.jit(fn, **kwargs) if triton is not None else fn
-    return wrap
-
+from ..triton_common import dot, jit, tl, tl_sum
 
 _OFFSETS = ["off0", "off1", "off2"]
 
 
-# Kernels use builtins only, plus these: tl.sum / tl.max / tl.zeros / tl.cdiv are themselves
-# @jit functions, which the CPU interpreter cannot call when triton was imported before
-# TRITON_INTERPRET was set (transformers imports triton early). Same op as tl.sum.
-@_jit()
-def _sum(x, axis: tl.constexpr):
-    return tl.reduce(x, axis, tl.standard._sum_combine)
-
-
-@_jit()
+@jit()
 def _pick(p, v0, v1, v2):
     """``(v0, v1, v2)[p]`` for a runtime projection index."""
     return tl.where(p == 0, v0, tl.where(p == 1, v1, v2))
 
 
-@_jit()
-def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b in fp32; UPCAST: fp32 operands (the CPU interpreter multiplies bf16 as raw bits)."""
-    if UPCAST:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        out = tl.dot(a, b, input_precision=PRECISION)
-    return out
-
-
-@_jit()
+@jit()
 def _shrink_tile(x_ptr, a_ptr, rows, row_ok, rank, k_lo, k_hi, sx_t, sx_k, sa_r, sa_k,
                  BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                  PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -90,11 +54,11 @@ def _shrink_tile(x_ptr, a_ptr, rows, row_ok, rank, k_lo, k_hi, sx_t, sx_k, sa_r,
                      mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
         at = tl.load(a_ptr + cols[None, :] * sa_r + ks[:, None] * sa_k,
                      mask=(cols[None, :] < rank) & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_R]
-        acc += _dot(xt, at.to(xt.dtype), PRECISION, UPCAST)
+        acc += dot(xt, at.to(xt.dtype), PRECISION, UPCAST)
     return acc
 
 
-@_jit(do_not_specialize=_OFFSETS)
+@jit(do_not_specialize=_OFFSETS)
 def sgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, ranks_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr,
                         off0, off1, off2, K, R, P, sx_t, sx_k, sa_s, sa_r, sa_k, sh_t,
                         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -130,7 +94,7 @@ def sgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, ranks_ptr, seg_start_ptr, seg_len_pt
         tl.atomic_add(ptrs, acc, mask=mask)
 
 
-@_jit(do_not_specialize=_OFFSETS)
+@jit(do_not_specialize=_OFFSETS)
 def bgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, ranks_ptr, token_slots_ptr, off0, off1, off2,
                         K, R, P, sx_t, sx_k, sa_s, sa_r, sa_k, sh_t,
                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
@@ -160,7 +124,7 @@ def bgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, ranks_ptr, token_slots_ptr, off0, of
         xk = tl.load(x_ptr + t * sx_t + ks * sx_k, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
         at = tl.load(a_base + cols[:, None] * sa_r + ks[None, :] * sa_k,
                      mask=(cols[:, None] < rank) & k_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_K]
-        acc += _sum(at.to(tl.float32) * xk[None, :], 1)
+        acc += tl_sum(at.to(tl.float32) * xk[None, :], 1)
     ptrs = h_ptr + t * sh_t + p * R + cols
     if SPLIT_K == 1:
         tl.store(ptrs, acc.to(h_ptr.dtype.element_ty), mask=cols < rank)
@@ -168,7 +132,7 @@ def bgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, ranks_ptr, token_slots_ptr, off0, of
         tl.atomic_add(ptrs, acc, mask=cols < rank)
 
 
-@_jit(do_not_specialize=["b0", "b1", "b2", "y0", "y1", "y2"])
+@jit(do_not_specialize=["b0", "b1", "b2", "y0", "y1", "y2"])
 def sgmv_expand_kernel(h_ptr, b_ptr, y_ptr, ranks_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr,
                         n0, n1, n2, b0, b1, b2, bs0, bs1, bs2, br0, br1, br2, y0, y1, y2, ys0, ys1, ys2,
                         R, P, N_TILES, sh_t, sb_n,
@@ -200,14 +164,14 @@ def sgmv_expand_kernel(h_ptr, b_ptr, y_ptr, ranks_ptr, seg_start_ptr, seg_len_pt
                  mask=(cols[:, None] < rank) & n_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
     ht = tl.load(h_ptr + rows[:, None] * sh_t + (p * R + cols)[None, :],
                  mask=row_ok[:, None] & (cols[None, :] < rank), other=0.0)  # [BLOCK_M, BLOCK_R]
-    acc = _dot(ht.to(bt.dtype), bt, PRECISION, UPCAST)  # [BLOCK_M, BLOCK_N]
+    acc = dot(ht.to(bt.dtype), bt, PRECISION, UPCAST)  # [BLOCK_M, BLOCK_N]
     y_ptrs = y_ptr + _pick(p, y0, y1, y2) + rows[:, None] * _pick(p, ys0, ys1, ys2) + ns[None, :]
     mask = row_ok[:, None] & n_ok[None, :]
     y = tl.load(y_ptrs, mask=mask, other=0.0)
     tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=mask)
 
 
-@_jit(do_not_specialize=["b0", "b1", "b2", "y0", "y1", "y2"])
+@jit(do_not_specialize=["b0", "b1", "b2", "y0", "y1", "y2"])
 def bgmv_expand_kernel(h_ptr, b_ptr, y_ptr, ranks_ptr, token_slots_ptr,
                         n0, n1, n2, b0, b1, b2, bs0, bs1, bs2, br0, br1, br2, y0, y1, y2, ys0, ys1, ys2,
                         R, P, N_TILES, sh_t, sb_n,
@@ -236,7 +200,7 @@ def bgmv_expand_kernel(h_ptr, b_ptr, y_ptr, ranks_ptr, token_slots_ptr,
                  mask=(cols[:, None] < rank) & n_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
     ht = tl.load(h_ptr + t * sh_t + p * R + cols, mask=cols < rank, other=0.0)  # [BLOCK_R]
     ht = ht.to(bt.dtype).to(tl.float32)
-    acc = _sum(bt.to(tl.float32) * ht[:, None], 0)  # [BLOCK_N]
+    acc = tl_sum(bt.to(tl.float32) * ht[:, None], 0)  # [BLOCK_N]
     y_ptrs = y_ptr + _pick(p, y0, y1, y2) + t * _pick(p, ys0, ys1, ys2) + ns
     y = tl.load(y_ptrs, mask=n_ok, other=0.0)
     tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=n_ok)

@@ -16,19 +16,15 @@ from typing import Sequence
 
 import torch
 
+from ..triton_common import cdiv, dot_options, interpreted, next_pow2, triton_available
 from .mapping import LoraMapping
-from .triton_kernels import (bgmv_expand_kernel, bgmv_shrink_kernel, sgmv_expand_kernel, sgmv_shrink_kernel,
-                             triton_available)
+from .triton_kernels import bgmv_expand_kernel, bgmv_shrink_kernel, sgmv_expand_kernel, sgmv_shrink_kernel
 
 MAX_FUSED = 3  # projections per launch (q/k/v); the kernels take this many offsets
 SGMV_MIN_TOKENS_PER_SEGMENT = 8  # below this the gather layout wins (decode)
 _TARGET_PROGRAMS = 512  # split-K fills the GPU when a shrink launches fewer programs than this
 INTERPRETER_TILE_SCALE = 4  # wider K/N tiles under the CPU interpreter, where each program costs Python time
 _RANKS_CACHE_SIZE = 64
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclass(frozen=True)
@@ -60,10 +56,6 @@ def choose_layout(segments: SegmentTensors) -> str:
     if segments.num_tokens >= SGMV_MIN_TOKENS_PER_SEGMENT * max(segments.count, 1):
         return "segment"
     return "gather"
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _as_list(t: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -99,22 +91,12 @@ def _ranks_2d(ranks: torch.Tensor | Sequence[int], num_slots: int, num_proj: int
     return t.to(device=device, dtype=torch.int32).reshape(num_slots, num_proj).contiguous()
 
 
-def _interpreted(kernel) -> bool:
-    return type(kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 (CPU tests)
-
-
-def _dot_options(kernel, dtype: torch.dtype) -> dict:
-    """fp32 dots stay exact (IEEE, not TF32); bf16 dots go through fp32 under the CPU interpreter."""
-    return dict(PRECISION="ieee" if dtype == torch.float32 else None,
-                UPCAST=_interpreted(kernel) and dtype == torch.bfloat16)
-
-
 def _tiles(kernel, layout: str, dtype: torch.dtype, max_rank: int, max_len: int) -> dict:
     """Tile sizes, tuned for the GPU (K and N tiles scaled up under the interpreter)."""
-    scale = INTERPRETER_TILE_SCALE if _interpreted(kernel) else 1
-    block_r = max(16, _next_pow2(max_rank))
+    scale = INTERPRETER_TILE_SCALE if interpreted(kernel) else 1
+    block_r = max(16, next_pow2(max_rank))
     if layout == "segment":
-        return dict(BLOCK_M=min(64, max(16, _next_pow2(max_len))), BLOCK_R=block_r,
+        return dict(BLOCK_M=min(64, max(16, next_pow2(max_len))), BLOCK_R=block_r,
                     BLOCK_K=(32 if dtype == torch.float32 else 64) * scale, BLOCK_N=64 * scale)
     wide = max(32, min(256, 4096 // block_r)) * scale  # [BLOCK_R, wide] tiles of ~4K elements
     return dict(BLOCK_R=block_r, BLOCK_K=wide, BLOCK_N=wide)
@@ -161,11 +143,11 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor | Sequence[torch.Tensor], 
     tiles = _tiles(kernel, layout, x.dtype, max_rank, segments.max_len)
     del tiles["BLOCK_N"]
     if layout == "segment":
-        grid = (_cdiv(segments.max_len, tiles["BLOCK_M"]), segments.count, num_proj)
+        grid = (cdiv(segments.max_len, tiles["BLOCK_M"]), segments.count, num_proj)
     else:
         grid = (num_tokens, num_proj)
     fp32 = out_dtype == torch.float32
-    k_blocks = _cdiv(k, tiles["BLOCK_K"])
+    k_blocks = cdiv(k, tiles["BLOCK_K"])
     split = _split_k(math.prod(grid), k_blocks, x.device, split_k) if fp32 else (split_k or 1)
     if split > 1 and not fp32:
         raise ValueError("split-K accumulates atomically and needs an fp32 h")
@@ -178,7 +160,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor | Sequence[torch.Tensor], 
     grid = (*grid[:-1], grid[-1] * split)
     if layout == "segment":
         kernel[grid](x, base, h, ranks, segments.starts, segments.lens, segments.slots, *args,
-                     SPLIT_K=split, **tiles, **_dot_options(kernel, x.dtype))
+                     SPLIT_K=split, **tiles, **dot_options(kernel, x.dtype))
     else:
         kernel[grid](x, base, h, ranks, token_slots, *args, SPLIT_K=split, **tiles)
     return h
@@ -221,15 +203,15 @@ def lora_expand(y: torch.Tensor | Sequence[torch.Tensor], h: torch.Tensor,
     kernel = sgmv_expand_kernel if layout == "segment" else bgmv_expand_kernel
     tiles = _tiles(kernel, layout, stacks[0].dtype, max_rank, segments.max_len)
     del tiles["BLOCK_K"]
-    n_tiles = _cdiv(max(outs), tiles["BLOCK_N"])
+    n_tiles = cdiv(max(outs), tiles["BLOCK_N"])
     b_base, b_offs = _offsets(stacks)
     y_base, y_offs = _offsets(ys)
     args = (*_padded(outs), *b_offs, *_padded([b.stride(0) for b in stacks]), *_padded([b.stride(1) for b in stacks]),
             *y_offs, *_padded([t.stride(0) for t in ys]), max_rank, num_proj, n_tiles, h.stride(0), b_base.stride(2))
     if layout == "segment":
-        grid = (_cdiv(segments.max_len, tiles["BLOCK_M"]), segments.count, num_proj * n_tiles)
+        grid = (cdiv(segments.max_len, tiles["BLOCK_M"]), segments.count, num_proj * n_tiles)
         kernel[grid](h, b_base, y_base, ranks, segments.starts, segments.lens, segments.slots, *args,
-                     **tiles, **_dot_options(kernel, b_base.dtype))
+                     **tiles, **dot_options(kernel, b_base.dtype))
     else:
         kernel[(num_tokens, num_proj * n_tiles)](h, b_base, y_base, ranks, token_slots, *args, **tiles)
 

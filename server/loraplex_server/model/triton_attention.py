@@ -18,71 +18,33 @@ in fp32. A block table of block size 1 is a per-token slot table, which is what 
 """
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
+from ..triton_common import cdiv, dot, dot_options, jit, next_pow2, tl, tl_max, tl_sum, triton_available
 from .attention import META_KWARG, PagedAttentionMetadata, layer_window, paged_attention
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the kernel is defined but never launched
-    triton = None
-    tl = SimpleNamespace(constexpr=None)
 
 _VARLEN_KEY = "triton_varlen"
 
 
-def triton_available() -> bool:
-    return triton is not None
-
-
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
-
-
-# Kernels use builtins only, plus these: tl.sum / tl.max / tl.zeros / tl.cdiv are themselves
-# @jit functions, which the CPU interpreter cannot call when triton was imported before
-# TRITON_INTERPRET was set (transformers imports triton early). Same ops as tl.sum / tl.max.
-@_jit
-def _sum(x, axis: tl.constexpr):
-    return tl.reduce(x, axis, tl.standard._sum_combine)
-
-
-@_jit
-def _max(x, axis: tl.constexpr):
-    return tl.reduce(x, axis, tl.standard._elementwise_max)
-
-
-@_jit
-def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b in fp32; UPCAST: fp32 operands (the CPU interpreter multiplies bf16 as raw bits)."""
-    if UPCAST:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        out = tl.dot(a, b, input_precision=PRECISION)
-    return out
-
-
-@_jit
+@jit()
 def _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, slots, j_ok, allowed, d, d_ok, sk_slot, sv_slot, scale_log2,
                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """One key block of the online softmax: returns the updated (acc, m_i, l_i)."""
     kt = tl.load(k_ptr + slots[None, :] * sk_slot + d[:, None],
                  mask=j_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-    s = _dot(q, kt.to(q.dtype), PRECISION, UPCAST) * scale_log2  # [BLOCK_M, BLOCK_N], log2 units
+    s = dot(q, kt.to(q.dtype), PRECISION, UPCAST) * scale_log2  # [BLOCK_M, BLOCK_N], log2 units
     s = tl.where(allowed, s, float("-inf"))
-    m_new = tl.maximum(m_i, _max(s, 1))  # finite: m_i starts at -1e30
+    m_new = tl.maximum(m_i, tl_max(s, 1))  # finite: m_i starts at -1e30
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     v = tl.load(v_ptr + slots[:, None] * sv_slot + d[None, :],
                 mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
-    return acc, m_new, l_i * alpha + _sum(p, 1)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, UPCAST)
+    return acc, m_new, l_i * alpha + tl_sum(p, 1)
 
 
-@_jit
+@jit()
 def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, q_starts_ptr, q_lens_ptr, ctx_lens_ptr, tables_ptr,
                             scale_log2, window, block_size, head_dim,
                             sq_t, sq_h, sk_slot, sk_h, sv_slot, sv_h, so_t, so_h, st_seq,
@@ -173,13 +135,10 @@ class VarlenPagedMeta:
 
 def _launch_options(kernel, dtype: torch.dtype, group: int, max_q_len: int, head_dim: int) -> dict:
     """Tile sizes: the GQA group (padded to a power of two) times a block of queries fills >= 16 rows."""
-    group_pad = 1 << max(0, (group - 1).bit_length())
+    group_pad = next_pow2(group)
     block_q = max(1, (16 if max_q_len == 1 else 64) // group_pad)
-    interpreted = type(kernel).__name__ == "InterpretedFunction"
     return dict(GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=64 if head_dim <= 128 else 32,
-                BLOCK_D=max(16, 1 << max(0, (head_dim - 1).bit_length())),
-                PRECISION="ieee" if dtype == torch.float32 else None,
-                UPCAST=interpreted and dtype == torch.bfloat16)
+                BLOCK_D=max(16, next_pow2(head_dim)), **dot_options(kernel, dtype))
 
 
 def paged_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: VarlenPagedMeta,
@@ -195,7 +154,7 @@ def paged_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if num_seqs == 0 or num_tokens == 0:
         return out
     opts = _launch_options(_paged_attention_kernel, q.dtype, num_heads // num_kv_heads, meta.max_q_len, head_dim)
-    grid = (num_seqs, triton.cdiv(meta.max_q_len, opts["BLOCK_Q"]), num_kv_heads)
+    grid = (num_seqs, cdiv(meta.max_q_len, opts["BLOCK_Q"]), num_kv_heads)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, meta.q_starts, meta.q_lens, meta.ctx_lens, meta.block_tables,
         scaling * 1.4426950408889634, window or 0, meta.block_size, head_dim,  # scale * log2(e): exp2 softmax
