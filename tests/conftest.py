@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from helpers import ADAPTER_SPECS, engine_config, load_fresh, make_peft_adapter
+from helpers import ADAPTER_SPECS, engine_config, fresh_loaded, load_fresh, make_peft_adapter
 from loraplex_server.config import default_cache_dir
 from loraplex_server.engine.engine import LLMEngine
-from loraplex_server.model.loader import LoadedModel, embedded_model_dir
+from loraplex_server.model.loader import embedded_model_dir
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -46,6 +46,6 @@ def peft_adapters(model_dir, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def make_engine(model_dir, tokenizer):
     def build(adapter_load_fn=None, **kwargs) -> LLMEngine:
-        loaded = LoadedModel(load_fresh(model_dir), tokenizer, "test", torch.device("cpu"), torch.float32)
-        return LLMEngine(engine_config(**kwargs), loaded=loaded, adapter_load_fn=adapter_load_fn)
+        return LLMEngine(engine_config(**kwargs), loaded=fresh_loaded(model_dir, tokenizer, "test"),
+                         adapter_load_fn=adapter_load_fn)
     return build

@@ -8,8 +8,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from loraplex_server.api.auth import hash_key
 from loraplex_server.config import CacheConfig, EngineConfig, LoraConfig, SchedulerConfig
 from loraplex_server.engine.engine import LLMEngine
+from loraplex_server.model.loader import LoadedModel
 
 ASSETS = Path(__file__).parent / "assets"
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -26,6 +28,16 @@ ADAPTER_SPECS = [
 def load_fresh(model_dir: Path) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     return model.eval().requires_grad_(False)
+
+
+def fresh_loaded(model_dir: Path, tokenizer, name: str = "SmolLM2-135M-Instruct") -> LoadedModel:
+    """A fresh fp32 CPU copy of the embedded model, as the engine takes it (``loaded=``)."""
+    return LoadedModel(load_fresh(model_dir), tokenizer, name, torch.device("cpu"), torch.float32)
+
+
+def key_entry(key: str, tenant: str, role: str = "tenant") -> str:
+    """One ``[[keys]]`` entry of an API keys file (the key stored as its sha256)."""
+    return f'[[keys]]\nsha256 = "{hash_key(key)}"\ntenant = "{tenant}"\nrole = "{role}"\n\n'
 
 
 def make_peft_adapter(base: torch.nn.Module, out: Path, rank: int, alpha: int, targets: list[str],

@@ -7,13 +7,11 @@ import threading
 from dataclasses import replace
 
 import pytest
-import torch
 
-from helpers import engine_config, load_fresh
+from helpers import engine_config, fresh_loaded
 from loraplex_server.config import Config, ServerConfig
 from loraplex_server.engine.engine import LLMEngine
 from loraplex_server.api.server import LoraplexServer
-from loraplex_server.model.loader import LoadedModel
 
 
 class ServerThread:
@@ -58,9 +56,7 @@ def make_config(adapter_root, adapters=(), server_overrides=None, **engine_kwarg
 def engine_factory(model_dir, tokenizer):
     """Config -> engine on a fresh copy of the embedded model."""
     def factory(cfg):
-        loaded = LoadedModel(load_fresh(model_dir), tokenizer, "SmolLM2-135M-Instruct", torch.device("cpu"),
-                             torch.float32)
-        return LLMEngine(cfg, loaded=loaded)
+        return LLMEngine(cfg, loaded=fresh_loaded(model_dir, tokenizer))
     return factory
 
 

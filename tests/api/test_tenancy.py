@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -10,7 +9,7 @@ import time
 import grpc
 import pytest
 
-from helpers import ASSETS
+from helpers import ASSETS, key_entry
 from loraplex import Client
 from loraplex import errors as cerr
 
@@ -18,8 +17,7 @@ KEYS = {"admin": "admin-key-0123456789", "acme": "acme-key-0123456789", "beta": 
 
 
 def keys_toml(extra: str = "") -> str:
-    entries = "".join(f'[[keys]]\nsha256 = "{hashlib.sha256(k.encode()).hexdigest()}"\ntenant = "{t}"\n'
-                      f'role = "{"admin" if t == "admin" else "tenant"}"\n\n' for t, k in KEYS.items())
+    entries = "".join(key_entry(k, t, "admin" if t == "admin" else "tenant") for t, k in KEYS.items())
     return entries + extra + "[tenants.beta]\nmax_concurrent = 1\ntokens_per_minute = 30\n"
 
 
@@ -91,7 +89,7 @@ def test_per_tenant_limits_answer_resource_exhausted_with_a_retry_hint(tenant_se
 
 def test_keys_file_reloads_without_restart(tenant_server):
     new_key = "gamma-key-0123456789"
-    extra = f'[[keys]]\nsha256 = "{hashlib.sha256(new_key.encode()).hexdigest()}"\ntenant = "gamma"\nrole = "tenant"\n\n'
+    extra = key_entry(new_key, "gamma")
     with client(tenant_server, key=new_key) as gamma:
         with pytest.raises(cerr.PermissionDeniedError):
             gamma.list_adapters()

@@ -4,16 +4,13 @@ failures returned as statuses, evictions that wait for the requests holding an a
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 
 import pytest
-import torch
-from helpers import load_fresh
+from helpers import fresh_loaded, key_entry
 from loraplex._request import build_generate_request
 from loraplex.v1 import loraplex_pb2 as pb
 from loraplex_server.engine.engine import LLMEngine
-from loraplex_server.model.loader import LoadedModel
 from loraplex_server.ray_serve.service import ReplicaService
 from loraplex_server.ray_serve.status import ReplicaStatusError
 from ray_support import cluster_config, lru_cache
@@ -24,16 +21,13 @@ TENANT = (("authorization", "Bearer acme-key"),)
 
 def _keys_file(path):
     rows = [("admin-key", "ops", "admin"), ("acme-key", "acme", "tenant")]
-    path.write_text("".join(f'[[keys]]\nsha256 = "{hashlib.sha256(key.encode()).hexdigest()}"\n'
-                            f'tenant = "{tenant}"\nrole = "{role}"\n' for key, tenant, role in rows))
+    path.write_text("".join(key_entry(key, tenant, role) for key, tenant, role in rows))
     return path
 
 
 def _engine_factory(model_dir, tokenizer):
     def build(engine_config):
-        loaded = LoadedModel(load_fresh(model_dir), tokenizer, "SmolLM2-135M-Instruct", torch.device("cpu"),
-                             torch.float32)
-        return LLMEngine(engine_config, loaded=loaded)
+        return LLMEngine(engine_config, loaded=fresh_loaded(model_dir, tokenizer))
     return build
 
 

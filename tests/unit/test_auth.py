@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import key_entry
 from loraplex_server.api.auth import KeyStore, bearer_token, hash_key
 from loraplex_server.tenancy import (
     OPEN_PRINCIPAL,
@@ -33,10 +34,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.t
-
-
-def key_entry(key: str, tenant: str, role: str = "tenant") -> str:
-    return f'[[keys]]\nsha256 = "{hash_key(key)}"\ntenant = "{tenant}"\nrole = "{role}"\n\n'
 
 
 BASE_FILE = (key_entry(ACME_KEY, "acme") + key_entry(ADMIN_KEY, "ops", "admin")
