@@ -132,6 +132,20 @@ def bgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, ranks_ptr, token_slots_ptr, off0, of
         tl.atomic_add(ptrs, acc, mask=cols < rank)
 
 
+@jit()
+def _bt_tile(b_ptr, p, slot, rank, tile, n_out, b0, b1, b2, bs0, bs1, bs2, br0, br1, br2, sb_n,
+             BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Bt_p[slot, :rank, tile's columns] as a [BLOCK_R, BLOCK_N] tile (zeros past rank and out_p),
+    with the tile's column indices and their in-range mask."""
+    cols = tl.arange(0, BLOCK_R)
+    ns = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = ns < n_out
+    b_base = b_ptr + _pick(p, b0, b1, b2) + slot * _pick(p, bs0, bs1, bs2)
+    bt = tl.load(b_base + cols[:, None] * _pick(p, br0, br1, br2) + ns[None, :] * sb_n,
+                 mask=(cols[:, None] < rank) & n_ok[None, :], other=0.0)
+    return bt, ns, n_ok
+
+
 @jit(do_not_specialize=["b0", "b1", "b2", "y0", "y1", "y2"])
 def sgmv_expand_kernel(h_ptr, b_ptr, y_ptr, ranks_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr,
                         n0, n1, n2, b0, b1, b2, bs0, bs1, bs2, br0, br1, br2, y0, y1, y2, ys0, ys1, ys2,
@@ -157,11 +171,8 @@ def sgmv_expand_kernel(h_ptr, b_ptr, y_ptr, ranks_ptr, seg_start_ptr, seg_len_pt
     row_ok = local < seg_len
     rows = (tl.load(seg_start_ptr + seg) + local).to(tl.int64)  # [BLOCK_M]
     cols = tl.arange(0, BLOCK_R)
-    ns = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = ns < n_out
-    b_base = b_ptr + _pick(p, b0, b1, b2) + slot * _pick(p, bs0, bs1, bs2)
-    bt = tl.load(b_base + cols[:, None] * _pick(p, br0, br1, br2) + ns[None, :] * sb_n,
-                 mask=(cols[:, None] < rank) & n_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+    bt, ns, n_ok = _bt_tile(b_ptr, p, slot, rank, tile, n_out, b0, b1, b2, bs0, bs1, bs2, br0, br1, br2, sb_n,
+                            BLOCK_R, BLOCK_N)  # [BLOCK_R, BLOCK_N]
     ht = tl.load(h_ptr + rows[:, None] * sh_t + (p * R + cols)[None, :],
                  mask=row_ok[:, None] & (cols[None, :] < rank), other=0.0)  # [BLOCK_M, BLOCK_R]
     acc = dot(ht.to(bt.dtype), bt, PRECISION, UPCAST)  # [BLOCK_M, BLOCK_N]
@@ -193,11 +204,8 @@ def bgmv_expand_kernel(h_ptr, b_ptr, y_ptr, ranks_ptr, token_slots_ptr,
     if rank == 0:
         return
     cols = tl.arange(0, BLOCK_R)
-    ns = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = ns < n_out
-    b_base = b_ptr + _pick(p, b0, b1, b2) + slot * _pick(p, bs0, bs1, bs2)
-    bt = tl.load(b_base + cols[:, None] * _pick(p, br0, br1, br2) + ns[None, :] * sb_n,
-                 mask=(cols[:, None] < rank) & n_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+    bt, ns, n_ok = _bt_tile(b_ptr, p, slot, rank, tile, n_out, b0, b1, b2, bs0, bs1, bs2, br0, br1, br2, sb_n,
+                            BLOCK_R, BLOCK_N)  # [BLOCK_R, BLOCK_N]
     ht = tl.load(h_ptr + t * sh_t + p * R + cols, mask=cols < rank, other=0.0)  # [BLOCK_R]
     ht = ht.to(bt.dtype).to(tl.float32)
     acc = tl_sum(bt.to(tl.float32) * ht[:, None], 0)  # [BLOCK_N]
