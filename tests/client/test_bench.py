@@ -247,20 +247,21 @@ def test_closed_loop_of_one_is_sequential(bench_fake):
 
 
 def test_open_loop_follows_poisson_schedule(bench_fake):
-    rate, n = 50.0, 30
+    # Arrivals ~50 ms apart, so transport jitter on a loaded CI machine (tens of ms, seen once as
+    # +85 ms over 30 requests at 50/s) stays well inside the tolerances while a dispatcher that
+    # waited for responses or ignored the plan would still fail them.
+    rate, n = 20.0, 20
     cfg = config(bench_fake, mode="open", rate=rate, num_requests=n, output_len="fixed:1",
                  seed=7)
     planned = [p.arrival_s for p in plan_requests(cfg)]
-    planned_mean = planned[-1] / (n - 1)
-    assert planned_mean == pytest.approx(1 / rate, rel=0.35)   # this seed's sample vs the rate
+    planned_span = planned[-1] - planned[0]
+    assert planned_span / (n - 1) == pytest.approx(1 / rate, rel=0.35)   # this seed vs the rate
     result = run_bench(cfg)
     assert result.completed == n
     seen = bench_fake.arrivals
-    observed_mean = (seen[-1] - seen[0]) / (n - 1)
-    assert observed_mean == pytest.approx(planned_mean, rel=0.15)
-    assert observed_mean == pytest.approx(1 / rate, rel=0.4)
-    assert all(abs(r.start_s - r.scheduled_s) < 0.05 for r in result.records)
-    assert result.max_arrival_lag_s is not None and result.max_arrival_lag_s < 0.05
+    assert seen[-1] - seen[0] == pytest.approx(planned_span, abs=0.15)
+    assert all(abs(r.start_s - r.scheduled_s) < 0.1 for r in result.records)
+    assert result.max_arrival_lag_s is not None and result.max_arrival_lag_s < 0.1
 
 
 def test_open_loop_does_not_wait_for_responses(bench_fake):
