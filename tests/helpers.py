@@ -85,3 +85,62 @@ def run_to_completion(engine: LLMEngine, timeout_s: float = 300.0) -> dict[str, 
 
 def tokens_of(deltas) -> list[int]:
     return [t for d in deltas for t in d.token_ids]
+
+
+# Mixed adapters and base rows, prompts long enough for chunked prefill under a 24-token budget.
+MIXED_REQUESTS = [("a0", 13), (None, 5), ("a1", 20), ("a0", 3)]  # (adapter, prompt tokens)
+
+
+def dummy_engine_factory(tmp_path: Path, device: torch.device, *, max_batch_tokens: int = 24, **model):
+    """Builds engines of one config (2-layer SmolLM2 shape, seeded dummy weights) with adapters
+    a0 (rank 8) and a1 (rank 16); ``model`` overrides ModelConfig fields (e.g. cuda_graphs)."""
+    import json
+    import sys
+
+    from loraplex_server.config import ModelConfig
+    from loraplex_server.model.presets import PRESETS
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from synthetic_adapters import write_adapter
+
+    config = dict(PRESETS["smollm2-135m"], num_hidden_layers=2, architectures=["LlamaForCausalLM"])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model_cfg = dict(model=str(tmp_path / "config.json"), load_format="dummy", device=device.type,
+                     dtype="float32", threads=1, **model)
+
+    def make(**overrides) -> LLMEngine:
+        cfg = EngineConfig(model=ModelConfig(**{**model_cfg, **overrides}),
+                           cache=CacheConfig(block_size=8, num_blocks=64),
+                           scheduler=SchedulerConfig(max_num_batched_tokens=max_batch_tokens),
+                           lora=LoraConfig(max_loras=3, max_lora_rank=16))
+        engine = LLMEngine(cfg)
+        for i, rank in enumerate([8, 16]):
+            path = tmp_path / f"a{i}"
+            if not path.exists():
+                write_adapter(path, engine.loaded.model.config, rank, seed=i, b_scale=0.05)
+            engine.lora.add_adapter(f"a{i}", path)
+        return engine
+    return make
+
+
+def generate_mixed(engine: LLMEngine, requests=MIXED_REQUESTS, max_new_tokens: int = 6) -> dict[str, list]:
+    """Run ``requests`` (adapter, prompt length) to completion: request id -> output deltas."""
+    from loraplex_server.engine.request import Prompt, SamplingParams
+
+    for j, (adapter, n) in enumerate(requests):
+        sampling = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, logprobs=3)
+        engine.add_request(engine.make_request(Prompt(token_ids=tuple(range(10 + j, 10 + j + n))), sampling,
+                                               adapter, f"r{j}"))
+    return run_to_completion(engine)
+
+
+def assert_same_generation(got: dict[str, list], expected: dict[str, list], atol: float = 1e-4) -> None:
+    """Same tokens, and logprobs of the top candidates within ``atol``."""
+    import pytest
+
+    assert expected.keys() == got.keys()
+    for rid in expected:
+        assert [o.token_ids for o in got[rid]] == [o.token_ids for o in expected[rid]]
+        for mine, ref in zip(got[rid], expected[rid]):
+            for a, b in zip(mine.logprobs, ref.logprobs):
+                assert a.logprob == pytest.approx(b.logprob, abs=atol)

@@ -23,6 +23,10 @@ FLAGS = [
     ("--dtype", "model", "dtype", str, "auto | float32 | bfloat16 | float16"),
     ("--threads", "model", "threads", int, "torch CPU threads (default: half the cores)"),
     ("--max-model-len", "model", "max_model_len", int, "context length cap (default: the model's)"),
+    ("--cuda-graphs", "model", "cuda_graphs", str, "auto | on | off: decode steps as CUDA graph replays "
+                                                   "(auto: on a CUDA device)"),
+    ("--cuda-graph-max-batch", "model", "cuda_graph_max_batch", int, "largest decode batch captured "
+                                                                     "(default: --max-num-seqs)"),
     ("--kv-cache-bytes", "cache", "kv_cache_bytes", parse_size, "KV cache budget, e.g. 512MiB or 8G"),
     ("--block-size", "cache", "block_size", int, "tokens per KV block"),
     ("--max-batch-tokens", "scheduler", "max_num_batched_tokens", int, "token budget per engine step"),

@@ -40,6 +40,16 @@ class ModelConfig:
     cache_dir: Path = field(default_factory=default_cache_dir)
     max_model_len: int | None = None  # None -> the model's own context length
     seed: int = 0  # for dummy weights
+    # decode steps as CUDA graph replays: auto = on a CUDA device, on (on CPU: the same padded
+    # static step run eagerly, for tests), off = always eager
+    cuda_graphs: str = "auto"
+    cuda_graph_max_batch: int | None = None  # largest captured decode batch; None -> max_num_seqs
+
+    def __post_init__(self):
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            raise ValueError(f"cuda_graphs must be auto, on or off, got {self.cuda_graphs!r}")
+        if self.cuda_graph_max_batch is not None and self.cuda_graph_max_batch < 1:
+            raise ValueError(f"cuda_graph_max_batch must be >= 1, got {self.cuda_graph_max_batch}")
 
 
 @dataclass(frozen=True)

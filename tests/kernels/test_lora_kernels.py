@@ -7,6 +7,7 @@ from kernel_cases import (DTYPES, ON_GPU, TOLERANCES, grid, lora_stacks, poison_
                           slot_ranks)
 
 from loraplex_server.lora import triton_ops
+from loraplex_server.lora.layers import SlotRanks
 from loraplex_server.lora.mapping import LoraMapping
 from loraplex_server.lora.ops import lora_apply_reference
 
@@ -102,6 +103,20 @@ def test_backend_is_a_drop_in_for_lora_apply(num_tokens, num_adapters, device):
     backend(out, x.to(device), a.to(device), bt.to(device), ranks.tolist(), mapping)
     assert_matches(out, expected(y, x, a, bt, mapping, torch.float32), y, mapping, torch.float32)
     assert backend.segments_for(mapping) is backend.segments_for(mapping)  # built once per step
+
+
+def test_backend_on_a_static_mapping_reads_the_device_rank_table(device):
+    """A captured decode step: a static mapping (token slots only) and each module's
+    ``SlotRanks`` (its device table is what the kernels read)."""
+    y, x, a, bt, ranks, mapping = make_batch(576, 16, 7, 17, device, seed=5)
+    slot_ranks = SlotRanks(len(ranks), device)
+    for slot, rank in enumerate(ranks.tolist()):
+        slot_ranks.set(slot, rank)
+    backend = triton_ops.TritonLoraBackend()
+    assert backend.ranks_for(slot_ranks, device) is slot_ranks.table
+    out = y.to(device).clone()
+    backend(out, x.to(device), a.to(device), bt.to(device), slot_ranks, LoraMapping.static(mapping.token_slots))
+    assert_matches(out, expected(y, x, a, bt, mapping, torch.float32), y, mapping, torch.float32)
 
 
 def test_strided_bt_is_read_through_its_strides(device):

@@ -79,6 +79,22 @@ def test_fast_paths_match_reference(ranks, runs, fn, d_in, d_out):
     assert torch.equal(got[base_rows], y[base_rows]), "rows without an adapter must keep the base output exactly"
 
 
+@pytest.mark.parametrize("ranks,runs", CASES)
+def test_static_mapping_gathers_every_row(ranks, runs):
+    """A captured decode step's mapping (no host segments): every row through the gather path,
+    rows without a slot unchanged exactly."""
+    a, b, x, y, mapping = make_case(len(ranks), 16, ranks, 64, 96, runs)
+    static = LoraMapping.static(mapping.token_slots.clone())
+    assert static.is_static and static.has_lora and static.segments == ()
+    expected = y.clone()
+    ops.lora_apply_reference(expected, x, a, b, mapping.token_slots)
+    got = y.clone()
+    ops.lora_apply(got, x, a, b, ranks, static)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    base_rows = mapping.token_slots < 0
+    assert torch.equal(got[base_rows], y[base_rows])
+
+
 def test_reference_is_the_plain_formula():
     a, b, x, y, mapping = make_case(2, 4, [4, 2], 8, 6, [(1, 1), (NO_SLOT, 1)])
     expected = y.clone()

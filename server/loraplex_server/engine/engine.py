@@ -19,6 +19,7 @@ from ..metrics import StepStats
 from ..model.attention import register_paged_attention
 from ..model.loader import LoadedModel, load_model
 from ..model.triton_attention import select_attention_function
+from .decode_graphs import DecodeGraphs, build_decode_graphs, graph_mode
 from .fairness import FcfsOrder, VirtualTokenCounter
 from .inputs import InputProcessor
 from .kv_blocks import BlockManager
@@ -62,12 +63,17 @@ class LLMEngine:
         spec = KVCacheSpec.from_model_config(model.config, self.loaded.dtype)
         num_blocks = num_blocks_for(spec, config.cache)
         self.blocks = BlockManager(num_blocks, config.cache.block_size)
-        kv_caches = allocate_kv_cache(spec, num_blocks, config.cache.block_size, self.loaded.device)
+        graphs = graph_mode(config.model.cuda_graphs, self.loaded.device)
+        # captured decode steps park their padding rows in one extra block no sequence owns
+        kv_caches = allocate_kv_cache(spec, num_blocks + (1 if graphs else 0), config.cache.block_size,
+                                      self.loaded.device)
         self.scheduler = Scheduler(config.scheduler, self.blocks, config.lora.max_loras,
                                    adapter_ready=self.lora.ready, reserved_adapters=self.lora.reserved_keys,
                                    fairness=make_fairness(config.scheduler.fairness, tenant_weight))
         self.runner = ModelRunner(model, kv_caches, config.cache.block_size, self.loaded.device, self.lora)
         model_len = config.model.max_model_len or getattr(model.config, "max_position_embeddings", 2048)
+        if graphs:
+            self.runner.decode_graphs = self._decode_graphs(graphs, kv_caches, num_blocks, model_len)
         self.inputs = InputProcessor(self.loaded.tokenizer, model.config.vocab_size, model_len,
                                      self.blocks.capacity_tokens)
         self.outputs = OutputProcessor(self.loaded.tokenizer, eos_token_ids(self.loaded),
@@ -78,6 +84,14 @@ class LLMEngine:
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_loras=%d",
                  self.loaded.name, self.loaded.device, self.loaded.dtype, num_blocks,
                  config.cache.block_size, config.lora.max_loras)
+
+    def _decode_graphs(self, mode: str, kv_caches, num_blocks: int, model_len: int) -> DecodeGraphs | None:
+        block_size = self.config.cache.block_size
+        max_seqs = self.config.scheduler.max_num_seqs
+        return build_decode_graphs(mode, self.loaded.model, kv_caches, self.lora,
+                                   max_batch=min(self.config.model.cuda_graph_max_batch or max_seqs, max_seqs),
+                                   max_blocks=-(-model_len // block_size) + 1, block_size=block_size,
+                                   trash_block=num_blocks, device=self.loaded.device)
 
     # ---- requests -------------------------------------------------------------------------
     def make_request(self, prompt: Prompt, sampling: SamplingParams, adapter_id: str | None = None,

@@ -14,6 +14,8 @@ from torch.nn.utils.rnn import pad_sequence
 from ..lora.manager import LoraManager
 from ..lora.mapping import NO_SLOT, LoraMapping
 from ..model.attention import META_KWARG, PagedAttentionMetadata, PrefillSpan
+from .decode_graphs import DecodeGraphs
+from .decode_inputs import DecodeRow
 from .request import Request
 from .sampler import Sampler, SampleResult
 from .scheduler import ScheduledRequest, SchedulerOutput
@@ -38,6 +40,7 @@ class ModelRunner:
         self.device = device
         self.lora = lora
         self.sampler = Sampler(device)
+        self.decode_graphs: DecodeGraphs | None = None  # set by the engine when decode steps are captured
 
     def slots_of(self, request: Request, num_tokens: int) -> torch.Tensor:
         """[num_tokens] cache slots of the request's first ``num_tokens`` positions."""
@@ -45,10 +48,14 @@ class ModelRunner:
         slots = blocks[:, None] * self.block_size + torch.arange(self.block_size)  # [num_blocks, block_size]
         return slots.flatten()[:num_tokens]
 
-    def pack(self, batch: SchedulerOutput, lora_slots: dict[str, int]) -> PackedBatch:
+    @staticmethod
+    def _slot_of(lora_slots: dict[str, int]):
         def slot(s: ScheduledRequest) -> int:
             return lora_slots.get(s.request.adapter_key, NO_SLOT) if s.request.adapter_key else NO_SLOT
+        return slot
 
+    def pack(self, batch: SchedulerOutput, lora_slots: dict[str, int]) -> PackedBatch:
+        slot = self._slot_of(lora_slots)
         order = sorted(batch.scheduled, key=slot)
         ids, positions, new_slots, prefills, runs = [], [], [], [], []
         decode_rows, decode_ctx, decode_lens, logits_rows, sampling = [], [], [], [], []
@@ -112,8 +119,21 @@ class ModelRunner:
                 self.lora.set_mapping(None)
         return out.logits[0]
 
+    def is_graph_decode(self, batch: SchedulerOutput) -> bool:
+        """A step the captured decode graphs can run: only decodes, each sampling, few enough."""
+        graphs = self.decode_graphs
+        return (graphs is not None and 0 < len(batch.scheduled) <= graphs.max_batch
+                and all(s.num_new_tokens == 1 and s.request.num_computed_tokens > 0 and s.samples
+                        and len(s.request.block_ids) <= graphs.inputs.max_blocks for s in batch.scheduled))
+
     def run(self, batch: SchedulerOutput, lora_slots: dict[str, int]) -> tuple[list[Request], SampleResult]:
         """Execute one step; returns the requests that sampled a token and their samples."""
+        if self.is_graph_decode(batch):
+            slot = self._slot_of(lora_slots)
+            order = sorted(batch.scheduled, key=slot)
+            requests = [s.request for s in order]
+            logits = self.decode_graphs.run([DecodeRow.of(s.request, slot(s)) for s in order])
+            return requests, self.sampler(logits, requests)
         packed = self.pack(batch, lora_slots)
         logits = self.forward_logits(packed)
         if not packed.sampling_requests:

@@ -10,6 +10,36 @@ from .ops import LoraApply, lora_apply
 from .weights import LoraModuleWeights, ModuleKey
 
 
+class SlotRanks:
+    """Each slot's rank for one module (0 = the slot's adapter does not touch it), kept twice:
+    ``host`` for the torch ops (run grouping is host logic) and ``table`` [num_slots] int32 on the
+    device for the kernels. ``table`` keeps one address for the model's life, so a decode step
+    captured in a CUDA graph reads the ranks of whatever adapters sit in the slots at replay."""
+
+    def __init__(self, num_slots: int, device: torch.device):
+        self.host = [0] * num_slots
+        self.table = torch.zeros(num_slots, dtype=torch.int32, device=device)  # [num_slots]
+
+    def set(self, slot: int, rank: int) -> None:
+        self.host[slot] = rank
+        self.table[slot] = rank
+
+    def __getitem__(self, slot: int) -> int:
+        return self.host[slot]
+
+    def __len__(self) -> int:
+        return len(self.host)
+
+    def __iter__(self):
+        return iter(self.host)
+
+    def __eq__(self, other) -> bool:
+        return list(self.host) == list(other)
+
+    def __repr__(self) -> str:
+        return f"SlotRanks({self.host})"
+
+
 class LoraStepState:
     """Shared by every LoRA layer of one model: the apply function, chosen once for the model's
     device (``ops.apply_function``), and the ``mapping`` the runner sets before each forward."""
@@ -31,7 +61,7 @@ class LoraLinear(nn.Module):
         # [max_loras, max_rank, in] and [max_loras, max_rank, out] (= (scale * B)^T): see ops.py
         self.register_buffer("lora_bt", torch.zeros(max_loras, max_rank, base.out_features,
                                                     dtype=w.dtype, device=w.device), persistent=False)
-        self.slot_ranks = [0] * max_loras  # 0 = this module is unused by the slot's adapter
+        self.slot_ranks = SlotRanks(max_loras, w.device)
 
     @property
     def in_features(self) -> int:
@@ -60,9 +90,9 @@ class LoraLinear(nn.Module):
         self.lora_a[slot].zero_()
         self.lora_bt[slot].zero_()
         if weights is None:
-            self.slot_ranks[slot] = 0
+            self.slot_ranks.set(slot, 0)
             return
         r = weights.rank
         self.lora_a[slot, :r].copy_(weights.a)
         self.lora_bt[slot, :r].copy_(weights.b.T * weights.scale)
-        self.slot_ranks[slot] = r
+        self.slot_ranks.set(slot, r)

@@ -29,10 +29,15 @@ class SegmentRun:
 
 @dataclass(frozen=True)
 class LoraMapping:
+    """Which slot each packed token uses. A *static* mapping (``static()``, for captured decode
+    steps) knows nothing on the host: ``token_slots`` is a fixed buffer rewritten before each
+    replay, so the apply must treat every row as possibly adapted (gather layout, every row)."""
+
     token_slots: torch.Tensor  # [num_tokens] slot of each token, NO_SLOT for the base model
     segments: tuple[tuple[int, int, int], ...]  # (start, end, slot): maximal runs with slot >= 0
     num_tokens: int
     _runs: dict = field(default_factory=dict, compare=False, repr=False)
+    is_static: bool = False
 
     @classmethod
     def from_runs(cls, runs: list[tuple[int, int]], device: torch.device | str = "cpu") -> "LoraMapping":
@@ -53,9 +58,14 @@ class LoraMapping:
         token_slots = torch.tensor(slots, dtype=torch.long, device=device)
         return cls(token_slots, tuple(tuple(s) for s in segments), start)
 
+    @classmethod
+    def static(cls, token_slots: torch.Tensor) -> "LoraMapping":
+        """A mapping over a device buffer whose contents change between graph replays."""
+        return cls(token_slots, (), token_slots.shape[0], is_static=True)
+
     @property
     def has_lora(self) -> bool:
-        return bool(self.segments)
+        return self.is_static or bool(self.segments)
 
     @property
     def active_slots(self) -> set[int]:

@@ -15,8 +15,8 @@ Layouts behind one function (``lora_apply``):
   different rank join a run at the larger rank (padding rows are zero, so nothing changes) when
   the extra bytes read cost less than another matmul pair (``RUN_MERGE_PAD_BYTES``).
 - BGMV (gather): per-token gather of the slot weights and batched matmuls per token; the layout
-  GPU kernels use for decode. On CPU the gathers cost more than they save, so the dispatcher
-  does not pick it there.
+  GPU kernels use for decode, and the one a static mapping (captured decode step) needs. On CPU
+  the gathers cost more than they save, so the dispatcher picks it only for static mappings.
 
 ``apply_function(device)`` picks a model's apply once: the Triton kernels (``triton_ops``, same
 signature and buffers) on a CUDA device when triton imports, else ``lora_apply``.
@@ -76,26 +76,26 @@ def sgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.
 
 def bgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.Tensor,
          ranks: list[int], mapping: LoraMapping) -> None:
-    """Gather layout: gather each token's slot weights and run two batched matmuls."""
-    r = max((ranks[s] for s in mapping.active_slots), default=0)
-    if r == 0:
-        return
-    rows = mapping.token_slots >= 0
+    """Gather layout: every row gathers its slot's weights at the padded rank (padding rank rows
+    are zero) and rows without a slot add an exact zero. Reads nothing on the host, so it is the
+    torch apply a captured decode step (static mapping) can replay; costly on CPU otherwise.
+
+    for t in range(T):
+        s = token_slots[t]
+        y[t] += (A[max(s, 0)] @ x[t]) * (s >= 0) @ Bt[max(s, 0)]
+    """
     slots = mapping.token_slots.clamp(min=0)  # [T]
-    a = lora_a[slots, :r]  # [T, r, in]
-    bt = lora_bt[slots, :r]  # [T, r, out]
-    h = torch.bmm(a, x.unsqueeze(2))  # [T, r, 1]
-    delta = torch.bmm(h.transpose(1, 2), bt).squeeze(1)  # [T, out]
-    if bool(rows.all()):
-        y += delta
-    else:
-        y[rows] += delta[rows]
+    h = torch.bmm(lora_a[slots], x.unsqueeze(2))  # [T, R, 1]
+    h = h * (mapping.token_slots >= 0).to(h.dtype)[:, None, None]
+    y.unsqueeze(1).baddbmm_(h.transpose(1, 2), lora_bt[slots])  # [T, 1, out], a view of y
 
 
 def lora_apply(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.Tensor,
                ranks: list[int], mapping: LoraMapping) -> None:
     """Add every token's LoRA delta to ``y`` [T, out] in place; ``x`` is [T, in]."""
-    if mapping.segments:
+    if mapping.is_static:
+        bgmv(y, x, lora_a, lora_bt, ranks, mapping)
+    elif mapping.segments:
         sgmv(y, x, lora_a, lora_bt, ranks, mapping)
 
 

@@ -248,8 +248,12 @@ class TritonLoraBackend:
             self._mapping = mapping
         return self._segments
 
-    def ranks_for(self, ranks: Sequence[int], device: torch.device) -> torch.Tensor:
-        """[num_slots] int32 on ``device``, cached by value (a slot change makes a new key)."""
+    def ranks_for(self, ranks, device: torch.device) -> torch.Tensor:
+        """[num_slots] int32 on ``device``: a module's ``SlotRanks.table`` as is, else a copy of
+        the list cached by value (a slot change makes a new key)."""
+        table = getattr(ranks, "table", None)
+        if table is not None:
+            return table
         key = (tuple(ranks), str(device))
         if key not in self._ranks:
             if len(self._ranks) >= _RANKS_CACHE_SIZE:
@@ -258,12 +262,26 @@ class TritonLoraBackend:
         return self._ranks[key]
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.Tensor,
-                 ranks: Sequence[int], mapping: LoraMapping) -> None:
-        """``y`` [T, out] += each token's delta, in place; ``x`` [T, in]; ``ranks`` per slot."""
-        if not mapping.segments:
+                 ranks, mapping: LoraMapping) -> None:
+        """``y`` [T, out] += each token's delta, in place; ``x`` [T, in]; ``ranks`` per slot
+        (``SlotRanks`` or a list). A static mapping launches the gather kernels over every row
+        with no host reads, so the launch can be captured in a CUDA graph."""
+        if mapping.is_static:
+            segments = self.static_segments(mapping)
+        elif not mapping.segments:
             return
+        else:
+            segments = self.segments_for(mapping)
         triton_lora_apply(y, x, lora_a, lora_bt, self.ranks_for(ranks, x.device), mapping.token_slots,
-                          self.segments_for(mapping))
+                          segments, "gather" if mapping.is_static else None)
+
+    @staticmethod
+    def static_segments(mapping: LoraMapping) -> SegmentTensors:
+        """Stand-in segments for a static mapping: the gather kernels read only ``token_slots``,
+        so the tables are views of it (no allocation, no host-to-device copy while capturing);
+        ``count`` 1 and ``num_tokens`` every row keep the launch unconditional."""
+        unused = mapping.token_slots[:1]
+        return SegmentTensors(unused, unused, unused, max_len=1, num_tokens=mapping.num_tokens)
 
 
 def select_lora_backend(device: torch.device | str) -> TritonLoraBackend | None:

@@ -44,14 +44,28 @@ class PagedAttentionMetadata:
     decode_rows: torch.Tensor | None = None  # [num_decodes] packed index of each decode token
     decode_ctx_slots: torch.Tensor | None = None  # [num_decodes, max_ctx] (padding points at slot 0)
     decode_ctx_lens: torch.Tensor | None = None  # [num_decodes]
+    # instead of decode_ctx_slots: [num_decodes, max_blocks] cache blocks of each sequence
+    decode_block_tables: torch.Tensor | None = None
+    block_size: int = 1
+    varlen: object | None = None  # a prebuilt triton_attention.VarlenPagedMeta (captured decode steps)
     _masks: dict = field(default_factory=dict)
+
+    def decode_slots(self) -> torch.Tensor:
+        """[num_decodes, max_ctx] cache slot of every context position (given, or from the tables)."""
+        if self.decode_ctx_slots is not None:
+            return self.decode_ctx_slots
+        if "decode_slots" not in self._masks:
+            offsets = torch.arange(self.block_size, device=self.decode_block_tables.device)  # [block_size]
+            slots = self.decode_block_tables.long()[:, :, None] * self.block_size + offsets  # [n, blocks, bs]
+            self._masks["decode_slots"] = slots.flatten(1)
+        return self._masks["decode_slots"]
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
         """[num_decodes, 1, 1, max_ctx] True where a decode token may attend."""
         key = ("decode", window)
         if key not in self._masks:
-            max_ctx = self.decode_ctx_slots.shape[1]
-            j = torch.arange(max_ctx, device=self.decode_ctx_slots.device)[None, :]  # [1, max_ctx]
+            max_ctx = self.decode_slots().shape[1]
+            j = torch.arange(max_ctx, device=self.decode_ctx_lens.device)[None, :]  # [1, max_ctx]
             lens = self.decode_ctx_lens[:, None]  # [num_decodes, 1]
             allowed = j < lens
             if window is not None:
@@ -97,8 +111,9 @@ def _attend_prefill(module, q, k_new, v_new, k_cache, v_cache, span, meta, scali
 
 def _attend_decodes(q, k_cache, v_cache, meta, scaling, window):
     qd = q[:, meta.decode_rows].transpose(0, 1).unsqueeze(2)  # [num_decodes, H, 1, D]
-    kd = k_cache[meta.decode_ctx_slots].transpose(1, 2)  # [num_decodes, H_kv, max_ctx, D]
-    vd = v_cache[meta.decode_ctx_slots].transpose(1, 2)
+    ctx_slots = meta.decode_slots()  # [num_decodes, max_ctx]
+    kd = k_cache[ctx_slots].transpose(1, 2)  # [num_decodes, H_kv, max_ctx, D]
+    vd = v_cache[ctx_slots].transpose(1, 2)
     mask = meta.decode_mask(window)
     out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scaling, enable_gqa=True)
     return out[:, :, 0]  # [num_decodes, H, D]

@@ -165,6 +165,8 @@ def paged_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def varlen_meta(meta: PagedAttentionMetadata) -> VarlenPagedMeta:
     """The step's ``VarlenPagedMeta``, derived from the step metadata once and shared by every layer."""
+    if meta.varlen is not None:
+        return meta.varlen
     built = meta._masks.get(_VARLEN_KEY)
     if built is None:
         built = meta._masks[_VARLEN_KEY] = VarlenPagedMeta.from_paged(meta)

@@ -1,0 +1,103 @@
+"""The fixed input buffers of a captured decode step, and the step metadata read from them.
+
+A CUDA graph replays kernels on the exact tensors it was captured with, so everything that varies
+from step to step lives in one device buffer, ``rows`` [max_batch, COLUMNS + max_blocks] int32,
+one row per sequence:
+
+    token id | position | cache slot written | context length | LoRA slot | block table ...
+
+Each step the runner's sequences are written into a host copy of the first ``size`` rows (pinned
+on CUDA) and sent in one copy; the captured forward reads every other tensor (ids, positions,
+slot mapping, block tables, LoRA token slots) as views of ``rows``. Rows past a step's real
+sequences are padding: token 0 at position 0, writing and attending only the *trash slot*, a
+cache block no sequence owns, with no adapter. Every row is computed (a fixed shape), none of the
+padding reaches a real row: attention, the linears and the LoRA apply are all per row or per
+sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..lora.mapping import NO_SLOT, LoraMapping
+from ..model.attention import PagedAttentionMetadata
+from ..model.triton_attention import VarlenPagedMeta
+from .request import Request
+
+TOKEN, POSITION, NEW_SLOT, CONTEXT, LORA_SLOT = range(5)
+COLUMNS = 5  # per-row fields before the block table
+
+
+@dataclass(frozen=True)
+class DecodeRow:
+    """One sequence of a pure-decode step: its next token and where it lives in the cache."""
+
+    token_id: int
+    position: int
+    block_ids: list[int]
+    lora_slot: int
+
+    @classmethod
+    def of(cls, request: Request, lora_slot: int) -> "DecodeRow":
+        pos = request.num_computed_tokens
+        return cls(request.token_slice(pos, pos + 1)[0], pos, request.block_ids, lora_slot)
+
+
+class StaticDecodeInputs:
+    """``rows`` on the device (the graphs' only varying input) and its host staging copy."""
+
+    def __init__(self, max_batch: int, max_blocks: int, block_size: int, trash_block: int,
+                 device: torch.device):
+        self.max_batch, self.max_blocks, self.block_size = max_batch, max_blocks, block_size
+        self.device = device
+        width = COLUMNS + max_blocks
+        self.rows = torch.zeros(max_batch, width, dtype=torch.int32, device=device)  # [max_batch, width]
+        pin = device.type == "cuda"
+        self._host = torch.zeros(max_batch, width, dtype=torch.int32, pin_memory=pin)  # [max_batch, width]
+        self._host_np = self._host.numpy()
+        self._padding = np.zeros(width, dtype=np.int32)
+        self._padding[[NEW_SLOT, CONTEXT, LORA_SLOT, COLUMNS]] = (trash_block * block_size, 1, NO_SLOT,
+                                                                   trash_block)
+        self._host_np[:] = self._padding
+        self.rows.copy_(self._host)
+        self._seq_index = torch.arange(max_batch, dtype=torch.int32, device=device)  # [max_batch]
+        self._ones = torch.ones(max_batch, dtype=torch.int32, device=device)  # [max_batch]
+
+    def write(self, batch: list[DecodeRow], size: int) -> None:
+        """Stage ``batch`` (at most ``size`` rows, padding after) and copy it to the device."""
+        if not 0 < len(batch) <= size <= self.max_batch:
+            raise ValueError(f"{len(batch)} sequences do not fit a padded batch of {size}")
+        host = self._host_np
+        bs = self.block_size
+        for i, row in enumerate(batch):
+            if len(row.block_ids) > self.max_blocks:
+                raise ValueError(f"a sequence holds {len(row.block_ids)} blocks, the table has {self.max_blocks}")
+            slot = row.block_ids[row.position // bs] * bs + row.position % bs
+            host[i, :COLUMNS] = (row.token_id, row.position, slot, row.position + 1, row.lora_slot)
+            host[i, COLUMNS:COLUMNS + len(row.block_ids)] = row.block_ids
+        host[len(batch):size] = self._padding
+        self.rows[:size].copy_(self._host[:size], non_blocking=True)
+
+    def attention(self, size: int, kv_caches) -> PagedAttentionMetadata:
+        """The step's attention metadata as views of ``rows`` (both the torch and Triton forms)."""
+        rows = self.rows[:size]  # [size, width]
+        ctx_lens = rows[:, CONTEXT].contiguous()  # [size] int32
+        tables = rows[:, COLUMNS:]  # [size, max_blocks] int32, unit column stride
+        varlen = VarlenPagedMeta(q_starts=self._seq_index[:size], q_lens=self._ones[:size], ctx_lens=ctx_lens,
+                                 block_tables=tables, block_size=self.block_size, max_q_len=1)
+        return PagedAttentionMetadata(
+            kv_caches=kv_caches, slot_mapping=rows[:, NEW_SLOT].long(), prefills=[],
+            decode_rows=self._seq_index[:size].long(), decode_ctx_lens=ctx_lens,
+            decode_block_tables=tables, block_size=self.block_size, varlen=varlen)
+
+    def token_ids(self, size: int) -> torch.Tensor:
+        return self.rows[:size, TOKEN].long()[None]  # [1, size]
+
+    def positions(self, size: int) -> torch.Tensor:
+        return self.rows[:size, POSITION].long()[None]  # [1, size]
+
+    def lora_mapping(self, size: int) -> LoraMapping:
+        return LoraMapping.static(self.rows[:size, LORA_SLOT].long())  # [size] contiguous copy
