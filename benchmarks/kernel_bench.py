@@ -7,15 +7,15 @@ On CUDA:
    tokens (1, 17, 256), in the layout ``triton_lora_apply`` picks: time, achieved GB/s over the
    bytes the maths must move (x, the active slots' weights at their rank, h, y read and written)
    and % of the device's peak memory bandwidth (table below, or ``--peak-gbs``).
-2. decode step time on a dummy-weight model: base only vs 4 adapters, with the torch ops and with
-   the Triton kernels (switched on the engine: its ``LoraStepState.apply`` and the attention
-   function registered on its model; on CUDA the engine picks the kernels by itself).
+2. decode step time on a dummy-weight model (the engine's own CUDA functions: Triton kernels):
+   base only vs 32 adapters of ranks 8/16/32/64, each with the captured decode graphs and eagerly.
 On CPU it runs a small correctness smoke under the Triton interpreter and says it needs CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -31,9 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loraplex_server.lora import triton_ops  # noqa: E402
 from loraplex_server.lora.mapping import LoraMapping  # noqa: E402
-from loraplex_server.lora.ops import lora_apply, lora_apply_reference  # noqa: E402
-from loraplex_server.model.attention import paged_attention, register_paged_attention  # noqa: E402
-from loraplex_server.model.triton_attention import triton_paged_attention  # noqa: E402
+from loraplex_server.lora.ops import lora_apply_reference  # noqa: E402
 
 # Peak memory bandwidth (GB/s) by a substring of torch.cuda.get_device_name(), first match wins.
 PEAK_GBS = [
@@ -96,69 +94,85 @@ def bench_kernels(dtype, peak: float | None) -> None:
                           flush=True)
 
 
-class TritonSwap:
-    """Switch one engine between the torch functions and the Triton kernels (LoRA apply and paged
-    attention); on CUDA the engine starts on the kernels, its per-device default."""
-
-    def __init__(self, engine):
-        self._model = engine.loaded.model
-        self._state = engine.lora.state
-        self._torch = (lora_apply, paged_attention)
-        self._triton = (triton_ops.TritonLoraBackend(), triton_paged_attention)
-
-    def use(self, triton: bool) -> None:
-        apply, attend = self._triton if triton else self._torch
-        self._state.apply = apply
-        register_paged_attention(self._model, attend)
+RANK_MIX = (8, 16, 32, 64)
 
 
 def decode_step_ms(engine, batch: int, adapters: list, steps: int) -> float:
+    """Mean wall time of one engine step with ``batch`` sequences decoding (after their prefill)."""
     from loraplex_server.engine.request import Prompt, SamplingParams
 
+    sync = torch.cuda.synchronize if engine.loaded.device.type == "cuda" else (lambda: None)
     for i in range(batch):
         prompt = Prompt(token_ids=tuple(range(100 + i, 116 + i)))
         engine.add_request(engine.make_request(prompt, SamplingParams(max_new_tokens=steps + 4, ignore_eos=True),
                                                adapters[i % len(adapters)]))
     while len(engine.step()) < batch:  # prefill (possibly chunked) until every request decodes
         pass
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         engine.step()
-    torch.cuda.synchronize()
+    sync()
     elapsed = time.perf_counter() - start
     while engine.has_work:
         engine.step()
     return elapsed * 1e3 / steps
 
 
-def bench_decode(presets: list[str], batches: list[int], dtype_name: str, steps: int) -> None:
+def decode_engine(preset: str, dtype_name: str, device: str, num_adapters: int, max_batch: int, tmp: Path):
+    """An engine on dummy weights with decode graphs captured up to ``max_batch`` and
+    ``num_adapters`` resident adapters of ranks cycling through ``RANK_MIX`` (all 7 modules)."""
     from synthetic_adapters import write_adapter
 
-    from loraplex_server.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig
+    from loraplex_server.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, SchedulerConfig
     from loraplex_server.engine.engine import LLMEngine
 
-    print("\n| model | batch | base torch ms | base triton-attn ms | 4 LoRA torch ms | 4 LoRA triton ms |")
-    print("|---|---:|---:|---:|---:|---:|")
+    cfg = EngineConfig(
+        model=ModelConfig(model=preset, load_format="dummy", device=device, dtype=dtype_name,
+                          max_model_len=512, cuda_graphs="on", cuda_graph_max_batch=max_batch),
+        cache=CacheConfig(kv_cache_bytes=2 << 30),
+        scheduler=SchedulerConfig(max_num_seqs=max_batch, max_num_batched_tokens=max(512, 16 * max_batch)),
+        lora=LoraConfig(max_loras=num_adapters, max_cpu_loras=num_adapters, max_lora_rank=max(RANK_MIX)))
+    engine = LLMEngine(cfg)
+    names = [f"a{i}" for i in range(num_adapters)]
+    for i, name in enumerate(names):
+        rank = RANK_MIX[i % len(RANK_MIX)]
+        engine.lora.add_adapter(name, write_adapter(tmp / name, engine.loaded.model.config, rank, seed=i))
+    return engine, names
+
+
+def bench_decode(presets: list[str], batches: list[int], dtype_name: str, steps: int, num_adapters: int,
+                 device: str = "cuda") -> list[dict]:
+    """Decode step time, base only vs ``num_adapters`` adapters of mixed rank (one per two
+    sequences at batch 64), with the captured graphs and eagerly, on the device's own functions
+    (the Triton kernels on CUDA). The issue's target: LoRA / base <= 1.10 at batch 64."""
+    print(f"\n| model | batch | base eager ms | base graph ms | {num_adapters} LoRA eager ms | "
+          f"{num_adapters} LoRA graph ms | LoRA/base (graph) | LoRA/base (eager) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
     for preset in presets:
-        cfg = EngineConfig(model=ModelConfig(model=preset, load_format="dummy", device="cuda", dtype=dtype_name),
-                           cache=CacheConfig(kv_cache_bytes=4 << 30), lora=LoraConfig(max_loras=4, max_lora_rank=16))
-        engine = LLMEngine(cfg)
-        swap = TritonSwap(engine)
         with tempfile.TemporaryDirectory() as tmp:
-            names = [f"a{i}" for i in range(4)]
-            for i, name in enumerate(names):
-                engine.lora.add_adapter(name, write_adapter(Path(tmp) / name, engine.loaded.model.config, 16, seed=i))
+            engine, names = decode_engine(preset, dtype_name, device, num_adapters, max(batches), Path(tmp))
+            graphs = engine.runner.decode_graphs
+            print(f"<!-- {preset}: decode graphs {'captured in %.1f s' % graphs.capture_seconds if graphs else 'OFF'} -->")
             for batch in batches:
-                row = []
-                for triton, adapters in ((False, [None]), (True, [None]), (False, names), (True, names)):
-                    swap.use(triton)
-                    decode_step_ms(engine, batch, adapters, 2)  # warm-up: compiles this batch's tile shapes
-                    row.append(decode_step_ms(engine, batch, adapters, steps))
-                print(f"| {preset} | {batch} | " + " | ".join(f"{ms:.2f}" for ms in row) + " |", flush=True)
-        swap.use(False)
-        del engine
-        torch.cuda.empty_cache()
+                ms = {}
+                for adapters in ([None], names):
+                    for graphed in (False, True):
+                        engine.runner.decode_graphs = graphs if graphed else None
+                        decode_step_ms(engine, batch, adapters, 2)  # warm-up: compiles this batch's shapes
+                        ms[adapters[0] is not None, graphed] = decode_step_ms(engine, batch, adapters, steps)
+                row = dict(model=preset, batch=batch, base_eager_ms=ms[False, False], base_graph_ms=ms[False, True],
+                           lora_eager_ms=ms[True, False], lora_graph_ms=ms[True, True],
+                           capture_s=graphs.capture_seconds if graphs else None)
+                rows.append(row)
+                print(f"| {preset} | {batch} | {ms[False, False]:.2f} | {ms[False, True]:.2f} | {ms[True, False]:.2f} | "
+                      f"{ms[True, True]:.2f} | {ms[True, True] / ms[False, True]:.3f} | "
+                      f"{ms[True, False] / ms[False, False]:.3f} |", flush=True)
+            del engine, graphs
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
 
 
 def cpu_smoke() -> None:
@@ -181,10 +195,18 @@ def main(argv=None) -> None:
     p.add_argument("--presets", nargs="*", default=["smollm2-135m", "llama-3-8b"])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--steps", type=int, default=32, help="decode steps timed per configuration")
+    p.add_argument("--adapters", type=int, default=32, help="distinct adapters in the LoRA decode batches")
+    p.add_argument("--json", type=Path, default=None, help="also write the decode rows here")
+    p.add_argument("--cpu-decode", action="store_true",
+                   help="without CUDA: also run the decode comparison on the CPU (a smoke of the bench itself)")
     p.add_argument("--skip-kernels", action="store_true")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         cpu_smoke()
+        if args.cpu_decode:
+            rows = bench_decode(args.presets, args.batches, "float32", args.steps, args.adapters, device="cpu")
+            if args.json:
+                args.json.write_text(json.dumps(dict(device="cpu", dtype="float32", decode=rows), indent=1))
         return
     name = torch.cuda.get_device_name(0)
     peak = peak_gbs(name, args.peak_gbs)
@@ -192,7 +214,9 @@ def main(argv=None) -> None:
     if not args.skip_kernels:
         bench_kernels(getattr(torch, args.dtype), peak)
     if args.presets:
-        bench_decode(args.presets, args.batches, args.dtype, args.steps)
+        rows = bench_decode(args.presets, args.batches, args.dtype, args.steps, args.adapters)
+        if args.json:
+            args.json.write_text(json.dumps(dict(device=name, dtype=args.dtype, decode=rows), indent=1))
 
 
 if __name__ == "__main__":
