@@ -94,3 +94,20 @@ def test_captured_decode_steps_generate_what_packed_steps_generate(make_engine, 
     graphs.run = lambda batch: (runs.append(len(batch)), run(batch))[1]
     assert_same_generation(generate_mixed(engine, requests), expected)
     assert 3 in runs
+
+
+def test_projections_sharing_an_input_share_one_shrink(make_engine, device, monkeypatch):
+    """Through the engine with the Triton backend itself (it has shrink/expand): per layer one
+    shrink for q/k/v, one for gate/up, one each for o and down (4), against 7 expands; the
+    generation equals the torch functions'."""
+    force_selection(monkeypatch, ops.lora_apply, attention.paged_attention)
+    expected = generate_mixed(make_engine())
+    counts = {"shrink": 0, "expand": 0}
+    for name in counts:
+        launch = getattr(triton_ops, f"lora_{name}")
+        monkeypatch.setattr(triton_ops, f"lora_{name}",
+                            lambda *a, name=name, launch=launch, **k: (counts.__setitem__(name, counts[name] + 1),
+                                                                      launch(*a, **k))[1])
+    force_selection(monkeypatch, triton_ops.TritonLoraBackend(), triton_attention.triton_paged_attention)
+    assert_same_generation(generate_mixed(make_engine()), expected)
+    assert counts["expand"] > 0 and counts["shrink"] * 7 == counts["expand"] * 4

@@ -94,3 +94,65 @@ def test_fused_inputs_are_validated(device):
         triton_ops.lora_shrink(x, [a_list[0], a_list[1][:, :8]], ranks[:, :2], mapping.token_slots, segments)
     with pytest.raises(ValueError, match="between 1 and 3"):
         triton_ops.lora_shrink(x, a_list + a_list[:1], ranks, mapping.token_slots, segments)
+
+
+# ---------------------------------------------------------------- shared-input groups in the model
+
+
+def qkv_layers(device, backend, seed=0):
+    """q/k/v ``LoraLinear`` layers over one hidden size, grouped, with mixed-rank adapters in
+    slots 0 and 1 (slot 1's adapter skips k); returns the layers and a mapping over 6 tokens."""
+    from loraplex_server.lora.fusion import group_shared_inputs
+    from loraplex_server.lora.layers import LoraLinear, LoraStepState
+    from loraplex_server.lora.weights import LoraModuleWeights, ModuleKey
+
+    gen = torch.Generator().manual_seed(seed)
+    state = LoraStepState(backend)
+    layers = {}
+    for name, out in (("q_proj", 64), ("k_proj", 16), ("v_proj", 16)):
+        base = torch.nn.Linear(64, out, bias=False).to(device)
+        layer = LoraLinear(base, ModuleKey(0, name), max_loras=3, max_rank=8, state=state)
+        for slot, rank in ((0, 8), (1, 0 if name == "k_proj" else 4)):
+            if rank:
+                layer.set_slot(slot, LoraModuleWeights(torch.randn(rank, 64, generator=gen),
+                                                       torch.randn(out, rank, generator=gen), 0.5))
+        layers[name] = layer
+    groups = group_shared_inputs({layer.key: layer for layer in layers.values()})
+    assert len(groups) == 1 and groups[0].members == list(layers.values())
+    state.mapping = LoraMapping.from_runs([(0, 2), (-1, 1), (1, 3)], device)
+    return layers, state
+
+
+def reference_out(layer, x):
+    y = layer.base(x).clone()
+    lora_apply_reference(y, x, layer.lora_a, layer.lora_bt, layer.state.mapping.token_slots)
+    return y
+
+
+@pytest.mark.parametrize("same_input", [True, False])
+def test_group_members_match_the_reference_with_one_shrink(device, monkeypatch, same_input):
+    """Called on one input, q/k/v run one shrink and three expands; called on different inputs
+    (a model that feeds them differently) each call shrinks its own input: both exact."""
+    calls = []
+    shrink = triton_ops.lora_shrink
+    monkeypatch.setattr(triton_ops, "lora_shrink", lambda *a, **k: (calls.append(1), shrink(*a, **k))[1])
+    layers, _ = qkv_layers(device, triton_ops.TritonLoraBackend())
+    x = torch.randn(6, 64, device=device)
+    inputs = [x, x, x] if same_input else [x, torch.randn(6, 64, device=device), x]
+    with torch.no_grad():
+        for layer, inp in zip(layers.values(), inputs):
+            torch.testing.assert_close(layer(inp), reference_out(layer, inp), atol=1e-4, rtol=1e-4)
+    assert len(calls) == (1 if same_input else 3)
+    if same_input:
+        assert layers["q_proj"].group._x is None  # references dropped once every member ran
+
+
+def test_group_without_a_split_apply_runs_each_layer(device):
+    """The torch ops have no shrink/expand: grouped layers apply one by one, same result."""
+    from loraplex_server.lora.ops import lora_apply
+
+    layers, _ = qkv_layers(device, lora_apply)
+    x = torch.randn(6, 64, device=device)
+    with torch.no_grad():
+        for layer in layers.values():
+            torch.testing.assert_close(layer(x), reference_out(layer, x), atol=1e-4, rtol=1e-4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .fusion import SharedInputGroup
 from .mapping import LoraMapping
 from .ops import LoraApply, lora_apply
 from .weights import LoraModuleWeights, ModuleKey
@@ -62,6 +63,7 @@ class LoraLinear(nn.Module):
         self.register_buffer("lora_bt", torch.zeros(max_loras, max_rank, base.out_features,
                                                     dtype=w.dtype, device=w.device), persistent=False)
         self.slot_ranks = SlotRanks(max_loras, w.device)
+        self.group: SharedInputGroup | None = None  # set when siblings read the same input (fusion.py)
 
     @property
     def in_features(self) -> int:
@@ -80,8 +82,11 @@ class LoraLinear(nn.Module):
         mapping = self.state.mapping
         if mapping is None or not mapping.has_lora:
             return y
-        self.state.apply(y.view(-1, self.out_features), x.reshape(-1, self.in_features),  # [T, out], [T, in]
-                         self.lora_a, self.lora_bt, self.slot_ranks, mapping)
+        apply, y2d = self.state.apply, y.view(-1, self.out_features)  # [T, out]
+        if self.group is not None and hasattr(apply, "shrink"):  # a split apply: one shrink per group
+            self.group.apply(self, y2d, x, mapping, apply)
+        else:
+            apply(y2d, x.reshape(-1, self.in_features), self.lora_a, self.lora_bt, self.slot_ranks, mapping)
         return y
 
     @torch.no_grad()

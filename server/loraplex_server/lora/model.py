@@ -7,6 +7,7 @@ import re
 import torch
 from torch import nn
 
+from .fusion import group_shared_inputs
 from .layers import LoraLinear, LoraStepState
 from .weights import KNOWN_TARGETS, ModuleKey, TargetShape
 
@@ -31,7 +32,8 @@ def model_device(model: nn.Module) -> torch.device:
 
 def inject_lora_layers(model: nn.Module, max_loras: int, max_rank: int,
                        state: LoraStepState) -> dict[ModuleKey, LoraLinear]:
-    """Replace every targetable ``nn.Linear`` with a ``LoraLinear`` sharing ``state``."""
+    """Replace every targetable ``nn.Linear`` with a ``LoraLinear`` sharing ``state``; layers that
+    read one input (q/k/v, gate/up) are grouped for a shared shrink (``fusion.py``)."""
     layers: dict[ModuleKey, LoraLinear] = {}
     for path, key, module in list(_targetable(model)):
         if isinstance(module, LoraLinear):
@@ -43,4 +45,5 @@ def inject_lora_layers(model: nn.Module, max_loras: int, max_rank: int,
         layers[key] = wrapped
     if not layers:
         raise ValueError("the model has no LoRA-targetable linear layers")
+    group_shared_inputs(layers)
     return layers

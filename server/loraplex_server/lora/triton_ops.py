@@ -266,14 +266,30 @@ class TritonLoraBackend:
         """``y`` [T, out] += each token's delta, in place; ``x`` [T, in]; ``ranks`` per slot
         (``SlotRanks`` or a list). A static mapping launches the gather kernels over every row
         with no host reads, so the launch can be captured in a CUDA graph."""
-        if mapping.is_static:
-            segments = self.static_segments(mapping)
-        elif not mapping.segments:
+        if not (mapping.is_static or mapping.segments):
             return
-        else:
-            segments = self.segments_for(mapping)
+        segments, layout = self.step_inputs(mapping)
         triton_lora_apply(y, x, lora_a, lora_bt, self.ranks_for(ranks, x.device), mapping.token_slots,
-                          segments, "gather" if mapping.is_static else None)
+                          segments, layout)
+
+    def shrink(self, x: torch.Tensor, lora_as: Sequence[torch.Tensor], ranks: torch.Tensor,
+               mapping: LoraMapping) -> torch.Tensor:
+        """h [T, P * max_rank] fp32 for up to 3 projections sharing ``x`` [T, in], one launch;
+        ``ranks`` [num_slots, P] int32 on the device. Pair with ``expand`` per projection."""
+        segments, layout = self.step_inputs(mapping)
+        return lora_shrink(x, list(lora_as), ranks, mapping.token_slots, segments, layout)
+
+    def expand(self, y: torch.Tensor, h: torch.Tensor, lora_bt: torch.Tensor, ranks, mapping: LoraMapping) -> None:
+        """``y`` [T, out] += ``h`` [T, max_rank] (one projection's columns of a fused shrink) @ Bt."""
+        segments, layout = self.step_inputs(mapping)
+        lora_expand(y, h, lora_bt, self.ranks_for(ranks, y.device), mapping.token_slots, segments, layout)
+
+    def step_inputs(self, mapping: LoraMapping) -> tuple[SegmentTensors, str]:
+        """The step's segment tensors and layout (gather for a static mapping)."""
+        if mapping.is_static:
+            return self.static_segments(mapping), "gather"
+        segments = self.segments_for(mapping)
+        return segments, choose_layout(segments)
 
     @staticmethod
     def static_segments(mapping: LoraMapping) -> SegmentTensors:
