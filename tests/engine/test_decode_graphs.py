@@ -179,6 +179,23 @@ def test_runner_sends_only_pure_decode_steps_to_the_graphs(make_engine):
     assert not runner.is_graph_decode(SchedulerOutput([_scheduled(engine, 18, 1, blocks=max_blocks + 1)]))
 
 
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_the_captured_body_never_reads_device_values_on_the_host(make_engine, with_lora):
+    """What a CUDA graph cannot hold is a host read of device data (``.item()``, ``bool(t)``,
+    boolean masks, data-dependent shapes): it would be baked in at capture, or fail it. Under
+    ``FakeTensorMode`` every such read raises, so the step body (the model's forward, the torch
+    attention and LoRA functions) running through proves it has none. The control proves the
+    check bites."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+    graphs = make_engine(cuda_graphs="on", cuda_graph_max_batch=4).runner.decode_graphs
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        logits = graphs._forward_fn(4, with_lora)()
+    assert logits.shape == (4, 49152)
+    with pytest.raises(DataDependentOutputException), FakeTensorMode(allow_non_fake_inputs=True):
+        int(graphs.inputs.rows[:4, 0].sum())
+
+
 def test_a_step_that_cannot_be_built_leaves_decode_eager(make_engine, caplog):
     """A forward that fails while the steps are built (capture-unsafe op, out of memory) logs why
     and leaves the engine on packed decode steps instead of failing start-up."""
