@@ -4,10 +4,15 @@
 # and the engine-vs-PEFT check. Each part has its own time limit so one slow part cannot eat the
 # others' time; results land in ${OUT:-gpu_results}.
 #   bash benchmarks/gpu_session.sh            (on the device: OUT is set by the device tool)
+# The GPU machine has torch, triton, transformers, peft and grpcio but maybe not pytest, and no
+# network: prepare pytest here with `pip install --target .gpu_deps pytest` and carry .gpu_deps.
 set -u
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/server:$PWD/client:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
+if ! python -c "import pytest" 2>/dev/null && [ -d .gpu_deps ]; then
+  export PYTHONPATH="$PYTHONPATH:$PWD/.gpu_deps"  # appended: the machine's own packages win
+fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv | tee "$OUT/device.txt"
 timeout 200 python -m pytest -q -x -p no:cacheprovider tests/kernels 2>&1 | tail -25 | tee "$OUT/kernel_tests.txt"
 timeout 240 python benchmarks/kernel_bench.py --presets llama-3-8b --batches 1 16 64 --steps 16 \
