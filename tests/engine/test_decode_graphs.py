@@ -15,8 +15,9 @@ import torch
 from helpers import MIXED_REQUESTS, assert_same_generation, dummy_engine_factory, generate_mixed
 from loraplex_server.config import ModelConfig, load_config
 from loraplex_server.cli import build_parser, flag_values
-from loraplex_server.engine.decode_graphs import DecodeGraphs, build_decode_graphs, capture_sizes, graph_mode
-from loraplex_server.engine.decode_inputs import COLUMNS, CONTEXT, LORA_SLOT, NEW_SLOT, DecodeRow, StaticDecodeInputs
+from loraplex_server.engine.decode_graphs import (DecodeGraphs, build_decode_graphs, capture_sizes, dynamic_rope,
+                                                  graph_mode)
+from loraplex_server.engine.decode_inputs import DecodeRow, StaticDecodeInputs
 from loraplex_server.engine.request import Request, SamplingParams
 from loraplex_server.engine.scheduler import ScheduledRequest, SchedulerOutput
 
@@ -57,12 +58,25 @@ def test_capture_sizes_refuses_an_empty_ladder():
         capture_sizes(0)
 
 
-@pytest.mark.parametrize("setting,device,mode", [
-    ("auto", "cpu", None), ("off", "cpu", None), ("on", "cpu", "eager"),
-    ("auto", "cuda", "cuda"), ("on", "cuda", "cuda"), ("off", "cuda", None),
+@pytest.mark.parametrize("setting,device,kernels,mode", [
+    ("auto", "cpu", True, None), ("off", "cpu", True, None), ("on", "cpu", False, "eager"),
+    ("auto", "cuda", True, "cuda"), ("on", "cuda", True, "cuda"), ("off", "cuda", True, None),
+    ("auto", "cuda", False, None),  # without the Triton kernels auto stays eager ...
+    ("on", "cuda", False, "cuda"),  # ... unless asked for
 ])
-def test_graph_mode_per_setting_and_device(setting, device, mode):
-    assert graph_mode(setting, torch.device(device)) == mode
+def test_graph_mode_per_setting_and_device(setting, device, kernels, mode):
+    assert graph_mode(setting, torch.device(device), kernels) == mode
+
+
+def test_dynamic_rope_is_detected_flat_or_per_attention_type():
+    from types import SimpleNamespace as NS
+
+    assert dynamic_rope(NS(rope_parameters={"rope_type": "dynamic", "factor": 2.0}))
+    assert dynamic_rope(NS(rope_parameters=None, rope_scaling={"type": "dynamic"}))
+    assert dynamic_rope(NS(rope_parameters={"full_attention": {"rope_type": "dynamic"},
+                                            "sliding_attention": {"rope_type": "default"}}))
+    assert not dynamic_rope(NS(rope_parameters={"rope_type": "llama3", "factor": 8.0}))
+    assert not dynamic_rope(NS())
 
 
 def test_bad_graph_settings_are_configuration_errors():
@@ -89,13 +103,12 @@ def test_default_cpu_engine_runs_no_static_steps(make_engine):
 def test_rows_hold_the_sequences_then_padding():
     inputs = StaticDecodeInputs(max_batch=4, max_blocks=3, block_size=8, trash_block=9, device=CPU)
     inputs.write([DecodeRow(5, 10, [3, 7], 1), DecodeRow(6, 0, [2], -1), DecodeRow(7, 16, [1, 4, 8], 0)], 4)
-    rows = inputs.rows
-    assert rows[0].tolist() == [5, 10, 7 * 8 + 2, 11, 1, 3, 7, 0]
-    assert rows[1].tolist()[:COLUMNS + 1] == [6, 0, 2 * 8, 1, -1, 2]
-    assert rows[2].tolist() == [7, 16, 8 * 8, 17, 0, 1, 4, 8]
-    assert rows[3].tolist() == [0, 0, 9 * 8, 1, -1, 9, 0, 0]  # padding: the trash slot, no adapter
+    assert inputs.rows.tolist() == [[5, 10, 7 * 8 + 2, 11, 1], [6, 0, 2 * 8, 1, -1], [7, 16, 8 * 8, 17, 0],
+                                    [0, 0, 9 * 8, 1, -1]]  # padding: the trash slot, no adapter
+    assert inputs.tables[0, :2].tolist() == [3, 7] and inputs.tables[2].tolist() == [1, 4, 8]
+    assert inputs.tables[1, 0] == 2 and inputs.tables[3, 0] == 9
     inputs.write([DecodeRow(1, 3, [5], 2)], 2)  # a smaller step re-pads the rows it uses
-    assert rows[1, [NEW_SLOT, CONTEXT, LORA_SLOT, COLUMNS]].tolist() == [72, 1, -1, 9]
+    assert inputs.rows[1].tolist() == [0, 0, 72, 1, -1] and inputs.tables[:2, 0].tolist() == [5, 9]
     meta = inputs.attention(2, kv_caches=[])
     assert meta.decode_slots()[0, :8].tolist() == list(range(40, 48))
     assert meta.varlen.ctx_lens.tolist() == [4, 1] and meta.varlen.block_tables.shape == (2, 3)
@@ -157,8 +170,10 @@ def test_decodes_past_the_largest_size_run_packed(make_engine):
     assert all(n <= 2 for n, _ in runs)
 
 
-def _scheduled(engine, computed: int, new: int, samples: bool = True, blocks: int = 1) -> ScheduledRequest:
-    request = Request("r", list(range(1, 20)), SamplingParams(max_new_tokens=4))
+def _scheduled(engine, computed: int, new: int, samples: bool = True, blocks: int = 1,
+               adapter_key: str | None = None) -> ScheduledRequest:
+    request = Request("r", list(range(1, 20)), SamplingParams(max_new_tokens=4), adapter_key and "a0",
+                      adapter_key=adapter_key)
     request.num_computed_tokens = computed
     request.block_ids = list(range(blocks))
     return ScheduledRequest(request, new, samples)
@@ -167,16 +182,24 @@ def _scheduled(engine, computed: int, new: int, samples: bool = True, blocks: in
 def test_runner_sends_only_pure_decode_steps_to_the_graphs(make_engine):
     engine = make_engine(cuda_graphs="on", cuda_graph_max_batch=2)
     runner = engine.runner
+
+    def graph_decode(*scheduled, lora_slots=None) -> bool:
+        return runner.is_graph_decode(SchedulerOutput(list(scheduled)), lora_slots or {})
     decode = _scheduled(engine, 18, 1)
-    assert runner.is_graph_decode(SchedulerOutput([decode]))
-    assert runner.is_graph_decode(SchedulerOutput([decode, _scheduled(engine, 5, 1)]))
-    assert not runner.is_graph_decode(SchedulerOutput([]))
-    assert not runner.is_graph_decode(SchedulerOutput([decode] * 3))  # past the largest size
-    assert not runner.is_graph_decode(SchedulerOutput([decode, _scheduled(engine, 0, 1)]))  # a 1-token prompt
-    assert not runner.is_graph_decode(SchedulerOutput([decode, _scheduled(engine, 4, 6)]))  # a prefill chunk
-    assert not runner.is_graph_decode(SchedulerOutput([_scheduled(engine, 4, 1, samples=False)]))
+    assert graph_decode(decode)
+    assert graph_decode(decode, _scheduled(engine, 5, 1))
+    assert not graph_decode()
+    assert not graph_decode(decode, decode, decode)  # past the largest size
+    assert not graph_decode(decode, _scheduled(engine, 0, 1))  # a 1-token prompt
+    assert not graph_decode(decode, _scheduled(engine, 4, 6))  # a prefill chunk
+    assert not graph_decode(_scheduled(engine, 4, 1, samples=False))
     max_blocks = runner.decode_graphs.inputs.max_blocks
-    assert not runner.is_graph_decode(SchedulerOutput([_scheduled(engine, 18, 1, blocks=max_blocks + 1)]))
+    assert not graph_decode(_scheduled(engine, 18, 1, blocks=max_blocks + 1))
+    adapted = _scheduled(engine, 18, 1, adapter_key="a0@1")
+    assert graph_decode(adapted, lora_slots={"a0@1": 0})
+    runner.decode_graphs.steps = {k: v for k, v in runner.decode_graphs.steps.items() if not k[1]}
+    assert not graph_decode(adapted, lora_slots={"a0@1": 0})  # no LoRA variant: eager
+    assert graph_decode(decode)
 
 
 @pytest.mark.parametrize("with_lora", [False, True])
@@ -196,22 +219,58 @@ def test_the_captured_body_never_reads_device_values_on_the_host(make_engine, wi
         int(graphs.inputs.rows[:4, 0].sum())
 
 
-def test_a_step_that_cannot_be_built_leaves_decode_eager(make_engine, caplog):
-    """A forward that fails while the steps are built (capture-unsafe op, out of memory) logs why
-    and leaves the engine on packed decode steps instead of failing start-up."""
+@pytest.mark.parametrize("error", [RuntimeError("operation not permitted when stream is capturing"),
+                                   ValueError("need H % H_kv == 0 and contiguous head dims")])
+def test_a_step_that_cannot_be_built_leaves_decode_eager(make_engine, caplog, error):
+    """A forward that fails while the steps are built (capture-unsafe op, out of memory, a
+    refused shape) logs why and leaves the engine on packed decode steps, not failing start-up."""
     engine = make_engine()
     calls = []
 
     class Broken(torch.nn.Module):
+        config = engine.loaded.model.config
+
         def forward(self, **kwargs):
             calls.append(kwargs)
-            raise RuntimeError("operation not permitted when stream is capturing")
+            raise error
 
     with caplog.at_level(logging.WARNING):
         graphs = build_decode_graphs("eager", Broken(), engine.runner.kv_caches, engine.lora, max_batch=2,
                                      max_blocks=4, block_size=8, trash_block=0, device=CPU)
     assert graphs is None and calls
-    assert "decode graph capture failed" in caplog.text and "stream is capturing" in caplog.text
+    assert "decode graph capture (without LoRA) failed" in caplog.text and str(error) in caplog.text
+
+
+def test_a_failing_lora_variant_keeps_the_base_graphs(make_engine, caplog):
+    engine = make_engine()
+    model = engine.loaded.model
+    real_forward = model.forward
+
+    def forward(**kwargs):
+        if engine.lora.state.mapping is not None:
+            raise RuntimeError("captured LoRA launch failed")
+        return real_forward(**kwargs)
+    model.forward = forward
+    with caplog.at_level(logging.WARNING):
+        graphs = build_decode_graphs("eager", model, engine.runner.kv_caches, engine.lora, max_batch=2,
+                                     max_blocks=4, block_size=8, trash_block=0, device=CPU)
+    assert sorted(graphs.steps) == [(1, False), (2, False)]
+    assert graphs.serves(2, False) and not graphs.serves(2, True) and not graphs.serves(3, False)
+    assert "(with LoRA) failed" in caplog.text and "captured LoRA launch failed" in caplog.text
+
+
+def test_dynamic_rope_models_decode_eagerly(make_engine, caplog):
+    engine = make_engine()
+    config = engine.loaded.model.config
+    original = config.rope_parameters
+    config.rope_parameters = {**original, "rope_type": "dynamic", "factor": 2.0}
+    try:
+        with caplog.at_level(logging.WARNING):
+            graphs = build_decode_graphs("eager", engine.loaded.model, engine.runner.kv_caches, engine.lora,
+                                         max_batch=2, max_blocks=4, block_size=8, trash_block=0, device=CPU)
+    finally:
+        config.rope_parameters = original
+    assert graphs is None and "dynamic RoPE" in caplog.text
 
 
 def test_request_count_matches(make_engine):

@@ -95,6 +95,17 @@ def test_static_mapping_gathers_every_row(ranks, runs):
     assert torch.equal(got[base_rows], y[base_rows])
 
 
+def test_static_gather_never_lets_a_base_row_overflow():
+    """A row without a slot reads slot 0's weights in the gather; its input must not reach the
+    matmul, or an overflowing product (here 1e30 * 1e30) times a zero mask would write NaN."""
+    a, b, x, y, mapping = make_case(2, 4, [4, 4], 8, 6, [(0, 1), (NO_SLOT, 1)])
+    x[1] = 1e30
+    a[0] *= 1e30
+    got = y.clone()
+    ops.lora_apply(got, x, a, b, [4, 4], LoraMapping.static(mapping.token_slots))
+    assert torch.equal(got[1], y[1])
+
+
 def test_reference_is_the_plain_formula():
     a, b, x, y, mapping = make_case(2, 4, [4, 2], 8, 6, [(1, 1), (NO_SLOT, 1)])
     expected = y.clone()

@@ -22,6 +22,7 @@ without LoRA, so the base model keeps its own speed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Callable
@@ -30,6 +31,7 @@ import torch
 
 from ..lora.manager import LoraManager
 from ..model.attention import META_KWARG
+from ..triton_common import triton_available
 from .decode_inputs import DecodeRow, StaticDecodeInputs
 
 log = logging.getLogger(__name__)
@@ -96,27 +98,41 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> float:
         """Capture every (size, LoRA) step, largest first so smaller ones reuse its memory pool;
-        returns the seconds it took."""
+        returns the seconds it took. A variant (with or without LoRA) whose capture fails is
+        dropped with a warning; its steps then run eagerly."""
         start = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle() if self.mode == "cuda" else None
-        variants = [False, True] if self.lora is not None else [False]
-        for size in sorted(self.sizes, reverse=True):
-            for with_lora in variants:
-                forward = self._forward_fn(size, with_lora)
-                self.steps[size, with_lora] = _GraphStep(forward, pool) if self.mode == "cuda" else _EagerStep(forward)
+        with on_device(self.inputs.device):
+            pool = torch.cuda.graph_pool_handle() if self.mode == "cuda" else None
+            for with_lora in ([False, True] if self.lora is not None else [False]):
+                try:
+                    for size in sorted(self.sizes, reverse=True):
+                        self.steps[size, with_lora] = self._build_step(size, with_lora, pool)
+                except Exception as exc:  # noqa: BLE001 - any failure: this variant stays eager
+                    log.warning("decode graph capture (%s LoRA) failed, those decode steps run eagerly: %s",
+                                "with" if with_lora else "without", exc)
+                    self.steps = {key: step for key, step in self.steps.items() if key[1] != with_lora}
         self.capture_seconds = time.perf_counter() - start
-        log.info("decode steps %s: %d sizes up to %d, %s LoRA, in %.1f s",
+        log.info("decode steps %s: %d sizes up to %d, variants %s, in %.1f s",
                  "captured" if self.mode == "cuda" else "prepared (eager)", len(self.sizes), self.max_batch,
-                 "with and without" if self.lora is not None else "without", self.capture_seconds)
+                 sorted({"lora" if lora else "base" for _, lora in self.steps}), self.capture_seconds)
         return self.capture_seconds
+
+    def _build_step(self, size: int, with_lora: bool, pool) -> Callable[[], torch.Tensor]:
+        forward = self._forward_fn(size, with_lora)
+        return _GraphStep(forward, pool) if self.mode == "cuda" else _EagerStep(forward)
+
+    def serves(self, num_seqs: int, with_lora: bool) -> bool:
+        """A step of ``num_seqs`` sequences (any with an adapter: ``with_lora``) has a graph."""
+        return 0 < num_seqs <= self.max_batch and (self.max_batch, with_lora) in self.steps
 
     @torch.inference_mode()
     def run(self, batch: list[DecodeRow]) -> torch.Tensor:
-        """[len(batch), vocab] logits of one pure-decode step."""
+        """[len(batch), vocab] logits of one pure-decode step (``serves`` it)."""
         size = self.padded_size(len(batch))
-        self.inputs.write(batch, size)
-        with_lora = self.lora is not None and any(row.lora_slot >= 0 for row in batch)
-        return self.steps[size, with_lora]()[:len(batch)]
+        with_lora = any(row.lora_slot >= 0 for row in batch)
+        with on_device(self.inputs.device):
+            self.inputs.write(batch, size)
+            return self.steps[size, with_lora]()[:len(batch)]
 
     def _forward_fn(self, size: int, with_lora: bool) -> Callable[[], torch.Tensor]:
         """The forward of a padded step of ``size`` rows: reads only ``inputs.rows`` and the
@@ -135,10 +151,33 @@ class DecodeGraphs:
         return forward
 
 
-def graph_mode(setting: str, device: torch.device) -> str | None:
+def on_device(device: torch.device):
+    """Make ``device`` current (capture streams and graphs use the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def dynamic_rope(config) -> bool:
+    """Dynamic RoPE rescales on the host when a sequence outgrows its cache: not capturable."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    found: list[str] = []
+
+    def visit(p: dict) -> None:  # flat, or one dict per attention type (e.g. Gemma 3)
+        found.extend(str(p[k]) for k in ("rope_type", "type") if k in p)
+        for value in p.values():
+            if isinstance(value, dict):
+                visit(value)
+    if isinstance(params, dict):
+        visit(params)
+    return any("dynamic" in kind for kind in found)
+
+
+def graph_mode(setting: str, device: torch.device, kernels: bool | None = None) -> str | None:
     """The ``cuda_graphs`` setting on ``device``: "cuda" (capture), "eager" (``on`` without a
-    GPU) or None (off; ``auto`` off the GPU)."""
-    if setting == "off" or (setting == "auto" and device.type != "cuda"):
+    GPU) or None (off). ``auto`` captures on CUDA only with the Triton kernels (``kernels``,
+    default: triton imports): the torch attention reads every block-table column of every row,
+    cheap for the packed path's per-step tables, not for tables as wide as the context limit."""
+    kernels = triton_available() if kernels is None else kernels
+    if setting == "off" or (setting == "auto" and not (device.type == "cuda" and kernels)):
         return None
     return "cuda" if device.type == "cuda" else "eager"
 
@@ -146,14 +185,15 @@ def graph_mode(setting: str, device: torch.device) -> str | None:
 def build_decode_graphs(mode: str, model: torch.nn.Module, kv_caches, lora: LoraManager | None, *,
                         max_batch: int, max_blocks: int, block_size: int, trash_block: int,
                         device: torch.device) -> DecodeGraphs | None:
-    """Capture the decode steps; on a capture failure log why and return None (eager decode),
-    so a model the graphs cannot hold still serves."""
+    """Capture the decode steps; None (eager decode) when nothing could be captured, so a model
+    the graphs cannot hold still serves."""
+    if dynamic_rope(model.config):
+        log.warning("decode graphs off: the model's dynamic RoPE rescales on the host")
+        return None
     inputs = StaticDecodeInputs(max_batch, max_blocks, block_size, trash_block, device)
     graphs = DecodeGraphs(model, kv_caches, inputs, lora, mode)
-    try:
-        graphs.capture()
-    except RuntimeError as exc:  # capture-unsafe op, out of memory, ...
-        log.warning("decode graph capture failed, decode steps run eagerly: %s", exc)
+    graphs.capture()
+    if not graphs.steps:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.empty_cache()

@@ -1,25 +1,26 @@
 """The fixed input buffers of a captured decode step, and the step metadata read from them.
 
 A CUDA graph replays kernels on the exact tensors it was captured with, so everything that varies
-from step to step lives in one device buffer, ``rows`` [max_batch, COLUMNS + max_blocks] int32,
-one row per sequence:
+from step to step lives in two device buffers with fixed addresses, one row per sequence:
 
-    token id | position | cache slot written | context length | LoRA slot | block table ...
+    rows   [max_batch, 5] int32:  token id | position | cache slot written | context length | LoRA slot
+    tables [max_batch, max_blocks] int32: the sequence's cache blocks
 
-Each step the runner's sequences are written into a host copy of the first ``size`` rows (pinned
-on CUDA) and sent in one copy; the captured forward reads every other tensor (ids, positions,
-slot mapping, block tables, LoRA token slots) as views of ``rows``. Rows past a step's real
-sequences are padding: token 0 at position 0, writing and attending only the *trash slot*, a
-cache block no sequence owns, with no adapter. Every row is computed (a fixed shape), none of the
-padding reaches a real row: attention, the linears and the LoRA apply are all per row or per
-sequence.
+Each step the runner's sequences are staged in pinned host memory and sent in two copies; the
+captured forward reads every other tensor (ids, positions, slot mapping, context lengths, LoRA
+token slots, block tables) as views of these. Only the block-table columns the step's longest
+sequence uses are sent: the attention never reads a table past a sequence's context length.
+
+Rows past a step's real sequences are padding: token 0 at position 0, writing and attending only
+the *trash slot*, a cache block no sequence owns, with no adapter. Every row is computed (a fixed
+shape), none of the padding reaches a real row: attention, the linears and the LoRA apply are all
+per row or per sequence.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..lora.mapping import NO_SLOT, LoraMapping
@@ -47,22 +48,23 @@ class DecodeRow:
 
 
 class StaticDecodeInputs:
-    """``rows`` on the device (the graphs' only varying input) and its host staging copy."""
+    """``rows`` and ``tables`` on the device (the graphs' only varying inputs) and their host staging."""
 
     def __init__(self, max_batch: int, max_blocks: int, block_size: int, trash_block: int,
                  device: torch.device):
         self.max_batch, self.max_blocks, self.block_size = max_batch, max_blocks, block_size
         self.device = device
-        width = COLUMNS + max_blocks
-        self.rows = torch.zeros(max_batch, width, dtype=torch.int32, device=device)  # [max_batch, width]
+        self.rows = torch.zeros(max_batch, COLUMNS, dtype=torch.int32, device=device)  # [max_batch, 5]
+        self.tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)  # [max_batch, max_blocks]
         pin = device.type == "cuda"
-        self._host = torch.zeros(max_batch, width, dtype=torch.int32, pin_memory=pin)  # [max_batch, width]
-        self._host_np = self._host.numpy()
-        self._padding = np.zeros(width, dtype=np.int32)
-        self._padding[[NEW_SLOT, CONTEXT, LORA_SLOT, COLUMNS]] = (trash_block * block_size, 1, NO_SLOT,
-                                                                   trash_block)
-        self._host_np[:] = self._padding
-        self.rows.copy_(self._host)
+        self._host_rows = torch.zeros(max_batch, COLUMNS, dtype=torch.int32, pin_memory=pin)
+        self._host_tables = torch.zeros(max_batch * max_blocks, dtype=torch.int32, pin_memory=pin)  # flat
+        self._padding = (0, 0, trash_block * block_size, 1, NO_SLOT)
+        self._trash_block = trash_block
+        self._host_rows.numpy()[:] = self._padding
+        self.rows.copy_(self._host_rows)
+        self.tables[:, 0] = trash_block
+        self._copied = torch.cuda.Event() if pin else None  # the staging buffers are free again
         self._seq_index = torch.arange(max_batch, dtype=torch.int32, device=device)  # [max_batch]
         self._ones = torch.ones(max_batch, dtype=torch.int32, device=device)  # [max_batch]
 
@@ -70,22 +72,31 @@ class StaticDecodeInputs:
         """Stage ``batch`` (at most ``size`` rows, padding after) and copy it to the device."""
         if not 0 < len(batch) <= size <= self.max_batch:
             raise ValueError(f"{len(batch)} sequences do not fit a padded batch of {size}")
-        host = self._host_np
+        width = max(len(row.block_ids) for row in batch)
+        if width > self.max_blocks:
+            raise ValueError(f"a sequence holds {width} blocks, the table has {self.max_blocks}")
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copies have left the staging buffers
+        rows = self._host_rows.numpy()
+        host_tables = self._host_tables[:size * width].view(size, width)  # pinned, like its storage
+        tables = host_tables.numpy()
         bs = self.block_size
         for i, row in enumerate(batch):
-            if len(row.block_ids) > self.max_blocks:
-                raise ValueError(f"a sequence holds {len(row.block_ids)} blocks, the table has {self.max_blocks}")
             slot = row.block_ids[row.position // bs] * bs + row.position % bs
-            host[i, :COLUMNS] = (row.token_id, row.position, slot, row.position + 1, row.lora_slot)
-            host[i, COLUMNS:COLUMNS + len(row.block_ids)] = row.block_ids
-        host[len(batch):size] = self._padding
-        self.rows[:size].copy_(self._host[:size], non_blocking=True)
+            rows[i] = (row.token_id, row.position, slot, row.position + 1, row.lora_slot)
+            tables[i, :len(row.block_ids)] = row.block_ids
+        rows[len(batch):size] = self._padding
+        tables[len(batch):size, 0] = self._trash_block
+        self.rows[:size].copy_(self._host_rows[:size], non_blocking=True)
+        self.tables[:size, :width].copy_(host_tables, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
 
     def attention(self, size: int, kv_caches) -> PagedAttentionMetadata:
         """The step's attention metadata as views of ``rows`` (both the torch and Triton forms)."""
-        rows = self.rows[:size]  # [size, width]
+        rows = self.rows[:size]  # [size, 5]
         ctx_lens = rows[:, CONTEXT].contiguous()  # [size] int32
-        tables = rows[:, COLUMNS:]  # [size, max_blocks] int32, unit column stride
+        tables = self.tables[:size]  # [size, max_blocks] int32
         varlen = VarlenPagedMeta(q_starts=self._seq_index[:size], q_lens=self._ones[:size], ctx_lens=ctx_lens,
                                  block_tables=tables, block_size=self.block_size, max_q_len=1)
         return PagedAttentionMetadata(

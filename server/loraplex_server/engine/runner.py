@@ -14,7 +14,7 @@ from torch.nn.utils.rnn import pad_sequence
 from ..lora.manager import LoraManager
 from ..lora.mapping import NO_SLOT, LoraMapping
 from ..model.attention import META_KWARG, PagedAttentionMetadata, PrefillSpan
-from .decode_graphs import DecodeGraphs
+from .decode_graphs import DecodeGraphs, on_device
 from .decode_inputs import DecodeRow
 from .request import Request
 from .sampler import Sampler, SampleResult
@@ -119,16 +119,24 @@ class ModelRunner:
                 self.lora.set_mapping(None)
         return out.logits[0]
 
-    def is_graph_decode(self, batch: SchedulerOutput) -> bool:
-        """A step the captured decode graphs can run: only decodes, each sampling, few enough."""
+    def is_graph_decode(self, batch: SchedulerOutput, lora_slots: dict[str, int]) -> bool:
+        """A step the captured decode graphs can run: only decodes, each sampling, few enough,
+        and a captured variant for it (with LoRA when any sequence has an adapter slot)."""
         graphs = self.decode_graphs
-        return (graphs is not None and 0 < len(batch.scheduled) <= graphs.max_batch
-                and all(s.num_new_tokens == 1 and s.request.num_computed_tokens > 0 and s.samples
-                        and len(s.request.block_ids) <= graphs.inputs.max_blocks for s in batch.scheduled))
+        if graphs is None or not all(s.num_new_tokens == 1 and s.request.num_computed_tokens > 0 and s.samples
+                                     and len(s.request.block_ids) <= graphs.inputs.max_blocks
+                                     for s in batch.scheduled):
+            return False
+        slot = self._slot_of(lora_slots)
+        return graphs.serves(len(batch.scheduled), any(slot(s) != NO_SLOT for s in batch.scheduled))
 
     def run(self, batch: SchedulerOutput, lora_slots: dict[str, int]) -> tuple[list[Request], SampleResult]:
         """Execute one step; returns the requests that sampled a token and their samples."""
-        if self.is_graph_decode(batch):
+        with on_device(self.device):  # kernels and graphs launch on the current CUDA device
+            return self._run(batch, lora_slots)
+
+    def _run(self, batch: SchedulerOutput, lora_slots: dict[str, int]) -> tuple[list[Request], SampleResult]:
+        if self.is_graph_decode(batch, lora_slots):
             slot = self._slot_of(lora_slots)
             order = sorted(batch.scheduled, key=slot)
             requests = [s.request for s in order]

@@ -15,7 +15,9 @@ class SlotRanks:
     """Each slot's rank for one module (0 = the slot's adapter does not touch it), kept twice:
     ``host`` for the torch ops (run grouping is host logic) and ``table`` [num_slots] int32 on the
     device for the kernels. ``table`` keeps one address for the model's life, so a decode step
-    captured in a CUDA graph reads the ranks of whatever adapters sit in the slots at replay."""
+    captured in a CUDA graph reads the ranks of whatever adapters sit in the slots at replay.
+    Like the slot buffers, it assumes the model is never moved after the LoRA layers are injected
+    (``model.to()`` would leave it, and every captured graph, behind)."""
 
     def __init__(self, num_slots: int, device: torch.device):
         self.host = [0] * num_slots

@@ -82,11 +82,11 @@ def bgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.
 
     for t in range(T):
         s = token_slots[t]
-        y[t] += (A[max(s, 0)] @ x[t]) * (s >= 0) @ Bt[max(s, 0)]
+        y[t] += (A[max(s, 0)] @ (x[t] if s >= 0 else 0)) @ Bt[max(s, 0)]
     """
     slots = mapping.token_slots.clamp(min=0)  # [T]
-    h = torch.bmm(lora_a[slots], x.unsqueeze(2))  # [T, R, 1]
-    h = h * (mapping.token_slots >= 0).to(h.dtype)[:, None, None]
+    xs = torch.where((mapping.token_slots >= 0)[:, None], x, 0)  # [T, in]: rows without a slot read zeros
+    h = torch.bmm(lora_a[slots], xs.unsqueeze(2))  # [T, R, 1], exact zeros on those rows
     y.unsqueeze(1).baddbmm_(h.transpose(1, 2), lora_bt[slots])  # [T, 1, out], a view of y
 
 
