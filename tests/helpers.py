@@ -91,21 +91,28 @@ def tokens_of(deltas) -> list[int]:
 MIXED_REQUESTS = [("a0", 13), (None, 5), ("a1", 20), ("a0", 3)]  # (adapter, prompt tokens)
 
 
+def write_tiny_config(path: Path) -> Path:
+    """A 2-layer SmolLM2-shaped config.json for dummy-weight engines (fast, real layer shapes)."""
+    import json
+
+    from loraplex_server.model.presets import PRESETS
+
+    config = dict(PRESETS["smollm2-135m"], num_hidden_layers=2, architectures=["LlamaForCausalLM"])
+    path.write_text(json.dumps(config))
+    return path
+
+
 def dummy_engine_factory(tmp_path: Path, device: torch.device, *, max_batch_tokens: int = 24, **model):
     """Builds engines of one config (2-layer SmolLM2 shape, seeded dummy weights) with adapters
     a0 (rank 8) and a1 (rank 16); ``model`` overrides ModelConfig fields (e.g. cuda_graphs)."""
-    import json
     import sys
 
     from loraplex_server.config import ModelConfig
-    from loraplex_server.model.presets import PRESETS
 
     sys.path.insert(0, str(BENCHMARKS))
     from synthetic_adapters import write_adapter
 
-    config = dict(PRESETS["smollm2-135m"], num_hidden_layers=2, architectures=["LlamaForCausalLM"])
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    model_cfg = dict(model=str(tmp_path / "config.json"), load_format="dummy", device=device.type,
+    model_cfg = dict(model=str(write_tiny_config(tmp_path / "config.json")), load_format="dummy", device=device.type,
                      dtype="float32", threads=1, **model)
 
     def make(**overrides) -> LLMEngine:

@@ -9,17 +9,15 @@ import sys
 
 import pytest
 
-from helpers import BENCHMARKS
-from loraplex_server.model.presets import PRESETS
+from helpers import BENCHMARKS, write_tiny_config
 
 
 @pytest.mark.slow
 def test_decode_comparison_runs_on_cpu(tmp_path):
-    config = dict(PRESETS["smollm2-135m"], num_hidden_layers=2, architectures=["LlamaForCausalLM"])
-    (tmp_path / "tiny.json").write_text(json.dumps(config))
+    tiny = write_tiny_config(tmp_path / "tiny.json")
     out = tmp_path / "decode.json"
     proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "kernel_bench.py"), "--cpu-decode", "--presets", str(tmp_path / "tiny.json"),
+        [sys.executable, str(BENCHMARKS / "kernel_bench.py"), "--cpu-decode", "--presets", str(tiny),
          "--batches", "1", "3", "--steps", "2", "--adapters", "4", "--json", str(out)],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

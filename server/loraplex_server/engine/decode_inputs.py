@@ -26,6 +26,7 @@ import torch
 from ..lora.mapping import NO_SLOT, LoraMapping
 from ..model.attention import PagedAttentionMetadata
 from ..model.triton_attention import VarlenPagedMeta
+from .kv_blocks import cache_slot
 from .request import Request
 
 TOKEN, POSITION, NEW_SLOT, CONTEXT, LORA_SLOT = range(5)
@@ -82,7 +83,7 @@ class StaticDecodeInputs:
         tables = host_tables.numpy()
         bs = self.block_size
         for i, row in enumerate(batch):
-            slot = row.block_ids[row.position // bs] * bs + row.position % bs
+            slot = cache_slot(row.block_ids, bs, row.position)
             rows[i] = (row.token_id, row.position, slot, row.position + 1, row.lora_slot)
             tables[i, :len(row.block_ids)] = row.block_ids
         rows[len(batch):size] = self._padding

@@ -22,7 +22,7 @@ from ..model.triton_attention import select_attention_function
 from .decode_graphs import DecodeGraphs, build_decode_graphs, graph_mode
 from .fairness import FcfsOrder, VirtualTokenCounter
 from .inputs import InputProcessor
-from .kv_blocks import BlockManager
+from .kv_blocks import BlockManager, blocks_for
 from .kv_cache import KVCacheSpec, allocate_kv_cache, num_blocks_for
 from .output import OutputProcessor
 from .request import FinishReason, Prompt, Request, RequestOutput, SamplingParams
@@ -90,7 +90,7 @@ class LLMEngine:
         max_seqs = self.config.scheduler.max_num_seqs
         return build_decode_graphs(mode, self.loaded.model, kv_caches, self.lora,
                                    max_batch=min(self.config.model.cuda_graph_max_batch or max_seqs, max_seqs),
-                                   max_blocks=-(-model_len // block_size) + 1, block_size=block_size,
+                                   max_blocks=blocks_for(model_len, block_size) + 1, block_size=block_size,
                                    trash_block=num_blocks, device=self.loaded.device)
 
     # ---- requests -------------------------------------------------------------------------

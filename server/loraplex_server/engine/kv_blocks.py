@@ -11,6 +11,16 @@ from collections import deque
 from .request import Request
 
 
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks that hold ``num_tokens`` tokens: ``ceil(num_tokens / block_size)``."""
+    return -(-num_tokens // block_size)
+
+
+def cache_slot(block_ids: list[int], block_size: int, position: int) -> int:
+    """Cache slot of token ``position`` of a sequence owning ``block_ids``."""
+    return block_ids[position // block_size] * block_size + position % block_size
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks < 1 or block_size < 1:
@@ -29,7 +39,7 @@ class BlockManager:
 
     def blocks_needed(self, request: Request, num_new_tokens: int) -> int:
         total = request.num_computed_tokens + num_new_tokens
-        return max(0, -(-total // self.block_size) - len(request.block_ids))
+        return max(0, blocks_for(total, self.block_size) - len(request.block_ids))
 
     def allocate(self, request: Request, num_new_tokens: int) -> bool:
         """Give ``request`` blocks for ``num_new_tokens`` more tokens; False (nothing taken) if short."""
@@ -45,5 +55,4 @@ class BlockManager:
         request.block_ids = []
 
     def slot(self, request: Request, position: int) -> int:
-        block = request.block_ids[position // self.block_size]
-        return block * self.block_size + position % self.block_size
+        return cache_slot(request.block_ids, self.block_size, position)

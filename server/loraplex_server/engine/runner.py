@@ -13,7 +13,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from ..lora.manager import LoraManager
 from ..lora.mapping import NO_SLOT, LoraMapping
-from ..model.attention import META_KWARG, PagedAttentionMetadata, PrefillSpan
+from ..model.attention import META_KWARG, PagedAttentionMetadata, PrefillSpan, block_slots
 from .decode_graphs import DecodeGraphs, on_device
 from .decode_inputs import DecodeRow
 from .request import Request
@@ -44,9 +44,7 @@ class ModelRunner:
 
     def slots_of(self, request: Request, num_tokens: int) -> torch.Tensor:
         """[num_tokens] cache slots of the request's first ``num_tokens`` positions."""
-        blocks = torch.tensor(request.block_ids, dtype=torch.long)
-        slots = blocks[:, None] * self.block_size + torch.arange(self.block_size)  # [num_blocks, block_size]
-        return slots.flatten()[:num_tokens]
+        return block_slots(torch.tensor(request.block_ids, dtype=torch.long), self.block_size)[:num_tokens]
 
     @staticmethod
     def _slot_of(lora_slots: dict[str, int]):

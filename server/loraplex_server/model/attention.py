@@ -26,6 +26,12 @@ ATTENTION_NAME = "loraplex_paged"
 META_KWARG = "loraplex_attn"
 
 
+def block_slots(blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[..., num_blocks * block_size] cache slot of every position the blocks [..., num_blocks] hold."""
+    offsets = torch.arange(block_size, device=blocks.device)  # [block_size]
+    return (blocks.long()[..., None] * block_size + offsets).flatten(-2)
+
+
 @dataclass
 class PrefillSpan:
     """A sequence computing more than one token this step (a prompt or a chunk of one)."""
@@ -55,9 +61,7 @@ class PagedAttentionMetadata:
         if self.decode_ctx_slots is not None:
             return self.decode_ctx_slots
         if "decode_slots" not in self._masks:
-            offsets = torch.arange(self.block_size, device=self.decode_block_tables.device)  # [block_size]
-            slots = self.decode_block_tables.long()[:, :, None] * self.block_size + offsets  # [n, blocks, bs]
-            self._masks["decode_slots"] = slots.flatten(1)
+            self._masks["decode_slots"] = block_slots(self.decode_block_tables, self.block_size)
         return self._masks["decode_slots"]
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
