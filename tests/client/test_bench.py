@@ -42,13 +42,13 @@ class BenchFake(FakeLoraplex):
         self.abort_after_tokens: int | None = None  # then fail the stream with INTERNAL
         self.in_flight = 0
         self.max_in_flight = 0
-        self.arrivals: list[float] = []             # time.monotonic() of each stream's arrival
+        self.arrivals: list[tuple[float, tuple[int, ...]]] = []  # (time.monotonic(), prompt ids) per stream
 
     def GenerateStream(self, request, context):  # noqa: N802
         with self.lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
-            self.arrivals.append(time.monotonic())
+            self.arrivals.append((time.monotonic(), tuple(request.prompt_token_ids.ids)))
         try:
             self._enter("GenerateStream", request, context)
             n = request.sampling.max_new_tokens or 16
@@ -247,21 +247,26 @@ def test_closed_loop_of_one_is_sequential(bench_fake):
 
 
 def test_open_loop_follows_poisson_schedule(bench_fake):
-    # Arrivals ~50 ms apart, so transport jitter on a loaded CI machine (tens of ms, seen once as
-    # +85 ms over 30 requests at 50/s) stays well inside the tolerances while a dispatcher that
-    # waited for responses or ignored the plan would still fail them.
+    """The bench's own clock: every request starts on plan, never early, at most 0.1 s late. The
+    server's clock: no request arrives earlier, relative to the first, than the plan says (a
+    dispatcher that ignored the plan sends them all at once). Lateness seen by the server is not
+    bounded here: it is the fake server's thread scheduling, not the bench (on a loaded 2-core CI
+    machine the server-side span came out 85 ms and 230 ms longer than the plan)."""
     rate, n = 20.0, 20
     cfg = config(bench_fake, mode="open", rate=rate, num_requests=n, output_len="fixed:1",
                  seed=7)
-    planned = [p.arrival_s for p in plan_requests(cfg)]
-    planned_span = planned[-1] - planned[0]
-    assert planned_span / (n - 1) == pytest.approx(1 / rate, rel=0.35)   # this seed vs the rate
+    plans = plan_requests(cfg)
+    planned = [p.arrival_s for p in plans]
+    assert (planned[-1] - planned[0]) / (n - 1) == pytest.approx(1 / rate, rel=0.35)  # this seed vs the rate
     result = run_bench(cfg)
     assert result.completed == n
-    seen = bench_fake.arrivals
-    assert seen[-1] - seen[0] == pytest.approx(planned_span, abs=0.15)
-    assert all(abs(r.start_s - r.scheduled_s) < 0.1 for r in result.records)
+    assert all(-0.005 <= r.start_s - r.scheduled_s < 0.1 for r in result.records)
     assert result.max_arrival_lag_s is not None and result.max_arrival_lag_s < 0.1
+    plan_of = {p.token_ids: p.index for p in plans}
+    seen = {plan_of[ids]: t for t, ids in bench_fake.arrivals}
+    assert sorted(seen) == list(range(n))
+    assert all(seen[i] - seen[0] >= planned[i] - planned[0] - 0.1 for i in range(n))
+    assert max(seen.values()) - seen[0] >= planned[-1] - planned[0] - 0.1
 
 
 def test_open_loop_does_not_wait_for_responses(bench_fake):
