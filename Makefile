@@ -2,7 +2,7 @@ PYTHON ?= python3
 PORT ?= 50051
 METRICS_PORT ?= 9090
 
-.PHONY: install test test-fast serve protos bench bench-smoke bench-decode
+.PHONY: install test test-fast serve protos bench bench-smoke bench-decode vllm-venv bench-vllm
 
 # torch is pinned first so pip takes the CPU build on disk instead of a multi-GB CUDA wheel.
 install:
@@ -32,6 +32,19 @@ bench: install
 
 bench-smoke: install
 	$(PYTHON) benchmarks/offline.py --smoke
+
+# vLLM's CPU build in its own venv (it pins its own transformers); does nothing once it imports.
+VLLM_VENV ?= .venv-vllm
+vllm-venv:
+	PYTHON=$(PYTHON) bash scripts/vllm_venv.sh $(VLLM_VENV)
+
+# Loraplex base / with adapters against vLLM base (compiled) / vLLM with adapters, alternating, best
+# of 3, same workload as `make bench` (no PEFT, no scaling): fp32 on 1 thread, then bf16 on 2.
+VLLM_BENCH = $(PYTHON) benchmarks/offline.py --vllm --vllm-venv $(VLLM_VENV) --systems loraplex_base loraplex_lora \
+	--scaling --repeats 3 --out benchmarks/results
+bench-vllm: install vllm-venv
+	$(VLLM_BENCH) --dtype float32 --threads 1 --tag offline_vllm_fp32_t1
+	$(VLLM_BENCH) --dtype bfloat16 --threads 2 --tag offline_vllm_bf16_t2
 
 bench-decode:
 	$(PYTHON) benchmarks/decode_throughput.py --threads 1
