@@ -13,6 +13,8 @@ output tokens per request, same dtype and torch threads):
    ``generate(adapter_names=...)`` (left padding, ``__base__`` for none).
 3. ``loraplex_base``: Loraplex with every request on the base model (the ceiling).
 4. ``loraplex_lora``: Loraplex with the adapters: all requests submitted at once, continuous batching.
+5. with ``--vllm``: ``vllm_base`` and ``vllm_lora``, vLLM's CPU build without / with LoRA (``vllm_rows.py``),
+   timed alternately with the Loraplex runs.
 
 Per system: output tokens/s (generated tokens / wall time), requests/s, and per-request end-to-end
 latency and time to first token (Loraplex and PEFT sequential) at p50/p90/p99, counted from t0 (every
@@ -26,6 +28,7 @@ CDFs); with ``--profile``, ``<out>/<tag>_profile.txt`` (where a Loraplex step sp
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -42,9 +45,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import plots  # noqa: E402
 import report  # noqa: E402
-from peers import (SYSTEMS, ModelSpec, PeftPeer, RunResult, Workload, assign_adapters, free_memory,  # noqa: E402
-                   loraplex_engine, make_prompts, run_loraplex, warm_up_loraplex, warm_up_peft,
+import vllm_rows  # noqa: E402
+from peers import (ALL_SYSTEMS, SYSTEMS, ModelSpec, PeftPeer, RunResult, Workload, assign_adapters,  # noqa: E402
+                   free_memory, loraplex_engine, make_prompts, run_loraplex, warm_up_loraplex, warm_up_peft,
                    write_adapter_pool)
+from phases import alternate, check_lengths, describe, log, profile_loraplex, run_scaling  # noqa: E402
 
 from loraplex_server.config import default_cache_dir  # noqa: E402
 from loraplex_server.model.loader import EMBEDDED_NAME, dummy_config, embedded_model_dir  # noqa: E402
@@ -98,6 +103,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-scaling-base", action="store_true", help="skip the base-only run of the scaling workload")
     p.add_argument("--adapter-dir", type=Path, default=None,
                    help="keep (and reuse) the synthetic adapter files here (default: a temporary dir)")
+    p.add_argument("--vllm", action="store_true",
+                   help="add the vLLM rows (vllm_base, vllm_lora; vLLM's CPU build in --vllm-venv, make vllm-venv)")
+    p.add_argument("--vllm-venv", type=Path, default=vllm_rows.DEFAULT_VENV)
+    p.add_argument("--vllm-kv-gib", type=float, default=2, help="VLLM_CPU_KVCACHE_SPACE of the vLLM rows")
     p.add_argument("--profile", action="store_true", help="also profile one Loraplex run with adapters")
     p.add_argument("--out", type=Path, default=None,
                    help="results directory (default: benchmarks/results; with --smoke, a directory under /tmp)")
@@ -162,23 +171,6 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def describe(run: RunResult) -> str:
-    s = report.summarize(run)
-    ttft = f"{s['ttft_s']['p99']:.2f}s" if s["ttft_s"] else "n/a"
-    return (f"{run.system}: {s['output_tokens_per_s']:.1f} tok/s, {s['requests_per_s']:.2f} req/s, "
-            f"e2e p99 {s['e2e_s']['p99']:.2f}s, TTFT p99 {ttft}, wall {run.wall_s:.1f}s {run.extra or ''}")
-
-
-def check_lengths(run: RunResult, new_tokens: int) -> None:
-    bad = [i for i, r in enumerate(run.records) if len(r.tokens) != new_tokens]
-    if bad:
-        raise RuntimeError(f"{run.system}: requests {bad[:5]} did not generate exactly {new_tokens} tokens")
-
-
 # ---- the phases ------------------------------------------------------------------------------
 def run_peft(args, spec: ModelSpec, pool: dict[str, Path], names: list[str], work: Workload,
              vocab: int) -> dict[str, RunResult]:
@@ -197,120 +189,35 @@ def run_peft(args, spec: ModelSpec, pool: dict[str, Path], names: list[str], wor
     return runs
 
 
-def run_loraplex_pair(args, spec: ModelSpec, pool: dict[str, Path], names: list[str], work: Workload,
-                      vocab: int) -> tuple[dict[str, RunResult], str | None]:
-    """Base-only and with-adapter runs on one engine, alternating ``--repeats`` times; best kept."""
-    engine = loraplex_engine(spec, max_loras=args.max_loras or len(names),
-                             max_cpu_loras=max(args.max_cpu_loras, len(names)), max_lora_rank=args.max_lora_rank,
-                             max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
-                             kv_cache_bytes=args.kv_cache_bytes)
-    log(f"Loraplex: engine ready ({engine.loaded.name}, max_loras {engine.config.lora.max_loras}), "
-        f"registering {len(names)} adapters (eager)")
-    for name in names:
-        engine.lora.add_adapter(name, pool[name], eager=True)
-    warm_up_loraplex(engine, [None, names[0]], vocab)
+def run_loraplex_pair(args, spec: ModelSpec, pool: dict[str, Path], names: list[str], work: Workload, vocab: int,
+                      peers: dict | None = None) -> tuple[dict[str, RunResult], str | None]:
+    """Base-only and with-adapter runs on one engine, and the peers' rows (system -> one timed run:
+    vLLM), alternating ``--repeats`` times; best kept."""
     wanted = [s for s in ("loraplex_base", "loraplex_lora") if s in args.systems]
-    best: dict[str, RunResult] = {}
-    all_tps: dict[str, list[float]] = {s: [] for s in wanted}
-    for rep in range(args.repeats):
+    runners, engine, count = {}, None, itertools.count()
+    if wanted:
+        engine = loraplex_engine(spec, max_loras=args.max_loras or len(names),
+                                 max_cpu_loras=max(args.max_cpu_loras, len(names)), max_lora_rank=args.max_lora_rank,
+                                 max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
+                                 kv_cache_bytes=args.kv_cache_bytes)
+        log(f"Loraplex: engine ready ({engine.loaded.name}, max_loras {engine.config.lora.max_loras}), "
+            f"registering {len(names)} adapters (eager)")
+        for name in names:
+            engine.lora.add_adapter(name, pool[name], eager=True)
+        warm_up_loraplex(engine, [None, names[0]], vocab)
         for system in wanted:
-            run = run_loraplex(engine, work.on_base() if system == "loraplex_base" else work, system, f"r{rep}")
-            log(describe(run))
-            all_tps[system].append(round(run.output_tokens / run.wall_s, 2))
-            if system not in best or run.wall_s < best[system].wall_s:
-                best[system] = run
-    for system, run in best.items():
-        run.extra["repeats_output_tokens_per_s"] = all_tps[system]
-    profile_text = profile_loraplex(engine, work, f"loraplex_lora, {len(names)} adapters") if args.profile else None
-    engine.lora.registry.close()
-    del engine
-    free_memory()
-    return best, profile_text
-
-
-def profile_loraplex(engine, work: Workload, label: str) -> str:
-    """cProfile of one full run: where the engine's step time goes (% of all engine.step time)."""
-    import cProfile
-    import pstats
-
-    log(f"profiling {label} (cProfile)")
-    prof = cProfile.Profile()
-    prof.enable()
-    run = run_loraplex(engine, work, "profile")
-    prof.disable()
-    stats = pstats.Stats(prof)
-    step_total = next((v[3] for k, v in stats.stats.items() if k[2] == "step" and k[0].endswith("engine.py")), None)
-    steps = run.extra["steps"] + run.extra["idle_steps"]
-    lines = [f"== {label}: {len(work)} requests, {run.output_tokens} tokens, {run.wall_s:.1f}s under the profiler, "
-             f"{steps} engine steps ({run.extra['idle_steps']} with nothing scheduled), engine.step total "
-             f"{step_total:.2f}s = {1e3 * step_total / max(steps, 1):.1f} ms/step; {run.extra}",
-             "percentages are of the total engine.step time; ms/step = per engine step on average", ""]
-    rows = [(ct, tt, nc, f"{Path(file).name}:{line}({func})")
-            for (file, line, func), (_cc, nc, tt, ct, _callers) in stats.stats.items()]
-    for title, key in (("by cumulative time", 0), ("by own time", 1)):
-        lines.append(f"top 30 {title}")
-        lines.append(f"{'cum s':>8} {'cum %':>6} {'ms/step':>8} {'own s':>8} {'own %':>6} {'calls':>9}  function")
-        for ct, tt, nc, name in sorted(rows, key=lambda r: -r[key])[:30]:
-            lines.append(f"{ct:8.2f} {100 * ct / step_total:6.1f} {1e3 * ct / max(steps, 1):8.1f} {tt:8.2f} "
-                         f"{100 * tt / step_total:6.1f} {nc:9d}  {name}")
-        lines.append("")
-    return "\n".join(lines) + "\n"
-
-
-def scaling_engine(args, spec: ModelSpec, pool: dict[str, Path], names: list[str], count: int, vocab: int):
-    """A fresh engine with ``count`` adapters registered lazily; every adapter starts cold, on disk."""
-    engine = loraplex_engine(spec, max_loras=args.scaling_max_loras, max_cpu_loras=args.scaling_max_cpu_loras,
-                             max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs,
-                             max_batch_tokens=args.max_batch_tokens, kv_cache_bytes=args.kv_cache_bytes)
-    start = time.perf_counter()
-    for name in names[:count]:
-        engine.lora.add_adapter(name, pool[name], eager=False)
-    register_s = time.perf_counter() - start
-    warm_up_loraplex(engine, [None, None], vocab)  # base only
-    return engine, register_s
-
-
-def run_scaling(args, spec: ModelSpec, pool: dict[str, Path], names: list[str],
-                vocab: int) -> tuple[dict, str | None]:
-    prompts = make_prompts(args.scaling_requests, args.prompt_tokens, vocab, args.seed + 1)
-    scaling = {"max_loras": args.scaling_max_loras, "max_cpu_loras": args.scaling_max_cpu_loras,
-               "requests": args.scaling_requests, "prompt_tokens": args.prompt_tokens,
-               "new_tokens": args.scaling_new_tokens, "dist": args.scaling_dist, "points": [], "base": None}
-    latencies = {}
-
-    def workload(count: int) -> Workload:
-        adapters = assign_adapters(args.scaling_requests, names[:count], args.seed, args.scaling_dist)
-        return Workload(prompts, adapters, args.scaling_new_tokens)
-
-    counts = ([0] if not args.no_scaling_base else []) + list(args.scaling)
-    for count in counts:
-        engine, register_s = scaling_engine(args, spec, pool, names, count, vocab)
-        run = run_loraplex(engine, workload(count), f"scale{count}")
-        check_lengths(run, args.scaling_new_tokens)
-        run.extra["register_s"] = round(register_s, 3)
-        log(f"scaling {count} adapters: " + describe(run))
-        point = dict(report.summarize(run), adapters=count)
-        point.pop("label")
-        if count == 0:
-            scaling["base"] = point
-        else:
-            scaling["points"].append(point)
-            latencies[str(count)] = report.raw_latencies(run)
-        engine.lora.registry.close()
-        del engine
-        free_memory()
-    scaling["ratio"] = report.scaling_ratio(scaling["points"])
-    scaling["latencies"] = latencies
+            w = work.on_base() if system == "loraplex_base" else work
+            runners[system] = lambda w=w, s=system: run_loraplex(engine, w, s, f"r{next(count)}")
+    runners.update(peers or {})
+    best = alternate(runners, args.repeats)
     profile_text = None
-    if args.profile and args.scaling:
-        top = max(args.scaling)
-        engine, _ = scaling_engine(args, spec, pool, names, top, vocab)
-        profile_text = profile_loraplex(engine, workload(top),
-                                        f"scaling point, {top} adapters (cold, lazily registered)")
+    if engine is not None:
+        if args.profile:
+            profile_text = profile_loraplex(engine, work, f"loraplex_lora, {len(names)} adapters")
         engine.lora.registry.close()
         del engine
         free_memory()
-    return scaling, profile_text
+    return best, profile_text
 
 
 # ---- entry points ----------------------------------------------------------------------------
@@ -322,7 +229,7 @@ def run(argv=None) -> dict:
     plots.require_matplotlib()  # fail before minutes of measuring, not after
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="loraplex-offline-"))
+    workdir = args.workdir = Path(tempfile.mkdtemp(prefix="loraplex-offline-"))
     try:
         if args.smoke and args.model is None:
             (workdir / "config.json").write_text(json.dumps(SMOKE_MODEL))
@@ -345,25 +252,45 @@ def _run(args, spec: ModelSpec, adapter_dir: Path) -> dict:
     main_names = names[:args.adapters]
     work = Workload(make_prompts(args.requests, args.prompt_tokens, vocab, args.seed),
                     assign_adapters(args.requests, main_names, args.seed), args.new_tokens)
-
-    runs: dict[str, RunResult] = {}
-    if any(s.startswith("peft") for s in args.systems):
-        runs.update(run_peft(args, spec, pool, main_names, work, vocab))
-    profile_text = None
-    if any(s.startswith("loraplex") for s in args.systems):
-        loraplex_runs, profile_text = run_loraplex_pair(args, spec, pool, main_names, work, vocab)
-        runs.update(loraplex_runs)
-    for r in runs.values():
-        check_lengths(r, args.new_tokens)
+    runs, profile_text, vllm_info = measure(args, spec, pool, main_names, work, vocab)
     scaling, scaling_profile = run_scaling(args, spec, pool, names, vocab) if args.scaling else (None, None)
     profile_text = "\n".join(t for t in (profile_text, scaling_profile) if t) or None
     host["loadavg_end"] = _loadavg()
+    results = build_results(args, spec, host, runs, scaling, vllm_info)
+    return write_outputs(args, results, profile_text)
 
+
+def measure(args, spec: ModelSpec, pool: dict[str, Path], names: list[str], work: Workload,
+            vocab: int) -> tuple[dict[str, RunResult], str | None, dict | None]:
+    """The comparison: PEFT, then Loraplex alternating with the vLLM rows (with ``--vllm``)."""
+    runs: dict[str, RunResult] = {}
+    if any(s.startswith("peft") for s in args.systems):
+        runs.update(run_peft(args, spec, pool, names, work, vocab))
+    peers, vllm_info = vllm_rows.maybe_start(args, spec, pool, work, args.workdir / "vllm", log) if args.vllm \
+        else ({}, None)
+    profile_text = None
+    try:
+        if peers or any(s.startswith("loraplex") for s in args.systems):
+            pair, profile_text = run_loraplex_pair(args, spec, pool, names, work, vocab,
+                                                   {system: peer.run for system, peer in peers.items()})
+            runs.update(pair)
+    finally:
+        if peers:
+            vllm_info["peers"] = vllm_rows.close_peers(peers)
+    for r in runs.values():
+        check_lengths(r, args.new_tokens)
+    return runs, profile_text, vllm_info
+
+
+def build_results(args, spec: ModelSpec, host: dict, runs: dict[str, RunResult], scaling: dict | None,
+                  vllm_info: dict | None) -> dict:
     import peft
     import transformers
 
-    systems = {name: report.summarize(runs[name]) for name in SYSTEMS if name in runs}
-    results = {
+    systems = {name: report.summarize(runs[name]) for name in ALL_SYSTEMS if name in runs}
+    agreement = {f"{a} vs {b}": report.token_agreement(runs, a, b) for a, b in report.AGREEMENT_PAIRS
+                 if not a.startswith("vllm") or a in runs}
+    return {
         "config": {
             "command": "python benchmarks/offline.py " + shlex.join(args.argv),
             "model_name": model_name(spec), "model": spec.model, "load_format": spec.load_format,
@@ -379,16 +306,17 @@ def _run(args, spec: ModelSpec, adapter_dir: Path) -> dict:
         },
         "systems": systems,
         "ratios": report.ratios(systems),
-        "agreement": {
-            "peft_sequential vs loraplex_lora": report.token_agreement(runs, "peft_sequential", "loraplex_lora"),
-            "peft_batched vs loraplex_lora": report.token_agreement(runs, "peft_batched", "loraplex_lora"),
-            "peft_sequential vs peft_batched": report.token_agreement(runs, "peft_sequential", "peft_batched"),
-        },
+        "vllm": vllm_info,
+        "vllm_ratios": report.vllm_ratios(systems, args.adapters),
+        "agreement": agreement,
         "scaling": scaling,
-        "latencies": {name: report.raw_latencies(runs[name]) for name in SYSTEMS if name in runs},
+        "latencies": {name: report.raw_latencies(runs[name]) for name in ALL_SYSTEMS if name in runs},
         "plots": [],
     }
-    out, tag = args.out, args.tag
+
+
+def write_outputs(args, results: dict, profile_text: str | None) -> dict:
+    out, tag, scaling = args.out, args.tag, results["scaling"]
     if scaling and scaling["points"]:
         ceiling = scaling["base"]["output_tokens_per_s"] if scaling.get("base") else None
         results["plots"].append(plots.throughput_vs_adapters(scaling, out / f"{tag}_throughput_vs_adapters.png",

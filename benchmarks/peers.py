@@ -34,11 +34,15 @@ from loraplex_server.engine.request import Prompt, SamplingParams  # noqa: E402
 from loraplex_server.model.loader import LoadedModel, load_model  # noqa: E402
 
 SYSTEMS = ("peft_sequential", "peft_batched", "loraplex_base", "loraplex_lora")
+VLLM_SYSTEMS = ("vllm_base", "vllm_lora")  # with offline.py --vllm (vllm_rows.py)
+ALL_SYSTEMS = SYSTEMS + VLLM_SYSTEMS
 LABELS = {
     "peft_sequential": "PEFT, one request at a time (set_adapter)",
     "peft_batched": "PEFT, static mixed batches (adapter_names)",
     "loraplex_base": "Loraplex, base model only (ceiling)",
     "loraplex_lora": "Loraplex, with adapters",
+    "vllm_base": "vLLM CPU, base model only (compiled, no LoRA)",
+    "vllm_lora": "vLLM CPU, with adapters (enable_lora)",
 }
 PEFT_BASE = "__base__"  # PEFT's adapter_names value for "no adapter"
 

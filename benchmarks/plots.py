@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peers import LABELS, SYSTEMS
+from peers import ALL_SYSTEMS, LABELS
 
-COLORS = {"peft_sequential": "C0", "peft_batched": "C1", "loraplex_base": "C2", "loraplex_lora": "C3"}
+COLORS = {"peft_sequential": "C0", "peft_batched": "C1", "loraplex_base": "C2", "loraplex_lora": "C3",
+          "vllm_base": "C4", "vllm_lora": "C5"}
 
 
 def require_matplotlib():
@@ -68,7 +69,7 @@ def _cdf(ax, values: list[float], label: str, color: str) -> None:
 def latency_cdfs(latencies: dict[str, dict[str, list[float]]], path: Path) -> Path:
     plt = require_matplotlib()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name in SYSTEMS:
+    for name in ALL_SYSTEMS:
         if name in latencies:
             _cdf(ax1, latencies[name]["e2e"], LABELS[name], COLORS[name])
             if "ttft" in latencies[name]:

@@ -6,13 +6,25 @@ import json
 import math
 from pathlib import Path
 
-from peers import LABELS, SYSTEMS, RunResult
+from peers import ALL_SYSTEMS, LABELS, RunResult
 
 # (name, numerator, denominator, target): the headline ratios of output tokens/s.
 RATIOS = (
     ("loraplex_lora / peft_sequential", "loraplex_lora", "peft_sequential", 5.0),
     ("loraplex_lora / peft_batched", "loraplex_lora", "peft_batched", 1.5),
     ("loraplex_lora / loraplex_base", "loraplex_lora", "loraplex_base", 0.85),
+)
+# (name, numerator, denominator): Loraplex against vLLM's CPU build (offline.py --vllm); no targets.
+VLLM_RATIOS = (
+    ("Loraplex {n} adapters / vLLM base", "loraplex_lora", "vllm_base"),
+    ("Loraplex base / vLLM base", "loraplex_base", "vllm_base"),
+    ("Loraplex {n} adapters / vLLM {n} adapters", "loraplex_lora", "vllm_lora"),
+    ("vLLM {n} adapters / vLLM base", "vllm_lora", "vllm_base"),
+)
+# Greedy token agreement, per request: (a, b) pairs; the vLLM ones only when those rows ran.
+AGREEMENT_PAIRS = (
+    ("peft_sequential", "loraplex_lora"), ("peft_batched", "loraplex_lora"), ("peft_sequential", "peft_batched"),
+    ("vllm_base", "loraplex_base"), ("vllm_lora", "loraplex_lora"),
 )
 SCALING_TARGET = 0.80  # the largest adapter count vs the 8-adapter point, output tokens/s
 SCALING_REFERENCE = 8
@@ -65,6 +77,16 @@ def ratios(systems: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
+def vllm_ratios(systems: dict[str, dict], adapters: int) -> dict[str, float]:
+    """Output tok/s ratios against the vLLM rows; ``adapters``: distinct adapters of the workload."""
+    out = {}
+    for name, num, den in VLLM_RATIOS:
+        if num in systems and den in systems:
+            value = systems[num]["output_tokens_per_s"] / systems[den]["output_tokens_per_s"]
+            out[name.format(n=adapters)] = round(value, 3)
+    return out
+
+
 def scaling_ratio(points: list[dict]) -> dict | None:
     """Throughput at the largest adapter count vs the 8-adapter point."""
     by_n = {p["adapters"]: p for p in points}
@@ -94,6 +116,26 @@ def _fmt_pcts(p: dict | None) -> str:
     if not p:
         return "n/a"
     return " / ".join(f"{p[k]:.2f}" for k in ("p50", "p90", "p99"))
+
+
+def _vllm_lines(results: dict) -> list[str]:
+    vllm = results.get("vllm")
+    if not vllm:
+        return []
+    if "skipped" in vllm:
+        return [f"vLLM rows skipped: {vllm['skipped']}.", ""]
+    peer = next(iter((vllm.get("peers") or {}).values()), {})
+    versions = peer.get("versions", {})
+    starts = ", ".join(f"{s} {m['ready_s']:.0f} s" for s, m in (vllm.get("start") or {}).items())
+    lines = [f"vLLM rows: vLLM {versions.get('vllm', '?')} CPU build (torch {versions.get('torch', '?')}, "
+             f"transformers {versions.get('transformers', '?')}), env {peer.get('env', {})}, same prompts, adapter "
+             f"files, dtype and threads; all requests enqueued at t0 through `LLM.enqueue`, engine stepped to the "
+             f"last finish; start-up and warm-up untimed ({starts}). TTFT is not measured for vLLM.", ""]
+    if results.get("vllm_ratios"):
+        lines += ["| ratio (output tok/s) | value |", "|---|---:|"]
+        lines += [f"| {name} | {value:.2f} |" for name, value in results["vllm_ratios"].items()]
+        lines.append("")
+    return lines
 
 
 def markdown(results: dict) -> str:
@@ -127,7 +169,7 @@ def markdown(results: dict) -> str:
     if systems:
         lines += ["| system | output tok/s | req/s | e2e p50 / p90 / p99 (s) | TTFT p50 / p90 / p99 (s) | wall (s) |",
                   "|---|---:|---:|---:|---:|---:|"]
-        for name in SYSTEMS:
+        for name in ALL_SYSTEMS:
             if name in systems:
                 s = systems[name]
                 lines.append(f"| {s['label']} | {s['output_tokens_per_s']:.1f} | {s['requests_per_s']:.2f} | "
@@ -138,6 +180,7 @@ def markdown(results: dict) -> str:
         for name, r in results["ratios"].items():
             lines.append(f"| {name} | {r['value']:.2f} | >= {r['target']:.2f} | {'yes' if r['met'] else 'NO'} |")
         lines.append("")
+    lines += _vllm_lines(results)
     if any(v is not None for v in (results.get("agreement") or {}).values()):
         agree = ", ".join(f"{k}: {v:.0%}" for k, v in results["agreement"].items() if v is not None)
         lines += [f"Greedy token agreement (identical outputs per request): {agree}.", ""]
