@@ -129,7 +129,7 @@ def _vllm_lines(results: dict) -> list[str]:
     starts = ", ".join(f"{s} {m['ready_s']:.0f} s" for s, m in (vllm.get("start") or {}).items())
     lines = [f"vLLM rows: vLLM {versions.get('vllm', '?')} CPU build (torch {versions.get('torch', '?')}, "
              f"transformers {versions.get('transformers', '?')}), env {peer.get('env', {})}, same prompts, adapter "
-             f"files, dtype and threads; all requests enqueued at t0 through `LLM.enqueue`, engine stepped to the "
+             f"files, dtype and threads, prefix caching off; all requests enqueued at t0 through `LLM.enqueue`, engine stepped to the "
              f"last finish; start-up and warm-up untimed ({starts}). TTFT is not measured for vLLM.", ""]
     if results.get("vllm_ratios"):
         lines += ["| ratio (output tok/s) | value |", "|---|---:|"]

@@ -57,7 +57,8 @@ def build_llm(job: dict):
     from vllm import LLM
 
     max_len = max(len(p) for p in job["prompts"]) + job["new_tokens"]
-    kwargs = dict(model=job["model"], dtype=job["dtype"], seed=job.get("seed", 0),
+    # No prefix caching: the timed runs repeat the same prompts, and Loraplex caches no prefixes.
+    kwargs = dict(model=job["model"], dtype=job["dtype"], seed=job.get("seed", 0), enable_prefix_caching=False,
                   max_model_len=max(max_len, 256), max_num_seqs=job.get("max_num_seqs", 64),
                   max_num_batched_tokens=job.get("max_num_batched_tokens"))
     if job["enable_lora"]:
