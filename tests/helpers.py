@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from loraplex_server.api.auth import hash_key
-from loraplex_server.config import CacheConfig, EngineConfig, LoraConfig, SchedulerConfig
+from loraplex_server.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, SchedulerConfig
 from loraplex_server.engine.engine import LLMEngine
 from loraplex_server.model.loader import LoadedModel
 
@@ -59,8 +59,10 @@ def make_peft_adapter(base: torch.nn.Module, out: Path, rank: int, alpha: int, t
 
 
 def engine_config(num_blocks=256, block_size=16, max_loras=4, max_rank=32, max_tokens=512, max_seqs=64,
-                  max_cpu_loras=16, max_queued=1024, max_adapter_bytes=2 * 1024 ** 3) -> EngineConfig:
+                  max_cpu_loras=16, max_queued=1024, max_adapter_bytes=2 * 1024 ** 3,
+                  cpu_kernels="auto") -> EngineConfig:
     return EngineConfig(
+        model=ModelConfig(cpu_kernels=cpu_kernels),
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_tokens, max_num_seqs=max_seqs,
                                   max_queued_requests=max_queued),

@@ -27,6 +27,8 @@ FLAGS = [
                                                    "(auto: on a CUDA device)"),
     ("--cuda-graph-max-batch", "model", "cuda_graph_max_batch", int, "largest decode batch captured "
                                                                      "(default: --max-num-seqs)"),
+    ("--cpu-kernels", "model", "cpu_kernels", str, "auto | off: native CPU kernels (decode attention "
+                                                   "read in place; built once with the C++ compiler)"),
     ("--kv-cache-bytes", "cache", "kv_cache_bytes", parse_size, "KV cache budget, e.g. 512MiB or 8G"),
     ("--block-size", "cache", "block_size", int, "tokens per KV block"),
     ("--max-batch-tokens", "scheduler", "max_num_batched_tokens", int, "token budget per engine step"),

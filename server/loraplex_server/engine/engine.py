@@ -18,6 +18,7 @@ from ..lora.manager import LoraManager
 from ..metrics import StepStats
 from ..model.attention import register_paged_attention
 from ..model.loader import LoadedModel, load_model
+from ..model.native import load_native_kernels
 from ..model.triton_attention import select_attention_function
 from .decode_graphs import DecodeGraphs, build_decode_graphs, graph_mode
 from .fairness import FcfsOrder, VirtualTokenCounter
@@ -74,6 +75,8 @@ class LLMEngine:
         model_len = config.model.max_model_len or getattr(model.config, "max_position_embeddings", 2048)
         if graphs:
             self.runner.decode_graphs = self._decode_graphs(graphs, kv_caches, num_blocks, model_len)
+        if config.model.cpu_kernels == "auto" and self.loaded.device.type == "cpu":
+            self.runner.decode_kernel = load_native_kernels(config.model.cache_dir, config.resolved_threads())
         self.inputs = InputProcessor(self.loaded.tokenizer, model.config.vocab_size, model_len,
                                      self.blocks.capacity_tokens)
         self.outputs = OutputProcessor(self.loaded.tokenizer, eos_token_ids(self.loaded),

@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from ..lora.manager import LoraManager
 from ..lora.mapping import NO_SLOT, LoraMapping
 from ..model.attention import META_KWARG, PagedAttentionMetadata, PrefillSpan, block_slots
+from ..model.native import NativeKernels
 from .decode_graphs import DecodeGraphs, on_device
 from .decode_inputs import DecodeRow
 from .request import Request
@@ -41,6 +41,7 @@ class ModelRunner:
         self.lora = lora
         self.sampler = Sampler(device)
         self.decode_graphs: DecodeGraphs | None = None  # set by the engine when decode steps are captured
+        self.decode_kernel: NativeKernels | None = None  # set by the engine: native CPU decode attention
 
     def slots_of(self, request: Request, num_tokens: int) -> torch.Tensor:
         """[num_tokens] cache slots of the request's first ``num_tokens`` positions."""
@@ -55,44 +56,49 @@ class ModelRunner:
     def pack(self, batch: SchedulerOutput, lora_slots: dict[str, int]) -> PackedBatch:
         slot = self._slot_of(lora_slots)
         order = sorted(batch.scheduled, key=slot)
+        bs = self.block_size
         ids, positions, new_slots, prefills, runs = [], [], [], [], []
-        decode_rows, decode_ctx, decode_lens, logits_rows, sampling = [], [], [], [], []
+        decode_rows, decode_tables, decode_lens, logits_rows, sampling = [], [], [], [], []
         offset = 0
         for s in order:
             req, n = s.request, s.num_new_tokens
             start, end = req.num_computed_tokens, req.num_computed_tokens + n
-            ctx_slots = self.slots_of(req, end)  # [end]
+            blocks = req.block_ids
             ids.extend(req.token_slice(start, end))
             positions.extend(range(start, end))
-            new_slots.append(ctx_slots[start:])
+            new_slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
             if n == 1 and start > 0:
                 decode_rows.append(offset)
-                decode_ctx.append(ctx_slots)
+                decode_tables.append(blocks)
                 decode_lens.append(end)
             else:
-                prefills.append(PrefillSpan(offset, n, end, ctx_slots if start > 0 else None))
+                prefills.append(PrefillSpan(offset, n, end, self.slots_of(req, end) if start > 0 else None))
             runs.append((slot(s), n))
             if s.samples:
                 logits_rows.append(offset + n - 1)
                 sampling.append(req)
             offset += n
-        return self._to_device(ids, positions, new_slots, prefills, runs, decode_rows, decode_ctx,
+        return self._to_device(ids, positions, new_slots, prefills, runs, decode_rows, decode_tables,
                                decode_lens, logits_rows, sampling)
 
-    def _to_device(self, ids, positions, new_slots, prefills, runs, decode_rows, decode_ctx, decode_lens,
+    def _to_device(self, ids, positions, new_slots, prefills, runs, decode_rows, decode_tables, decode_lens,
                    logits_rows, sampling) -> PackedBatch:
         dev = self.device
-        long = dict(dtype=torch.long, device=dev)
+        long, int32 = dict(dtype=torch.long, device=dev), dict(dtype=torch.int32, device=dev)
         for span in prefills:
             if span.ctx_slots is not None:
                 span.ctx_slots = span.ctx_slots.to(dev)
+        tables = None
+        if decode_rows:
+            width = max(len(t) for t in decode_tables)
+            tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], **int32)
         attention = PagedAttentionMetadata(
             kv_caches=self.kv_caches,
-            slot_mapping=torch.cat(new_slots).to(dev),
+            slot_mapping=torch.tensor(new_slots, **long),
             prefills=prefills,
             decode_rows=torch.tensor(decode_rows, **long) if decode_rows else None,
-            decode_ctx_slots=pad_sequence(decode_ctx, batch_first=True).to(dev) if decode_rows else None,
-            decode_ctx_lens=torch.tensor(decode_lens, **long) if decode_rows else None,
+            decode_ctx_lens=torch.tensor(decode_lens, **int32) if decode_rows else None,
+            decode_block_tables=tables, block_size=self.block_size, decode_kernel=self.decode_kernel,
         )
         lora = LoraMapping.from_runs(runs, dev) if self.lora is not None else None
         return PackedBatch(

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from .native import NativeKernels
+
 ATTENTION_NAME = "loraplex_paged"
 META_KWARG = "loraplex_attn"
 
@@ -48,18 +50,15 @@ class PagedAttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] cache slot of each new token
     prefills: list[PrefillSpan]
     decode_rows: torch.Tensor | None = None  # [num_decodes] packed index of each decode token
-    decode_ctx_slots: torch.Tensor | None = None  # [num_decodes, max_ctx] (padding points at slot 0)
-    decode_ctx_lens: torch.Tensor | None = None  # [num_decodes]
-    # instead of decode_ctx_slots: [num_decodes, max_blocks] cache blocks of each sequence
-    decode_block_tables: torch.Tensor | None = None
+    decode_ctx_lens: torch.Tensor | None = None  # [num_decodes] int32
+    decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks] int32 (padding: block 0)
     block_size: int = 1
     varlen: object | None = None  # a prebuilt triton_attention.VarlenPagedMeta (captured decode steps)
+    decode_kernel: NativeKernels | None = None  # reads K/V blocks in place for the decodes (CPU)
     _masks: dict = field(default_factory=dict)
 
     def decode_slots(self) -> torch.Tensor:
-        """[num_decodes, max_ctx] cache slot of every context position (given, or from the tables)."""
-        if self.decode_ctx_slots is not None:
-            return self.decode_ctx_slots
+        """[num_decodes, max_ctx] cache slot of every context position (from the block tables)."""
         if "decode_slots" not in self._masks:
             self._masks["decode_slots"] = block_slots(self.decode_block_tables, self.block_size)
         return self._masks["decode_slots"]
@@ -123,6 +122,17 @@ def _attend_decodes(q, k_cache, v_cache, meta, scaling, window):
     return out[:, :, 0]  # [num_decodes, H, D]
 
 
+def _native_decodes(kernel: NativeKernels, q, k_cache, v_cache, meta, scaling, out, window) -> bool:
+    """Decode rows straight from the cache blocks into ``out`` [T, H, D], when the kernel serves
+    this step (block tables given, one supported dtype); False leaves them to the torch path."""
+    if meta.decode_block_tables is None or not (q.dtype == k_cache.dtype and kernel.supports(q.dtype)):
+        return False
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    kernel.paged_decode(q.transpose(0, 1), k_cache, v_cache, out, meta.decode_rows, meta.decode_ctx_lens,
+                        meta.decode_block_tables, meta.block_size, scale, window)
+    return True
+
+
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: q [1, H, T, D], k/v [1, H_kv, T, D] -> ([1, T, H, D], None)."""
     meta: PagedAttentionMetadata = kwargs[META_KWARG]
@@ -137,7 +147,9 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     for span in meta.prefills:
         out[span.q_start:span.q_start + span.q_len] = _attend_prefill(
             module, q, k_new, v_new, k_cache, v_cache, span, meta, scaling, window)
-    if meta.decode_rows is not None:
+    if meta.decode_rows is not None and not (
+            meta.decode_kernel is not None
+            and _native_decodes(meta.decode_kernel, q, k_cache, v_cache, meta, scaling, out, window)):
         out[meta.decode_rows] = _attend_decodes(q, k_cache, v_cache, meta, scaling, window)
     return out.unsqueeze(0), None
 

@@ -120,7 +120,7 @@ class VarlenPagedMeta:
         parts = [torch.tensor(q_starts, **ints), torch.tensor(q_lens, **ints), torch.tensor(ctx_lens, **ints)]
         widths = [len(t) for t in tables]
         if meta.decode_rows is not None:
-            decode_tables = meta.decode_ctx_slots[:, ::bs] // bs  # [num_decodes, width]
+            decode_tables = meta.decode_slots()[:, ::bs] // bs  # [num_decodes, width]
             widths.append(decode_tables.shape[1])
             parts[0] = torch.cat([parts[0], meta.decode_rows.to(torch.int32)])
             parts[1] = torch.cat([parts[1], torch.ones_like(meta.decode_rows, dtype=torch.int32)])

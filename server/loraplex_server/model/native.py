@@ -1,0 +1,144 @@
+"""Native CPU kernels: C++ sources in ``csrc/`` built once into a shared library with the system
+compiler and called through ctypes (no torch headers, so a build takes about a second).
+
+The library lands in ``<cache_dir>/kernels/<key>/``, keyed by the sources, the compiler flags and
+the CPU's instruction-set flags (it is built with ``-march=native``), and is written atomically so
+concurrent engines never load a half-written file. ``load_native_kernels`` returns None, with a
+warning naming the reason, when no compiler is found or the build fails: callers fall back to the
+torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = (Path(__file__).resolve().parent / "csrc" / "paged_attention.cpp",)
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC",
+         "-std=c++17")
+BUILD_TIMEOUT_S = 120
+_ELEMENT = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_I64, _F32, _INT, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
+_DECODE_ARGS = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64,
+                _INT, _INT, _INT, _INT, _F32, _I64, _INT, _INT]
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    return shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def build_key(compiler: str) -> str:
+    h = hashlib.sha256()
+    for part in (compiler, " ".join(FLAGS), platform.machine(), _cpu_flags()):
+        h.update(part.encode())
+    for source in SOURCES:
+        h.update(source.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_library(cache_dir: Path) -> Path:
+    """The shared library's path, building it first when it is not cached (raises on failure)."""
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (c++, g++ or clang++) on PATH")
+    target = Path(cache_dir) / "kernels" / build_key(compiler) / "libloraplex_kernels.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, staging = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    start = time.monotonic()
+    try:
+        result = subprocess.run([compiler, *FLAGS, "-o", staging, *map(str, SOURCES)], capture_output=True,
+                                text=True, timeout=BUILD_TIMEOUT_S)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(staging, target)
+    finally:
+        if os.path.exists(staging):
+            os.unlink(staging)
+    log.info("built native CPU kernels in %.1f s: %s", time.monotonic() - start, target)
+    return target
+
+
+class NativeKernels:
+    """ctypes bindings of the library; ``workers`` threads split each call's rows."""
+
+    def __init__(self, path: Path, workers: int = 1):
+        self.path = path
+        lib = ctypes.CDLL(str(path))
+        self._decode = {}
+        for suffix in _ELEMENT.values():
+            fn = getattr(lib, f"loraplex_paged_decode_{suffix}")
+            fn.argtypes, fn.restype = _DECODE_ARGS, ctypes.c_int
+            self._decode[suffix] = fn
+        self.workers = max(1, workers)
+        self._pool = ThreadPoolExecutor(self.workers - 1, thread_name_prefix="loraplex-kernel") \
+            if self.workers > 1 else None
+
+    def supports(self, dtype: torch.dtype) -> bool:
+        return dtype in _ELEMENT
+
+    def paged_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                     rows: torch.Tensor, ctx_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int,
+                     scale: float, window: int | None) -> None:
+        """Decode attention (csrc/paged_attention.cpp) into ``out`` [T, H, D] for the packed rows
+        ``rows`` [N] int64 of ``q`` [T, H, D]; ``ctx_lens`` [N] and ``block_tables`` [N, W] int32;
+        caches [num_slots, H_kv, D]. Every tensor on the CPU, one dtype for q/caches/out, unit
+        stride on the head dim, contiguous caches, rows, lens and tables."""
+        for t in (q, out):
+            if t.stride(2) != 1:
+                raise ValueError("q and out need a unit stride on the head dim")
+        if not (k_cache.is_contiguous() and v_cache.is_contiguous() and rows.is_contiguous()
+                and ctx_lens.is_contiguous() and block_tables.stride(1) == 1):
+            raise ValueError("caches, rows, lens and block tables must be contiguous")
+        if not (q.dtype == k_cache.dtype == v_cache.dtype == out.dtype) or q.dtype not in _ELEMENT:
+            raise ValueError(f"paged_decode needs one dtype among {list(_ELEMENT)}, got {q.dtype}/{k_cache.dtype}")
+        if rows.dtype != torch.int64 or ctx_lens.dtype != torch.int32 or block_tables.dtype != torch.int32:
+            raise ValueError("rows must be int64, ctx_lens and block_tables int32")
+        fn = self._decode[_ELEMENT[q.dtype]]
+        num_rows = rows.shape[0]
+        args = (q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
+                k_cache.stride(1), out.data_ptr(), out.stride(0), out.stride(1), rows.data_ptr(),
+                ctx_lens.data_ptr(), block_tables.data_ptr(), block_tables.stride(0), num_rows, q.shape[1],
+                k_cache.shape[1], q.shape[2], block_size, scale, window or 0)
+        workers = min(self.workers, num_rows)
+        if workers <= 1:
+            fn(*args, 0, 1)
+            return
+        futures = [self._pool.submit(fn, *args, w, workers) for w in range(1, workers)]
+        fn(*args, 0, workers)
+        for f in futures:
+            f.result()
+
+
+def load_native_kernels(cache_dir: Path, workers: int = 1) -> NativeKernels | None:
+    """The native kernels, or None (with a warning) when they cannot be built or loaded here."""
+    try:
+        return NativeKernels(build_library(cache_dir), workers)
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
+        log.warning("native CPU kernels unavailable, using the torch attention path: %s", exc)
+        return None
