@@ -131,6 +131,11 @@ def _vllm_lines(results: dict) -> list[str]:
              f"transformers {versions.get('transformers', '?')}), env {peer.get('env', {})}, same prompts, adapter "
              f"files, dtype and threads, prefix caching off; all requests enqueued at t0 through `LLM.enqueue`, engine stepped to the "
              f"last finish; start-up and warm-up untimed ({starts}). TTFT is not measured for vLLM.", ""]
+    cpu = ", ".join(f"{name} {s['extra']['cpu_per_wall']:.2f}" for name, s in results.get("systems", {}).items()
+                    if s["extra"].get("cpu_per_wall") is not None)
+    if cpu:
+        lines += [f"CPU seconds per wall second (whole process tree; vLLM's engine core polls for its worker): "
+                  f"{cpu}.", ""]
     if results.get("vllm_ratios"):
         lines += ["| ratio (output tok/s) | value |", "|---|---:|"]
         lines += [f"| {name} | {value:.2f} |" for name, value in results["vllm_ratios"].items()]

@@ -45,6 +45,21 @@ def lora_rank_cap(rank: int) -> int:
     raise ValueError(f"max_lora_rank {rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]})")
 
 
+def tree_cpu_s() -> float:
+    """CPU seconds of this process and its children (vLLM's engine core and worker processes)."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for proc in [me] + me.children(recursive=True):
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
+
+
 def set_env(job: dict) -> None:
     """Before vLLM is imported: threads, KV cache size, no usage stats."""
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_bind(job["threads"]))
@@ -95,6 +110,7 @@ class Runner:
     def generate(self, prompts: list[list[int]], adapters: list) -> dict:
         """Every request enqueued at t0, then the engine stepped until idle; finish times noted."""
         engine = self.llm.llm_engine
+        c0 = tree_cpu_s()
         t0 = time.perf_counter()
         ids = self.llm.enqueue([{"prompt_token_ids": list(p)} for p in prompts], self.params,
                                lora_request=[self.lora_for(a) for a in adapters], use_tqdm=False)
@@ -109,12 +125,14 @@ class Runner:
                     e2e[i] = time.perf_counter() - t0
                     tokens[i] = list(out.outputs[0].token_ids)
         wall = time.perf_counter() - t0
+        cpu_per_wall = (tree_cpu_s() - c0) / wall
         missing = [i for i, t in enumerate(tokens) if t is None]
         if missing:
             raise RuntimeError(f"requests {missing[:5]} never finished")
         out_tokens = sum(len(t) for t in tokens)
         return {"wall_s": round(wall, 4), "e2e": [round(x, 4) for x in e2e], "tokens": tokens,
-                "output_tokens": out_tokens, "output_tokens_per_s": round(out_tokens / wall, 2)}
+                "output_tokens": out_tokens, "output_tokens_per_s": round(out_tokens / wall, 2),
+                "cpu_per_wall": round(cpu_per_wall, 3)}
 
     def warm_up(self) -> None:
         """A few requests over the job's own adapters (loads them), untimed."""

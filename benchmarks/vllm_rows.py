@@ -71,7 +71,10 @@ def to_run_result(system: str, run: dict, meta: dict | None = None) -> RunResult
     if len(run["e2e"]) != len(run["tokens"]):
         raise ValueError(f"{system}: {len(run['e2e'])} latencies for {len(run['tokens'])} requests")
     records = [RequestRecord(e2e, None, list(tokens)) for e2e, tokens in zip(run["e2e"], run["tokens"])]
-    return RunResult(system, run["wall_s"], records, dict(meta or {}))
+    extra = dict(meta or {})
+    if "cpu_per_wall" in run:  # the peer's whole process tree: vLLM's engine core polls on a core of its own
+        extra["cpu_per_wall"] = run["cpu_per_wall"]
+    return RunResult(system, run["wall_s"], records, extra)
 
 
 class VllmPeer:

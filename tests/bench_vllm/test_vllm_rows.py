@@ -36,7 +36,8 @@ FAKE_PEER = textwrap.dedent('''
         n = len(job["prompts"])
         tokens = [[i + k for k in range(job["new_tokens"])] for i in range(n)]
         run = {"wall_s": 2.0, "e2e": [1.0 + i / n for i in range(n)], "tokens": tokens,
-               "output_tokens": n * job["new_tokens"], "output_tokens_per_s": n * job["new_tokens"] / 2.0}
+               "output_tokens": n * job["new_tokens"], "output_tokens_per_s": n * job["new_tokens"] / 2.0,
+               "cpu_per_wall": 1.5}
         runs.append(run)
         out.write(json.dumps(run) + "\\n"); out.flush()
     json.dump({"startup_s": 1.5, "runs": runs, "versions": {"vllm": "fake"}, "adapters": job["adapters"]},
@@ -84,7 +85,7 @@ def test_peer_protocol_with_fake_peer(tmp_path, fake_peer):
         assert [r.tokens for r in run.records] == [[0, 1, 2, 3], [1, 2, 3, 4], [2, 3, 4, 5]]
         assert [r.e2e for r in run.records] == pytest.approx([1.0, 4 / 3, 5 / 3])
         assert all(r.ttft is None for r in run.records)
-        assert run.output_tokens == 12
+        assert run.output_tokens == 12 and run.extra["cpu_per_wall"] == 1.5
     summary = peer.close()
     assert summary["versions"] == {"vllm": "fake"} and "runs" not in summary
     assert json.loads((tmp_path / "w" / "vllm_lora_job.json").read_text())["adapters"] == ["a0", None, "a1"]
