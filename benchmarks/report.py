@@ -129,8 +129,8 @@ def _vllm_lines(results: dict) -> list[str]:
     starts = ", ".join(f"{s} {m['ready_s']:.0f} s" for s, m in (vllm.get("start") or {}).items())
     lines = [f"vLLM rows: vLLM {versions.get('vllm', '?')} CPU build (torch {versions.get('torch', '?')}, "
              f"transformers {versions.get('transformers', '?')}), env {peer.get('env', {})}, same prompts, adapter "
-             f"files, dtype and threads, prefix caching off; all requests enqueued at t0 through `LLM.enqueue`, engine stepped to the "
-             f"last finish; start-up and warm-up untimed ({starts}). TTFT is not measured for vLLM.", ""]
+             f"files, dtype and threads, prefix caching off; all requests enqueued at t0 through `LLM.enqueue`, "
+             f"engine stepped to the last finish; start-up and warm-up untimed ({starts}). TTFT is not measured for vLLM.", ""]
     cpu = ", ".join(f"{name} {s['extra']['cpu_per_wall']:.2f}" for name, s in results.get("systems", {}).items()
                     if s["extra"].get("cpu_per_wall") is not None)
     if cpu:
@@ -140,6 +140,40 @@ def _vllm_lines(results: dict) -> list[str]:
         lines += ["| ratio (output tok/s) | value |", "|---|---:|"]
         lines += [f"| {name} | {value:.2f} |" for name, value in results["vllm_ratios"].items()]
         lines.append("")
+    return lines
+
+
+def _scaling_lines(scaling: dict | None) -> list[str]:
+    if not (scaling and scaling.get("points")):
+        return []
+    lines = [
+        f"## Scaling: number of adapters (Loraplex, max_loras {scaling['max_loras']}, "
+        f"max_cpu_loras {scaling['max_cpu_loras']})",
+        "",
+        f"{scaling['requests']} requests, {scaling['prompt_tokens']} prompt tokens, {scaling['new_tokens']} "
+        f"output tokens each; adapters registered lazily (eager=False), loaded from disk during the run; "
+        f"request -> adapter: {scaling['dist']}.",
+        "",
+        "| adapters | distinct used | output tok/s | req/s | TTFT p99 (s) | e2e p99 (s) | mean batch "
+        "| slot loads | CPU loads | vs 8 |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    ref = next((p for p in scaling["points"] if p["adapters"] == SCALING_REFERENCE), None)
+    for p in scaling["points"]:
+        vs = f"{p['output_tokens_per_s'] / ref['output_tokens_per_s']:.2f}" if ref else "n/a"
+        lines.append(f"| {p['adapters']} | {p['extra']['distinct_adapters']} | {p['output_tokens_per_s']:.1f} | "
+                     f"{p['requests_per_s']:.2f} | {p['ttft_s']['p99']:.2f} | {p['e2e_s']['p99']:.2f} | "
+                     f"{p['extra']['mean_batch_seqs']:.1f} | {p['extra']['slot_loads']} | "
+                     f"{p['extra']['cpu_loads']} | {vs} |")
+    base = scaling.get("base")
+    if base:
+        lines += ["", f"Base model only, same workload and engine settings: {base['output_tokens_per_s']:.1f} "
+                      f"tok/s, TTFT p99 {base['ttft_s']['p99']:.2f} s."]
+    r = scaling.get("ratio")
+    if r:
+        lines += ["", f"{r['name']}: {r['value']:.2f} (target >= {r['target']:.2f}: "
+                      f"{'met' if r['met'] else 'NOT met'})"]
+    lines.append("")
     return lines
 
 
@@ -189,36 +223,7 @@ def markdown(results: dict) -> str:
     if any(v is not None for v in (results.get("agreement") or {}).values()):
         agree = ", ".join(f"{k}: {v:.0%}" for k, v in results["agreement"].items() if v is not None)
         lines += [f"Greedy token agreement (identical outputs per request): {agree}.", ""]
-    scaling = results.get("scaling")
-    if scaling and scaling.get("points"):
-        lines += [
-            f"## Scaling: number of adapters (Loraplex, max_loras {scaling['max_loras']}, "
-            f"max_cpu_loras {scaling['max_cpu_loras']})",
-            "",
-            f"{scaling['requests']} requests, {scaling['prompt_tokens']} prompt tokens, {scaling['new_tokens']} "
-            f"output tokens each; adapters registered lazily (eager=False), loaded from disk during the run; "
-            f"request -> adapter: {scaling['dist']}.",
-            "",
-            "| adapters | distinct used | output tok/s | req/s | TTFT p99 (s) | e2e p99 (s) | mean batch "
-            "| slot loads | CPU loads | vs 8 |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        ref = next((p for p in scaling["points"] if p["adapters"] == SCALING_REFERENCE), None)
-        for p in scaling["points"]:
-            vs = f"{p['output_tokens_per_s'] / ref['output_tokens_per_s']:.2f}" if ref else "n/a"
-            lines.append(f"| {p['adapters']} | {p['extra']['distinct_adapters']} | {p['output_tokens_per_s']:.1f} | "
-                         f"{p['requests_per_s']:.2f} | {p['ttft_s']['p99']:.2f} | {p['e2e_s']['p99']:.2f} | "
-                         f"{p['extra']['mean_batch_seqs']:.1f} | {p['extra']['slot_loads']} | "
-                         f"{p['extra']['cpu_loads']} | {vs} |")
-        base = scaling.get("base")
-        if base:
-            lines += ["", f"Base model only, same workload and engine settings: {base['output_tokens_per_s']:.1f} "
-                          f"tok/s, TTFT p99 {base['ttft_s']['p99']:.2f} s."]
-        r = scaling.get("ratio")
-        if r:
-            lines += ["", f"{r['name']}: {r['value']:.2f} (target >= {r['target']:.2f}: "
-                          f"{'met' if r['met'] else 'NOT met'})"]
-        lines.append("")
+    lines += _scaling_lines(results.get("scaling"))
     if results.get("plots"):
         lines += ["Plots: " + ", ".join(f"`{p}`" for p in results["plots"]), ""]
     return "\n".join(lines)
