@@ -11,8 +11,14 @@ works() {  # prints the version when `from vllm import LLM` works
     [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "from vllm import LLM, __version__; print(__version__)" 2>/dev/null
 }
 
+tcmalloc_hint() {  # vllm_rows.py preloads it (and the venv's libiomp5) as vLLM's CPU docs advise
+    ls /usr/lib/x86_64-linux-gnu/libtcmalloc*.so.4 /usr/lib64/libtcmalloc*.so.4 >/dev/null 2>&1 ||
+        echo "note: no libtcmalloc found; vLLM's CPU docs advise it (Debian: apt-get install libtcmalloc-minimal4)"
+}
+
 if version=$(works); then
     echo "$VENV: vLLM $version ready"
+    tcmalloc_hint
     exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
@@ -27,3 +33,4 @@ if ! version=$(works); then
     exit 1
 fi
 echo "$VENV: vLLM $version installed"
+tcmalloc_hint
