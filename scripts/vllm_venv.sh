@@ -12,8 +12,10 @@ works() {  # prints the version when `from vllm import LLM` works
 }
 
 tcmalloc_hint() {  # vllm_rows.py preloads it (and the venv's libiomp5) as vLLM's CPU docs advise
-    ls /usr/lib/x86_64-linux-gnu/libtcmalloc*.so.4 /usr/lib64/libtcmalloc*.so.4 >/dev/null 2>&1 ||
-        echo "note: no libtcmalloc found; vLLM's CPU docs advise it (Debian: apt-get install libtcmalloc-minimal4)"
+    for lib in /usr/lib/x86_64-linux-gnu/libtcmalloc*.so.4 /usr/lib64/libtcmalloc*.so.4; do
+        [ -e "$lib" ] && return 0
+    done
+    echo "note: no libtcmalloc found; vLLM's CPU docs advise it (Debian: apt-get install libtcmalloc-minimal4)"
 }
 
 if version=$(works); then
