@@ -112,3 +112,28 @@ def test_reference_is_the_plain_formula():
     expected[0] += b[1].T @ (a[1] @ x[0])  # Bt is B transposed
     ops.lora_apply_reference(y, x, a, b, mapping.token_slots)
     torch.testing.assert_close(y, expected)
+
+
+@pytest.mark.parametrize("ranks,runs", CASES)
+@pytest.mark.parametrize("fn", ["sgmv", "bgmv"])
+def test_half_precision_activations_with_fp32_slot_buffers(ranks, runs, fn):
+    """A bf16 model on CPU keeps its slot buffers in fp32 (layers.lora_compute_dtype): x is
+    converted for the matmuls and the fp32 delta added to the bf16 output, equal to the fp32 loop
+    rounded once to bf16; base rows stay bit-exact."""
+    a, b, x, y, mapping = make_case(len(ranks), 16, ranks, 64, 96, runs)
+    x16, y16 = x.bfloat16(), y.bfloat16()
+    expected = y16.float()
+    ops.lora_apply_reference(expected, x16.float(), a, b, mapping.token_slots)
+    got = y16.clone()
+    getattr(ops, fn)(got, x16, a, b, ranks, mapping if fn == "sgmv" else LoraMapping.static(mapping.token_slots))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.bfloat16().float(), rtol=1e-2, atol=2e-2)
+    base_rows = mapping.token_slots < 0
+    assert torch.equal(got[base_rows], y16[base_rows])
+
+
+def test_slot_buffers_are_fp32_on_cpu_and_the_model_dtype_elsewhere():
+    from loraplex_server.lora.layers import lora_compute_dtype
+    assert lora_compute_dtype(torch.bfloat16, torch.device("cpu")) == torch.float32
+    assert lora_compute_dtype(torch.float32, torch.device("cpu")) == torch.float32
+    assert lora_compute_dtype(torch.bfloat16, torch.device("cuda")) == torch.bfloat16

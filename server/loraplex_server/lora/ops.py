@@ -66,12 +66,20 @@ def sgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.
         y[run tokens] viewed [n, width, out] += (A[lo:hi, :r] @ xs^T)^T @ Bt[lo:hi, :r]
     """
     row_bytes = (lora_a.shape[2] + lora_bt.shape[2]) * lora_a.element_size()  # one rank row of A and Bt
-    for run in mapping.segment_runs(ranks, RUN_MERGE_PAD_BYTES // row_bytes):
+    runs = mapping.segment_runs(ranks, RUN_MERGE_PAD_BYTES // row_bytes)
+    if not runs:
+        return
+    first = min(run.start for run in runs)  # rows before the first adapted one need no copy
+    xc = x[first:].to(lora_a.dtype)  # the LoRA compute dtype (fp32 slot buffers on CPU: layers.py)
+    for run in runs:
         n, r = run.hi - run.lo, run.rank
-        xs = x[run.start:run.end].reshape(n, run.width, -1)  # [n, width, in]
+        xs = xc[run.start - first:run.end - first].reshape(n, run.width, -1)  # [n, width, in]
         h = torch.bmm(lora_a[run.lo:run.hi, :r], xs.transpose(1, 2))  # [n, r, width]
         ys = y[run.start:run.end].view(n, run.width, -1)  # [n, width, out], a view of y
-        ys.baddbmm_(h.transpose(1, 2), lora_bt[run.lo:run.hi, :r])
+        if ys.dtype == lora_bt.dtype:
+            ys.baddbmm_(h.transpose(1, 2), lora_bt[run.lo:run.hi, :r])
+        else:
+            ys.add_(torch.bmm(h.transpose(1, 2), lora_bt[run.lo:run.hi, :r]))
 
 
 def bgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.Tensor,
@@ -85,9 +93,12 @@ def bgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.
         y[t] += (A[max(s, 0)] @ (x[t] if s >= 0 else 0)) @ Bt[max(s, 0)]
     """
     slots = mapping.token_slots.clamp(min=0)  # [T]
-    xs = torch.where((mapping.token_slots >= 0)[:, None], x, 0)  # [T, in]: rows without a slot read zeros
+    xs = torch.where((mapping.token_slots >= 0)[:, None], x, 0).to(lora_a.dtype)  # [T, in]: rows without a slot read zeros
     h = torch.bmm(lora_a[slots], xs.unsqueeze(2))  # [T, R, 1], exact zeros on those rows
-    y.unsqueeze(1).baddbmm_(h.transpose(1, 2), lora_bt[slots])  # [T, 1, out], a view of y
+    if y.dtype == lora_bt.dtype:
+        y.unsqueeze(1).baddbmm_(h.transpose(1, 2), lora_bt[slots])  # [T, 1, out], a view of y
+    else:
+        y.add_(torch.bmm(h.transpose(1, 2), lora_bt[slots])[:, 0])
 
 
 def lora_apply(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.Tensor,
