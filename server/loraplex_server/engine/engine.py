@@ -19,6 +19,7 @@ from ..metrics import StepStats
 from ..model.attention import register_paged_attention
 from ..model.loader import LoadedModel, load_model
 from ..model.native import load_native_kernels
+from ..model.packed_linear import pack_linears
 from ..model.triton_attention import select_attention_function
 from .decode_graphs import DecodeGraphs, build_decode_graphs, graph_mode
 from .fairness import FcfsOrder, VirtualTokenCounter
@@ -77,6 +78,7 @@ class LLMEngine:
             self.runner.decode_graphs = self._decode_graphs(graphs, kv_caches, num_blocks, model_len)
         if config.model.cpu_kernels == "auto" and self.loaded.device.type == "cpu":
             self.runner.decode_kernel = load_native_kernels(config.model.cache_dir, config.resolved_threads())
+            log.info("packed %d bf16 linear layers for oneDNN", pack_linears(model))  # after LoRA injection
         self.inputs = InputProcessor(self.loaded.tokenizer, model.config.vocab_size, model_len,
                                      self.blocks.capacity_tokens)
         self.outputs = OutputProcessor(self.loaded.tokenizer, eos_token_ids(self.loaded),
