@@ -1,0 +1,110 @@
+"""Host time per decode step: everything a step does besides the model forward.
+
+    python benchmarks/host_overhead.py [--seqs 64 256] [--adapters 16] [--steps 32]
+
+A 2-layer, hidden-64 Llama keeps the real 49,152-token vocabulary (dummy weights), so the forward
+is nearly free and what remains is the engine's own work per step: scheduling, packing the batch
+and its LoRA mapping, sampling over the vocabulary, detokenizing-free output processing. For each
+batch size, ``seqs`` requests (half on the base model, half spread over ``adapters`` adapters when
+there are any) are prefilled, then ``steps`` pure decode steps are timed; the runner's
+``forward_logits`` is timed separately and subtracted. Prints a Markdown table (ms per step).
+Issue target: host time <= 3 ms at 256 sequences with 16 adapters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from synthetic_adapters import write_adapter  # noqa: E402
+
+from loraplex_server.config import engine_config_from_env  # noqa: E402
+from loraplex_server.engine.engine import LLMEngine  # noqa: E402
+from loraplex_server.engine.request import Prompt, SamplingParams  # noqa: E402
+
+TINY_LLAMA = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=49152, max_position_embeddings=2048,
+                  rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+
+
+class TimedForward:
+    """Wraps ``runner.forward_logits`` and adds up the time spent inside it."""
+
+    def __init__(self, forward):
+        self.forward, self.seconds = forward, 0.0
+
+    def __call__(self, packed):
+        start = time.perf_counter()
+        try:
+            return self.forward(packed)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def measure(engine: LLMEngine, timer: TimedForward, seqs: int, adapters: list[str], steps: int) -> dict:
+    names = [None] * max(1, seqs // 2 if adapters else seqs)
+    names += [adapters[i % len(adapters)] for i in range(seqs - len(names))] if adapters else []
+    for i, name in enumerate(names[:seqs]):
+        prompt = Prompt(token_ids=tuple(range(10 + i % 50, 26 + i % 50)))
+        engine.add_request(engine.make_request(prompt, SamplingParams(max_new_tokens=steps + 2, ignore_eos=True),
+                                               name))
+    while engine.last_batch != (seqs, seqs):  # prefill (and any chunks) until a pure decode step
+        engine.step()
+    totals, hosts = [], []
+    for _ in range(steps):
+        timer.seconds = 0.0
+        start = time.perf_counter()
+        engine.step()
+        total = time.perf_counter() - start
+        totals.append(total * 1e3)
+        hosts.append((total - timer.seconds) * 1e3)
+    while engine.has_work:
+        engine.step()
+    return {"seqs": seqs, "step_ms": statistics.median(totals), "host_ms": statistics.median(hosts),
+            "forward_ms": statistics.median(totals) - statistics.median(hosts)}
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seqs", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--adapters", type=int, default=16)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = Path(tmp) / "config.json"
+        config_path.write_text(json.dumps(TINY_LLAMA))
+        config = engine_config_from_env(
+            model=dict(model=str(config_path), load_format="dummy", device="cpu", dtype="float32",
+                       threads=args.threads),
+            scheduler=dict(max_num_seqs=max(args.seqs), max_num_batched_tokens=max(512, 16 * max(args.seqs))),
+            lora=dict(max_loras=max(1, args.adapters), max_lora_rank=16),
+            cache=dict(num_blocks=max(args.seqs) * 8))
+        engine = LLMEngine(config)
+        adapters = []
+        for i in range(args.adapters):
+            engine.lora.add_adapter(f"a{i}", write_adapter(Path(tmp) / f"a{i}", engine.loaded.model.config,
+                                                           (8, 16)[i % 2], seed=i))
+            adapters.append(f"a{i}")
+        timer = engine.runner.forward_logits = TimedForward(engine.runner.forward_logits)
+        measure(engine, timer, 4, adapters, 4)  # warm-up
+        rows = [measure(engine, timer, seqs, adapters, args.steps) for seqs in args.seqs]
+    print(f"threads={args.threads} adapters={args.adapters} (median of {args.steps} decode steps, ms)")
+    print("| sequences | step | forward | host (step - forward) |\n|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['seqs']} | {row['step_ms']:.2f} | {row['forward_ms']:.2f} | {row['host_ms']:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
