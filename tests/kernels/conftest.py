@@ -26,3 +26,13 @@ if not ON_GPU:
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     return torch.device("cuda" if ON_GPU else "cpu")
+
+
+@pytest.fixture(scope="session")
+def native_kernels(tmp_path_factory):
+    """The native CPU kernels, built into a fresh cache directory (2 workers, so splits are tested)."""
+    from loraplex_server.model import native
+
+    built = native.load_native_kernels(tmp_path_factory.mktemp("kernels"), workers=2)
+    assert built is not None, "the C++ compiler on this machine should build the kernels"
+    return built

@@ -15,11 +15,9 @@ NATIVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CASES = product(HEADS, (1, 16), (None, 24), NATIVE_DTYPES, ("decode", "mixed", "long"))
 
 
-@pytest.fixture(scope="module")
-def kernels(tmp_path_factory):
-    built = native.load_native_kernels(tmp_path_factory.mktemp("kernels"), workers=2)
-    assert built is not None, "the C++ compiler on this machine should build the kernels"
-    return built
+@pytest.fixture
+def kernels(native_kernels):
+    return native_kernels
 
 
 @pytest.mark.parametrize("heads,block_size,window,dtype,mix", CASES)

@@ -77,7 +77,7 @@ class LLMEngine:
         if graphs:
             self.runner.decode_graphs = self._decode_graphs(graphs, kv_caches, num_blocks, model_len)
         if config.model.cpu_kernels == "auto" and self.loaded.device.type == "cpu":
-            self.runner.decode_kernel = load_native_kernels(config.model.cache_dir, config.resolved_threads())
+            self.runner.use_native_kernels(load_native_kernels(config.model.cache_dir, config.resolved_threads()))
             log.info("packed %d bf16 linear layers for oneDNN", pack_linears(model))  # after LoRA injection
         self.inputs = InputProcessor(self.loaded.tokenizer, model.config.vocab_size, model_len,
                                      self.blocks.capacity_tokens)

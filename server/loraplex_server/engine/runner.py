@@ -41,7 +41,12 @@ class ModelRunner:
         self.lora = lora
         self.sampler = Sampler(device)
         self.decode_graphs: DecodeGraphs | None = None  # set by the engine when decode steps are captured
-        self.decode_kernel: NativeKernels | None = None  # set by the engine: native CPU decode attention
+        self.decode_kernel: NativeKernels | None = None  # native CPU decode attention (use_native_kernels)
+
+    def use_native_kernels(self, kernels: NativeKernels | None) -> None:
+        """Decode attention and the greedy argmax through the native CPU kernels (None: torch)."""
+        self.decode_kernel = kernels
+        self.sampler.fast_argmax = kernels.argmax if kernels is not None else None
 
     def slots_of(self, request: Request, num_tokens: int) -> torch.Tensor:
         """[num_tokens] cache slots of the request's first ``num_tokens`` positions."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from typing import Callable
+
 import torch
 
 from .request import Request, TokenLogprob
@@ -52,6 +54,8 @@ class Sampler:
     def __init__(self, device: torch.device):
         self.device = device
         self._generators: dict[str, torch.Generator] = {}
+        # a faster row-wise argmax of fp32 CPU logits (the native kernels'), same answer as torch's
+        self.fast_argmax: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def generator(self, req: Request) -> torch.Generator:
         g = self._generators.get(req.request_id)
@@ -72,12 +76,17 @@ class Sampler:
         if any(r.sampling.repetition_penalty != 1.0 for r in rows):
             logits = logits.clone()
             apply_repetition_penalty(logits, rows)
-        tokens = logits.argmax(dim=1)  # [N] greedy choice for every row
+        tokens = self._argmax(logits)  # [N] greedy choice for every row
         sampled = [i for i, r in enumerate(rows) if not r.sampling.greedy]
         if sampled:
             tokens[sampled] = self._sample_rows(logits[sampled], [rows[i] for i in sampled])
         token_list = tokens.tolist()
         return SampleResult(token_list, self._logprobs(raw, rows, token_list))
+
+    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.fast_argmax is not None and logits.device.type == "cpu" and logits.stride(1) == 1:
+            return self.fast_argmax(logits)
+        return logits.argmax(dim=1)
 
     def _sample_rows(self, logits: torch.Tensor, rows: list[Request]) -> torch.Tensor:
         dev = logits.device
@@ -91,7 +100,7 @@ class Sampler:
         # Exponential race: argmax(p / E) with E ~ Exp(1) samples from p; one draw per row's generator.
         noise = torch.stack([torch.empty(probs.shape[1], device=dev).exponential_(generator=self.generator(r))
                              for r in rows])
-        return (probs / noise).argmax(dim=1)
+        return self._argmax(probs / noise)
 
     @staticmethod
     def _logprobs(raw: torch.Tensor, rows: list[Request], tokens: list[int]) -> list[TokenLogprob | None]:

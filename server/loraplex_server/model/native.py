@@ -26,7 +26,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).resolve().parent / "csrc" / "paged_attention.cpp",)
+SOURCES = tuple(Path(__file__).resolve().parent / "csrc" / name for name in ("paged_attention.cpp", "argmax.cpp"))
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC",
          "-std=c++17")
 BUILD_TIMEOUT_S = 120
@@ -95,12 +95,37 @@ class NativeKernels:
             fn = getattr(lib, f"loraplex_paged_decode_{suffix}")
             fn.argtypes, fn.restype = _DECODE_ARGS, ctypes.c_int
             self._decode[suffix] = fn
+        self._argmax = lib.loraplex_argmax_f32
+        self._argmax.argtypes, self._argmax.restype = [_PTR, _I64, _I64, _I64, _PTR, _INT, _INT], ctypes.c_int
         self.workers = max(1, workers)
         self._pool = ThreadPoolExecutor(self.workers - 1, thread_name_prefix="loraplex-kernel") \
             if self.workers > 1 else None
 
     def supports(self, dtype: torch.dtype) -> bool:
         return dtype in _ELEMENT
+
+    def _split(self, fn, args: tuple, num_rows: int) -> None:
+        """Run ``fn(*args, worker, workers)`` for every worker, the calling thread taking worker 0."""
+        workers = min(self.workers, num_rows)
+        if workers <= 1:
+            fn(*args, 0, 1)
+            return
+        futures = [self._pool.submit(fn, *args, w, workers) for w in range(1, workers)]
+        fn(*args, 0, workers)
+        for f in futures:
+            f.result()
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """[N] int64 index of each row's maximum of fp32 ``logits`` [N, V] (csrc/argmax.cpp), the
+        same answer as ``logits.argmax(dim=1)``."""
+        if logits.dtype != torch.float32 or logits.dim() != 2 or logits.stride(1) != 1 or logits.device.type != "cpu":
+            raise ValueError("argmax needs fp32 CPU logits [N, V] with unit stride on V")
+        out = torch.empty(logits.shape[0], dtype=torch.int64)
+        if logits.shape[1] == 0:
+            raise ValueError("argmax of an empty row")
+        self._split(self._argmax, (logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0),
+                                   out.data_ptr()), logits.shape[0])
+        return out
 
     def paged_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                      rows: torch.Tensor, ctx_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int,
@@ -125,14 +150,7 @@ class NativeKernels:
                 k_cache.stride(1), out.data_ptr(), out.stride(0), out.stride(1), rows.data_ptr(),
                 ctx_lens.data_ptr(), block_tables.data_ptr(), block_tables.stride(0), num_rows, q.shape[1],
                 k_cache.shape[1], q.shape[2], block_size, scale, window or 0)
-        workers = min(self.workers, num_rows)
-        if workers <= 1:
-            fn(*args, 0, 1)
-            return
-        futures = [self._pool.submit(fn, *args, w, workers) for w in range(1, workers)]
-        fn(*args, 0, workers)
-        for f in futures:
-            f.result()
+        self._split(fn, args, num_rows)
 
 
 def load_native_kernels(cache_dir: Path, workers: int = 1) -> NativeKernels | None:
