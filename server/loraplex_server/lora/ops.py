@@ -69,17 +69,19 @@ def sgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.
     runs = mapping.segment_runs(ranks, RUN_MERGE_PAD_BYTES // row_bytes)
     if not runs:
         return
-    first = min(run.start for run in runs)  # rows before the first adapted one need no copy
-    xc = x[first:].to(lora_a.dtype)  # the LoRA compute dtype (fp32 slot buffers on CPU: layers.py)
+    # In the LoRA compute dtype (fp32 slot buffers for a bf16 model on CPU, layers.py) the adapted
+    # rows (from the first one on: rows before it need no copy) are converted once per module.
+    first = min(run.start for run in runs)
+    xc = x[first:].to(lora_a.dtype)  # [T - first, in]
+    yc = y[first:].to(lora_bt.dtype)  # [T - first, out], y itself when the dtypes agree
     for run in runs:
         n, r = run.hi - run.lo, run.rank
         xs = xc[run.start - first:run.end - first].reshape(n, run.width, -1)  # [n, width, in]
         h = torch.bmm(lora_a[run.lo:run.hi, :r], xs.transpose(1, 2))  # [n, r, width]
-        ys = y[run.start:run.end].view(n, run.width, -1)  # [n, width, out], a view of y
-        if ys.dtype == lora_bt.dtype:
-            ys.baddbmm_(h.transpose(1, 2), lora_bt[run.lo:run.hi, :r])
-        else:
-            ys.add_(torch.bmm(h.transpose(1, 2), lora_bt[run.lo:run.hi, :r]))
+        ys = yc[run.start - first:run.end - first].view(n, run.width, -1)  # [n, width, out], a view
+        ys.baddbmm_(h.transpose(1, 2), lora_bt[run.lo:run.hi, :r])
+    if yc.data_ptr() != y.data_ptr():
+        y[first:].copy_(yc)
 
 
 def bgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.Tensor,
