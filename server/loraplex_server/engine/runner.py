@@ -16,6 +16,7 @@ from ..model.attention import META_KWARG, PagedAttentionMetadata, PrefillSpan, b
 from ..model.native import NativeKernels
 from .decode_graphs import DecodeGraphs, on_device
 from .decode_inputs import DecodeRow
+from .kv_blocks import cache_slot
 from .request import Request
 from .sampler import Sampler, SampleResult
 from .scheduler import ScheduledRequest, SchedulerOutput
@@ -71,7 +72,7 @@ class ModelRunner:
             blocks = req.block_ids
             ids.extend(req.token_slice(start, end))
             positions.extend(range(start, end))
-            new_slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            new_slots.extend(cache_slot(blocks, bs, p) for p in range(start, end))
             if n == 1 and start > 0:
                 decode_rows.append(offset)
                 decode_tables.append(blocks)
