@@ -30,9 +30,9 @@ def device() -> torch.device:
 
 @pytest.fixture(scope="session")
 def native_kernels(tmp_path_factory):
-    """The native CPU kernels, built into a fresh cache directory (2 workers, so splits are tested)."""
+    """The native CPU kernels, built into a fresh cache directory (2 threads, so splits are tested)."""
     from loraplex_server.model import native
 
-    built = native.load_native_kernels(tmp_path_factory.mktemp("kernels"), workers=2)
+    built = native.load_native_kernels(tmp_path_factory.mktemp("kernels"), threads=2)
     assert built is not None, "the C++ compiler on this machine should build the kernels"
     return built

@@ -1,6 +1,7 @@
 """The native CPU decode attention (model/csrc/paged_attention.cpp) against per-sequence SDPA,
 through the torch attention function, and its build / fallback behaviour."""
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -35,9 +36,9 @@ def test_decode_rows_match_per_sequence_sdpa(heads, block_size, window, dtype, m
     torch.testing.assert_close(out[0].float(), ref, atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("workers", [1, 2, 3, 8])
-def test_same_result_for_any_worker_split(workers, kernels, tmp_path):
-    """Rows split over workers (more workers than rows too) give bit-identical outputs."""
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_same_result_for_any_thread_split(threads, kernels, tmp_path):
+    """Rows split over threads (more threads than rows too) give bit-identical outputs."""
     q, k, v, meta, _ = make_step(MIXES["decode"], (6, 2, 48), 16, torch.float32, "cpu", seed=3)
     k_cache, v_cache = meta.kv_caches[0]
     args = (q[0].transpose(0, 1), k_cache, v_cache)
@@ -45,8 +46,18 @@ def test_same_result_for_any_worker_split(workers, kernels, tmp_path):
     one = torch.zeros(q.shape[2], 6, 48)
     kernels.paged_decode(*args, one, *tail)
     split = torch.zeros_like(one)
-    native.NativeKernels(kernels.path, workers).paged_decode(*args, split, *tail)
+    native.NativeKernels(kernels.path, threads).paged_decode(*args, split, *tail)
     assert torch.equal(one, split) and one[meta.decode_rows].abs().sum() > 0
+
+
+def test_kernels_share_torchs_openmp_runtime(kernels):
+    """Built by GNU g++ with OpenMP, the library's libgomp is the one torch loaded: one OpenMP
+    runtime in the process, so kernel threads are torch's threads, not a second pool."""
+    if "-fopenmp" not in native.compiler_flags(native._compiler()):
+        pytest.skip("not a GNU compiler: the kernels are built single-threaded")
+    maps = Path("/proc/self/maps").read_text()
+    runtimes = {line.split()[-1] for line in maps.splitlines() if "libgomp" in line and "/" in line}
+    assert str(kernels.path) in maps and len(runtimes) == 1, runtimes
 
 
 def test_torch_path_when_the_dtype_is_not_native(kernels):

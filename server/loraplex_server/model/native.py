@@ -6,11 +6,17 @@ the CPU's instruction-set flags (it is built with ``-march=native``), and is wri
 concurrent engines never load a half-written file. ``load_native_kernels`` returns None, with a
 warning naming the reason, when no compiler is found or the build fails: callers fall back to the
 torch path.
+
+With GNU g++ the library is built with ``-fopenmp``: it then links ``libgomp.so.1``, which resolves to
+the copy torch has already loaded, so kernel threads are torch's own intra-op OpenMP threads (a
+second pool would fight torch's spinning threads for the cores). Other compilers build it
+single-threaded.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -19,7 +25,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -29,11 +34,12 @@ log = logging.getLogger(__name__)
 SOURCES = tuple(Path(__file__).resolve().parent / "csrc" / name for name in ("paged_attention.cpp", "argmax.cpp"))
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC",
          "-std=c++17")
+GNU_FLAGS = ("-fopenmp",)
 BUILD_TIMEOUT_S = 120
 _ELEMENT = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _I64, _F32, _INT, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 _DECODE_ARGS = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64,
-                _INT, _INT, _INT, _INT, _F32, _I64, _INT, _INT]
+                _INT, _INT, _INT, _INT, _F32, _I64, _INT]
 
 
 def _cpu_flags() -> str:
@@ -50,9 +56,20 @@ def _compiler() -> str | None:
     return shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
-def build_key(compiler: str) -> str:
+@functools.lru_cache(maxsize=None)
+def compiler_flags(compiler: str) -> tuple[str, ...]:
+    """FLAGS, plus OpenMP when the compiler is GNU (its libgomp is the runtime torch ships)."""
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    gnu = "Free Software Foundation" in version and "clang" not in version
+    return FLAGS + GNU_FLAGS if gnu else FLAGS
+
+
+def build_key(compiler: str, flags: tuple[str, ...]) -> str:
     h = hashlib.sha256()
-    for part in (compiler, " ".join(FLAGS), platform.machine(), _cpu_flags()):
+    for part in (compiler, " ".join(flags), platform.machine(), _cpu_flags()):
         h.update(part.encode())
     for source in SOURCES:
         h.update(source.read_bytes())
@@ -64,7 +81,8 @@ def build_library(cache_dir: Path) -> Path:
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler (c++, g++ or clang++) on PATH")
-    target = Path(cache_dir) / "kernels" / build_key(compiler) / "libloraplex_kernels.so"
+    flags = compiler_flags(compiler)
+    target = Path(cache_dir) / "kernels" / build_key(compiler, flags) / "libloraplex_kernels.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +90,7 @@ def build_library(cache_dir: Path) -> Path:
     os.close(fd)
     start = time.monotonic()
     try:
-        result = subprocess.run([compiler, *FLAGS, "-o", staging, *map(str, SOURCES)], capture_output=True,
+        result = subprocess.run([compiler, *flags, "-o", staging, *map(str, SOURCES)], capture_output=True,
                                 text=True, timeout=BUILD_TIMEOUT_S)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
@@ -85,9 +103,9 @@ def build_library(cache_dir: Path) -> Path:
 
 
 class NativeKernels:
-    """ctypes bindings of the library; ``workers`` threads split each call's rows."""
+    """ctypes bindings of the library; each call splits its rows over ``threads`` OpenMP threads."""
 
-    def __init__(self, path: Path, workers: int = 1):
+    def __init__(self, path: Path, threads: int = 1):
         self.path = path
         lib = ctypes.CDLL(str(path))
         self._decode = {}
@@ -96,24 +114,11 @@ class NativeKernels:
             fn.argtypes, fn.restype = _DECODE_ARGS, ctypes.c_int
             self._decode[suffix] = fn
         self._argmax = lib.loraplex_argmax_f32
-        self._argmax.argtypes, self._argmax.restype = [_PTR, _I64, _I64, _I64, _PTR, _INT, _INT], ctypes.c_int
-        self.workers = max(1, workers)
-        self._pool = ThreadPoolExecutor(self.workers - 1, thread_name_prefix="loraplex-kernel") \
-            if self.workers > 1 else None
+        self._argmax.argtypes, self._argmax.restype = [_PTR, _I64, _I64, _I64, _PTR, _INT], ctypes.c_int
+        self.threads = max(1, threads)
 
     def supports(self, dtype: torch.dtype) -> bool:
         return dtype in _ELEMENT
-
-    def _split(self, fn, args: tuple, num_rows: int) -> None:
-        """Run ``fn(*args, worker, workers)`` for every worker, the calling thread taking worker 0."""
-        workers = min(self.workers, num_rows)
-        if workers <= 1:
-            fn(*args, 0, 1)
-            return
-        futures = [self._pool.submit(fn, *args, w, workers) for w in range(1, workers)]
-        fn(*args, 0, workers)
-        for f in futures:
-            f.result()
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """[N] int64 index of each row's maximum of fp32 ``logits`` [N, V] (csrc/argmax.cpp), the
@@ -123,8 +128,8 @@ class NativeKernels:
         out = torch.empty(logits.shape[0], dtype=torch.int64)
         if logits.shape[1] == 0:
             raise ValueError("argmax of an empty row")
-        self._split(self._argmax, (logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0),
-                                   out.data_ptr()), logits.shape[0])
+        self._argmax(logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0), out.data_ptr(),
+                     self.threads)
         return out
 
     def paged_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
@@ -149,14 +154,15 @@ class NativeKernels:
         args = (q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
                 k_cache.stride(1), out.data_ptr(), out.stride(0), out.stride(1), rows.data_ptr(),
                 ctx_lens.data_ptr(), block_tables.data_ptr(), block_tables.stride(0), num_rows, q.shape[1],
-                k_cache.shape[1], q.shape[2], block_size, scale, window or 0)
-        self._split(fn, args, num_rows)
+                k_cache.shape[1], q.shape[2], block_size, scale, window or 0, self.threads)
+        if fn(*args) != 0:
+            raise ValueError(f"paged_decode: {q.shape[1]} heads is not a multiple of {k_cache.shape[1]} KV heads")
 
 
-def load_native_kernels(cache_dir: Path, workers: int = 1) -> NativeKernels | None:
+def load_native_kernels(cache_dir: Path, threads: int = 1) -> NativeKernels | None:
     """The native kernels, or None (with a warning) when they cannot be built or loaded here."""
     try:
-        return NativeKernels(build_library(cache_dir), workers)
+        return NativeKernels(build_library(cache_dir), threads)
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
         log.warning("native CPU kernels unavailable, using the torch attention path: %s", exc)
         return None

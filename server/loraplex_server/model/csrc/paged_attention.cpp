@@ -10,13 +10,19 @@
 //     out[row, h] = sum_j softmax(s)[j] * V[slot(j), g]
 //
 // Two passes per row: every head's scores while K is read once, in slot order, then the weighted
-// sums while V is read once; fp32 accumulation for every element type. Rows are split evenly over
-// `num_workers` calls (worker = 0 .. num_workers-1), so a caller may run the workers on threads
-// of its own. Plain C ABI, no torch headers: it builds in under a second (model/native.py).
+// sums while V is read once; fp32 accumulation for every element type. Rows are split statically
+// over `num_threads` OpenMP threads; each row's result does not depend on the split. Built with
+// g++'s -fopenmp, the library shares torch's libgomp (same soname, already loaded), so its threads
+// are torch's own intra-op threads, not a second pool fighting them for the cores. Plain C ABI, no
+// torch headers: it builds in about a second (model/native.py).
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -49,30 +55,44 @@ struct Shape {
     float scale;
 };
 
-// One decode row, all heads: each cache slot's K (then V) rows of every KV head are contiguous, so
-// they are read once, in order. ws: q [H][D] (scaled), acc [H][D], row [D], scores [H][len - lo].
+// Block-aligned walk over the context [lo, len): fn(first_slot, first_token_index, count) for each run
+// of consecutive tokens that share one cache block (no division per token).
+template <class Fn>
+inline void for_each_run(const int32_t *table, int block_size, int64_t lo, int64_t len, Fn fn) {
+    for (int64_t j = lo; j < len;) {
+        const int64_t block = j / block_size, offset = j % block_size;
+        const int64_t count = std::min<int64_t>(block_size - offset, len - j);
+        fn(int64_t(table[block]) * block_size + offset, j - lo, count);
+        j += count;
+    }
+}
+
+// One decode row, all heads, any head size (the portable path). Each cache slot's K (then V) rows of
+// every KV head are contiguous, so they are read once, in order. ws: q [H][D] (scaled), acc [H][D],
+// row [D], scores [H][len - lo].
 template <class E, int FIXED_D>
 void attend_row(const Shape &sh, const typename E::T *q, const typename E::T *k, const typename E::T *v,
                 typename E::T *out, const int32_t *table, int64_t len, int64_t lo, float *ws) {
     const int H = sh.num_heads, D = FIXED_D > 0 ? FIXED_D : sh.head_dim, G = sh.num_heads / sh.num_kv_heads;
     const int64_t n = len - lo;
     float *qf = ws, *acc = ws + H * D, *row = acc + H * D, *s = row + D;
-    auto slot = [&](int64_t j) { return int64_t(table[j / sh.block_size]) * sh.block_size + j % sh.block_size; };
     for (int h = 0; h < H; h++)
         for (int d = 0; d < D; d++) qf[h * D + d] = E::load(q[h * sh.q_stride_h + d]) * sh.scale;
-    for (int64_t j = lo; j < len; j++) {
-        const typename E::T *kp = k + slot(j) * sh.kv_stride_slot;
-        for (int g = 0; g < sh.num_kv_heads; g++) {
-            for (int d = 0; d < D; d++) row[d] = E::load(kp[g * sh.kv_stride_head + d]);
-            for (int h = g * G; h < (g + 1) * G; h++) {
-                const float *qh = qf + h * D;
-                float dot = 0.f;
+    for_each_run(table, sh.block_size, lo, len, [&](int64_t first_slot, int64_t idx, int64_t count) {
+        for (int64_t t = 0; t < count; t++) {
+            const typename E::T *kp = k + (first_slot + t) * sh.kv_stride_slot;
+            for (int g = 0; g < sh.num_kv_heads; g++) {
+                for (int d = 0; d < D; d++) row[d] = E::load(kp[g * sh.kv_stride_head + d]);
+                for (int h = g * G; h < (g + 1) * G; h++) {
+                    const float *qh = qf + h * D;
+                    float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-                for (int d = 0; d < D; d++) dot += qh[d] * row[d];
-                s[h * n + (j - lo)] = dot;
+                    for (int d = 0; d < D; d++) dot += qh[d] * row[d];
+                    s[h * n + idx + t] = dot;
+                }
             }
         }
-    }
+    });
     for (int h = 0; h < H; h++) {
         float *sh_ = s + h * n, m = -INFINITY, sum = 0.f;
         for (int64_t j = 0; j < n; j++) m = sh_[j] > m ? sh_[j] : m;
@@ -81,20 +101,139 @@ void attend_row(const Shape &sh, const typename E::T *q, const typename E::T *k,
         for (int64_t j = 0; j < n; j++) sh_[j] *= inv;
     }
     std::memset(acc, 0, sizeof(float) * H * D);
-    for (int64_t j = lo; j < len; j++) {
-        const typename E::T *vp = v + slot(j) * sh.kv_stride_slot;
-        for (int g = 0; g < sh.num_kv_heads; g++) {
-            for (int d = 0; d < D; d++) row[d] = E::load(vp[g * sh.kv_stride_head + d]);
-            for (int h = g * G; h < (g + 1) * G; h++) {
-                const float w = s[h * n + (j - lo)];
-                float *ah = acc + h * D;
+    for_each_run(table, sh.block_size, lo, len, [&](int64_t first_slot, int64_t idx, int64_t count) {
+        for (int64_t t = 0; t < count; t++) {
+            const typename E::T *vp = v + (first_slot + t) * sh.kv_stride_slot;
+            for (int g = 0; g < sh.num_kv_heads; g++) {
+                for (int d = 0; d < D; d++) row[d] = E::load(vp[g * sh.kv_stride_head + d]);
+                for (int h = g * G; h < (g + 1) * G; h++) {
+                    const float w = s[h * n + idx + t];
+                    float *ah = acc + h * D;
 #pragma omp simd
-                for (int d = 0; d < D; d++) ah[d] += w * row[d];
+                    for (int d = 0; d < D; d++) ah[d] += w * row[d];
+                }
             }
         }
-    }
+    });
     for (int h = 0; h < H; h++)
         for (int d = 0; d < D; d++) out[h * sh.out_stride_h + d] = E::store(acc[h * D + d]);
+}
+
+#if defined(__AVX512F__)
+// The same row with 16-lane AVX-512 vectors when the head size is a multiple of 16 (C = D / 16
+// vectors per head; 64 and 128 unrolled): K and V rows widened to fp32 in registers, one horizontal
+// sum per score, a vectorized exp, fp32 accumulators. Same maths, same two passes.
+inline __m512 load16(const float *p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t *p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline void store16(float *p, __m512 x) { _mm512_storeu_ps(p, x); }
+inline void store16(uint16_t *p, __m512 x) {  // round to nearest even, NaN stays NaN: BF16::store
+    const __m512i u = _mm512_castps_si512(x), hi = _mm512_srli_epi32(u, 16);
+    const __m512i bias = _mm512_add_epi32(_mm512_and_si512(hi, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7fff));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i *>(p), _mm512_cvtepi32_epi16(r));
+}
+
+// e^x for x <= 0 (a score minus the row maximum): x = n ln2 + r, |r| <= ln2 / 2, e^r by its
+// degree-7 Taylor polynomial (relative error < 1e-8), times 2^n. Inputs below -87.3 give 2^-126.
+inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.33654f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.f / 5040);
+    for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 tail_mask(int64_t remaining) {
+    return remaining >= 16 ? __mmask16(0xffff) : __mmask16((1u << remaining) - 1);
+}
+
+// softmax in place over s[0 .. n)
+inline void softmax16(float *s, int64_t n) {
+    __m512 m = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) m = _mm512_mask_max_ps(m, tail_mask(n - j), m, _mm512_loadu_ps(s + j));
+    const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 mask = tail_mask(n - j);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + j), max));
+        _mm512_mask_storeu_ps(s + j, mask, e);
+        sum = _mm512_mask_add_ps(sum, mask, sum, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 mask = tail_mask(n - j);
+        _mm512_mask_storeu_ps(s + j, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, s + j), inv));
+    }
+}
+
+// ws: q [H][D] (scaled), acc [H][D], scores [H][n rounded up to 16].
+template <class T, int FIXED_C>
+void attend_row_avx512(const Shape &sh, const T *q, const T *k, const T *v, T *out, const int32_t *table,
+                       int64_t len, int64_t lo, float *ws) {
+    const int H = sh.num_heads, C = FIXED_C > 0 ? FIXED_C : sh.head_dim / 16, D = 16 * C;
+    const int G = sh.num_heads / sh.num_kv_heads;
+    const int64_t n = len - lo, stride = (n + 15) & ~int64_t(15);
+    float *qf = ws, *acc = qf + H * D, *s = acc + H * D;
+    const __m512 scale = _mm512_set1_ps(sh.scale);
+    __m512 row[16];
+    for (int h = 0; h < H; h++)
+        for (int c = 0; c < C; c++) _mm512_storeu_ps(qf + h * D + 16 * c, _mm512_mul_ps(load16(q + h * sh.q_stride_h + 16 * c), scale));
+    for_each_run(table, sh.block_size, lo, len, [&](int64_t first_slot, int64_t idx, int64_t count) {
+        for (int64_t t = 0; t < count; t++)
+            for (int g = 0; g < sh.num_kv_heads; g++) {
+                const T *kp = k + (first_slot + t) * sh.kv_stride_slot + g * sh.kv_stride_head;
+                for (int c = 0; c < C; c++) row[c] = load16(kp + 16 * c);
+                for (int h = g * G; h < (g + 1) * G; h++) {
+                    __m512 dot = _mm512_mul_ps(row[0], _mm512_loadu_ps(qf + h * D));
+                    for (int c = 1; c < C; c++) dot = _mm512_fmadd_ps(row[c], _mm512_loadu_ps(qf + h * D + 16 * c), dot);
+                    s[h * stride + idx + t] = _mm512_reduce_add_ps(dot);
+                }
+            }
+    });
+    for (int h = 0; h < H; h++) softmax16(s + h * stride, n);
+    std::memset(acc, 0, sizeof(float) * H * D);
+    for_each_run(table, sh.block_size, lo, len, [&](int64_t first_slot, int64_t idx, int64_t count) {
+        for (int64_t t = 0; t < count; t++)
+            for (int g = 0; g < sh.num_kv_heads; g++) {
+                const T *vp = v + (first_slot + t) * sh.kv_stride_slot + g * sh.kv_stride_head;
+                for (int c = 0; c < C; c++) row[c] = load16(vp + 16 * c);
+                for (int h = g * G; h < (g + 1) * G; h++) {
+                    const __m512 w = _mm512_set1_ps(s[h * stride + idx + t]);
+                    float *ah = acc + h * D;
+                    for (int c = 0; c < C; c++) _mm512_storeu_ps(ah + 16 * c, _mm512_fmadd_ps(w, row[c], _mm512_loadu_ps(ah + 16 * c)));
+                }
+            }
+    });
+    for (int h = 0; h < H; h++)
+        for (int c = 0; c < C; c++) store16(out + h * sh.out_stride_h + 16 * c, _mm512_loadu_ps(acc + h * D + 16 * c));
+}
+#endif
+
+// One row through the fastest variant for the head size.
+template <class E>
+void attend(const Shape &sh, const typename E::T *q, const typename E::T *k, const typename E::T *v,
+            typename E::T *out, const int32_t *table, int64_t len, int64_t lo, float *ws) {
+    using T = typename E::T;
+#if defined(__AVX512F__)
+    if (sh.head_dim % 16 == 0 && sh.head_dim <= 256) {
+        switch (sh.head_dim) {  // the common head sizes get fully unrolled inner loops
+            case 64: return attend_row_avx512<T, 4>(sh, q, k, v, out, table, len, lo, ws);
+            case 128: return attend_row_avx512<T, 8>(sh, q, k, v, out, table, len, lo, ws);
+            default: return attend_row_avx512<T, 0>(sh, q, k, v, out, table, len, lo, ws);
+        }
+    }
+#endif
+    switch (sh.head_dim) {
+        case 64: return attend_row<E, 64>(sh, q, k, v, out, table, len, lo, ws);
+        case 128: return attend_row<E, 128>(sh, q, k, v, out, table, len, lo, ws);
+        default: return attend_row<E, 0>(sh, q, k, v, out, table, len, lo, ws);
+    }
 }
 
 template <class E>
@@ -102,27 +241,30 @@ int paged_decode(const void *q_, int64_t q_stride_t, int64_t q_stride_h, const v
                  int64_t kv_stride_slot, int64_t kv_stride_head, void *out_, int64_t out_stride_t,
                  int64_t out_stride_h, const int64_t *rows, const int32_t *ctx_lens, const int32_t *tables,
                  int64_t table_stride, int64_t num_rows, int num_heads, int num_kv_heads, int head_dim,
-                 int block_size, float scale, int64_t window, int worker, int num_workers) {
+                 int block_size, float scale, int64_t window, int num_threads) {
     using T = typename E::T;
     const T *q = static_cast<const T *>(q_), *k = static_cast<const T *>(k_), *v = static_cast<const T *>(v_);
     T *out = static_cast<T *>(out_);
     if (num_heads % num_kv_heads != 0) return 1;
     const Shape sh{q_stride_h, kv_stride_slot, kv_stride_head, out_stride_h, block_size, num_heads,
                    num_kv_heads, head_dim, scale};
-    const int64_t per = (num_rows + num_workers - 1) / num_workers;
-    const int64_t first = per * worker, last = first + per < num_rows ? first + per : num_rows;
     int64_t max_len = 0;
-    for (int64_t i = first; i < last; i++) max_len = ctx_lens[i] > max_len ? ctx_lens[i] : max_len;
-    std::vector<float> ws(size_t(num_heads) * (2 * head_dim + max_len) + head_dim);
-    for (int64_t i = first; i < last; i++) {
-        const int64_t len = ctx_lens[i], lo = window > 0 && len > window ? len - window : 0;
-        const T *qi = q + rows[i] * q_stride_t;
-        T *oi = out + rows[i] * out_stride_t;
-        const int32_t *table = tables + i * table_stride;
-        switch (head_dim) {  // the common head sizes get fully unrolled inner loops
-            case 64: attend_row<E, 64>(sh, qi, k, v, oi, table, len, lo, ws.data()); break;
-            case 128: attend_row<E, 128>(sh, qi, k, v, oi, table, len, lo, ws.data()); break;
-            default: attend_row<E, 0>(sh, qi, k, v, oi, table, len, lo, ws.data());
+    for (int64_t i = 0; i < num_rows; i++) max_len = ctx_lens[i] > max_len ? ctx_lens[i] : max_len;
+    const size_t ws_size = size_t(num_heads) * (2 * head_dim + max_len + 16) + head_dim;
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(num_threads > 1 ? num_threads : 1)
+#endif
+    {
+        std::vector<float> ws(ws_size);
+#if defined(_OPENMP)
+#pragma omp for schedule(static)
+#endif
+        for (int64_t i = 0; i < num_rows; i++) {
+            const int64_t len = ctx_lens[i], lo = window > 0 && len > window ? len - window : 0;
+            const T *qi = q + rows[i] * q_stride_t;
+            T *oi = out + rows[i] * out_stride_t;
+            const int32_t *table = tables + i * table_stride;
+            attend<E>(sh, qi, k, v, oi, table, len, lo, ws.data());
         }
     }
     return 0;
@@ -135,11 +277,11 @@ int paged_decode(const void *q_, int64_t q_stride_t, int64_t q_stride_h, const v
         int64_t kv_stride_slot, int64_t kv_stride_head, void *out, int64_t out_stride_t,                  \
         int64_t out_stride_h, const int64_t *rows, const int32_t *ctx_lens, const int32_t *tables,         \
         int64_t table_stride, int64_t num_rows, int num_heads, int num_kv_heads, int head_dim,            \
-        int block_size, float scale, int64_t window, int worker, int num_workers
+        int block_size, float scale, int64_t window, int num_threads
 #define LORAPLEX_DECODE_CALL                                                                             \
     q, q_stride_t, q_stride_h, k, v, kv_stride_slot, kv_stride_head, out, out_stride_t, out_stride_h, rows, \
         ctx_lens, tables, table_stride, num_rows, num_heads, num_kv_heads, head_dim, block_size, scale,     \
-        window, worker, num_workers
+        window, num_threads
 
 extern "C" int loraplex_paged_decode_f32(LORAPLEX_DECODE_ARGS) { return paged_decode<F32>(LORAPLEX_DECODE_CALL); }
 extern "C" int loraplex_paged_decode_bf16(LORAPLEX_DECODE_ARGS) { return paged_decode<BF16>(LORAPLEX_DECODE_CALL); }
