@@ -65,7 +65,7 @@ class NoLaunch:
 def triton_graphs(tmp_path, device, monkeypatch):
     """Decode steps (eager emulation, no GPU needed) of an engine on the Triton functions, with
     the kernel launches replaced by counting no-ops; returns (graphs, launches)."""
-    monkeypatch.setattr(manager_module, "apply_function", lambda device: triton_ops.TritonLoraBackend())
+    monkeypatch.setattr(manager_module, "apply_function", lambda device, native=None: triton_ops.TritonLoraBackend())
     monkeypatch.setattr(engine_module, "select_attention_function", lambda device: triton_attention.triton_paged_attention)
     engine = dummy_engine_factory(tmp_path, torch.device("cpu"), max_model_len=64)(cuda_graphs="on",
                                                                                    cuda_graph_max_batch=4)

@@ -28,7 +28,7 @@ def force_selection(monkeypatch, lora_apply, attend) -> list[torch.device]:
     """Make the engine's selection return these functions; returns the devices it was asked for."""
     asked: list[torch.device] = []
 
-    def apply_function(device):
+    def apply_function(device, native=None):
         asked.append(torch.device(device))
         return lora_apply
 
@@ -42,13 +42,16 @@ def force_selection(monkeypatch, lora_apply, attend) -> list[torch.device]:
 
 
 def test_engine_installs_what_the_selection_gives_for_its_device(make_engine, device):
-    """Unforced: the torch functions on CPU (the fallback), the Triton kernels on CUDA."""
+    """Unforced: the torch attention function on CPU with the native LoRA kernel when the native
+    kernels build (else the torch apply), the Triton kernels on CUDA."""
     engine = make_engine()
     if device.type == "cuda":
         assert isinstance(engine.lora.state.apply, triton_ops.TritonLoraBackend)
         assert attention_of(engine) is triton_attention.triton_paged_attention
     else:
-        assert engine.lora.state.apply is ops.lora_apply
+        native = engine.runner.decode_kernel is not None
+        assert isinstance(engine.lora.state.apply, ops.NativeLoraApply) == native
+        assert native or engine.lora.state.apply is ops.lora_apply
         assert attention_of(engine) is attention.paged_attention
 
 

@@ -61,7 +61,10 @@ class LLMEngine:
         self.loaded = loaded or load_model(config.model)
         model = self.loaded.model
         register_paged_attention(model, select_attention_function(self.loaded.device))  # Triton on CUDA
-        self.lora = LoraManager(model, config.lora, load_fn=adapter_load_fn)
+        native = None
+        if config.model.cpu_kernels == "auto" and self.loaded.device.type == "cpu":
+            native = load_native_kernels(config.model.cache_dir, config.resolved_threads())
+        self.lora = LoraManager(model, config.lora, load_fn=adapter_load_fn, native_kernels=native)
         spec = KVCacheSpec.from_model_config(model.config, self.loaded.dtype)
         num_blocks = num_blocks_for(spec, config.cache)
         self.blocks = BlockManager(num_blocks, config.cache.block_size)
@@ -77,7 +80,7 @@ class LLMEngine:
         if graphs:
             self.runner.decode_graphs = self._decode_graphs(graphs, kv_caches, num_blocks, model_len)
         if config.model.cpu_kernels == "auto" and self.loaded.device.type == "cpu":
-            self.runner.use_native_kernels(load_native_kernels(config.model.cache_dir, config.resolved_threads()))
+            self.runner.use_native_kernels(native)
             log.info("packed %d bf16 linear layers for oneDNN", pack_linears(model))  # after LoRA injection
         self.inputs = InputProcessor(self.loaded.tokenizer, model.config.vocab_size, model_len,
                                      self.blocks.capacity_tokens)

@@ -43,11 +43,14 @@ class SlotRanks:
         return f"SlotRanks({self.host})"
 
 
-def lora_compute_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype of the slot buffers and of the LoRA matmuls: the model's, except fp32 for a
-    half-precision model on CPU. There the LoRA shapes (a few tokens per adapter, ranks 8-64) are
+def lora_compute_dtype(model_dtype: torch.dtype, device: torch.device, apply: LoraApply | None = None) -> torch.dtype:
+    """The dtype of the slot buffers: what the apply asks for (the native CPU kernel: the model's,
+    it accumulates in fp32), else the model's, except fp32 for a half-precision model with the
+    torch ops on CPU. There the LoRA shapes (a few tokens per adapter, ranks 8-64) are
     dispatch-bound, and a bf16 batched matmul costs ~3x an fp32 one (measured, 2 threads: 150 vs
     48 us for 5 adapters x 4 tokens at rank 16), while converting x and the delta is cheap."""
+    if hasattr(apply, "weight_dtype"):
+        return apply.weight_dtype(model_dtype)
     return torch.float32 if device.type == "cpu" else model_dtype
 
 
@@ -67,7 +70,7 @@ class LoraLinear(nn.Module):
         self.key = key
         self.state = state
         w = base.weight
-        dtype = lora_compute_dtype(w.dtype, w.device)
+        dtype = lora_compute_dtype(w.dtype, w.device, state.apply)
         self.register_buffer("lora_a", torch.zeros(max_loras, max_rank, base.in_features,
                                                    dtype=dtype, device=w.device), persistent=False)
         # [max_loras, max_rank, in] and [max_loras, max_rank, out] (= (scale * B)^T): see ops.py

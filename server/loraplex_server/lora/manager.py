@@ -24,9 +24,11 @@ from .weights import AdapterInfo
 
 
 class LoraManager:
-    def __init__(self, model: nn.Module, config: LoraConfig, load_fn: Callable | None = None):
+    def __init__(self, model: nn.Module, config: LoraConfig, load_fn: Callable | None = None, native_kernels=None):
+        """``native_kernels``: the model's native CPU kernel library (model/native.py), or None."""
         self.config = config
-        self.state = LoraStepState(apply_function(model_device(model)))  # Triton on CUDA, else torch
+        # Triton on CUDA, the native kernel on CPU when built, else torch
+        self.state = LoraStepState(apply_function(model_device(model), native_kernels))
         self.targets = find_targets(model)
         self.layers = inject_lora_layers(model, config.max_loras, config.max_lora_rank, self.state)
         extra = {"load_fn": load_fn} if load_fn is not None else {}

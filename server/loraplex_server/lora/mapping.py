@@ -71,6 +71,13 @@ class LoraMapping:
     def active_slots(self) -> set[int]:
         return {s for _, _, s in self.segments}
 
+    def segment_table(self) -> torch.Tensor:
+        """``segments`` as a [n, 3] int32 host tensor (start, end, slot) for native kernels (cached)."""
+        table = self._runs.get("table")
+        if table is None:
+            table = self._runs["table"] = torch.tensor(self.segments, dtype=torch.int32).reshape(-1, 3)
+        return table
+
     def segment_runs(self, ranks: list[int], max_pad_rows: int = 0) -> list[SegmentRun]:
         """Segments grouped into runs for a module whose slot ranks are ``ranks``; neighbours of
         different rank join a run while it reads at most ``max_pad_rows`` zero rank rows

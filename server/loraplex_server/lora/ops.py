@@ -18,8 +18,10 @@ Layouts behind one function (``lora_apply``):
   GPU kernels use for decode, and the one a static mapping (captured decode step) needs. On CPU
   the gathers cost more than they save, so the dispatcher picks it only for static mappings.
 
-``apply_function(device)`` picks a model's apply once: the Triton kernels (``triton_ops``, same
-signature and buffers) on a CUDA device when triton imports, else ``lora_apply``.
+``apply_function(device, native)`` picks a model's apply once: the Triton kernels (``triton_ops``,
+same signature and buffers) on a CUDA device when triton imports; on CPU the native SGMV kernel
+(``NativeLoraApply``: model/csrc/lora_sgmv.cpp, 2-3x the torch runs at decode and prefill widths)
+when the native kernels are built; else ``lora_apply``.
 
 Measured on CPU (fp32, one thread, cold weights): ``bmm(A, x^T)`` then ``baddbmm(h^T, Bt)`` reads
 the weights ~1.6x faster than ``bmm(x, A^T)`` then ``bmm(h, B^T)`` with B stored [out, rank].
@@ -112,7 +114,34 @@ def lora_apply(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: 
         sgmv(y, x, lora_a, lora_bt, ranks, mapping)
 
 
-def apply_function(device: torch.device | str) -> LoraApply:
-    """The LoRA apply for a model on ``device``: a Triton backend on CUDA (when triton imports),
-    else the torch ``lora_apply``. Call once per model: a Triton backend keeps per-step caches."""
+class NativeLoraApply:
+    """The CPU apply through a native SGMV kernel (``kernels.lora_sgmv``, duck-typed so this package
+    does not import the model's kernel library): every segment in one call per module, tiles of a
+    few tokens spread over torch's threads. ``weight_dtype``: the slot buffers' dtype it wants for a
+    model in ``model_dtype`` (the model's own: the kernel widens to fp32 as it reads)."""
+
+    def __init__(self, kernels):
+        self.kernels = kernels
+
+    def weight_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return model_dtype if self.kernels.supports_lora(model_dtype, model_dtype) else torch.float32
+
+    def __call__(self, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.Tensor,
+                 ranks, mapping: LoraMapping) -> None:
+        if mapping.is_static:
+            bgmv(y, x, lora_a, lora_bt, ranks, mapping)
+        elif not mapping.segments:
+            return
+        elif self.kernels.supports_lora(x.dtype, lora_a.dtype):
+            self.kernels.lora_sgmv(y, x, lora_a, lora_bt, ranks.table, mapping.segment_table())
+        else:  # a dtype the kernel lacks (fp16): the torch runs
+            sgmv(y, x, lora_a, lora_bt, ranks, mapping)
+
+
+def apply_function(device: torch.device | str, native=None) -> LoraApply:
+    """The LoRA apply for a model on ``device``: a Triton backend on CUDA (when triton imports), the
+    native kernel on CPU when ``native`` kernels are given, else the torch ``lora_apply``. Call once
+    per model: a Triton backend keeps per-step caches."""
+    if torch.device(device).type == "cpu" and native is not None:
+        return NativeLoraApply(native)
     return select_lora_backend(device) or lora_apply

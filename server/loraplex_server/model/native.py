@@ -31,13 +31,16 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).resolve().parent / "csrc" / name for name in ("paged_attention.cpp", "argmax.cpp"))
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = tuple(CSRC / name for name in ("paged_attention.cpp", "argmax.cpp", "lora_sgmv.cpp"))
+HEADERS = (CSRC / "elements.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC",
          "-std=c++17")
 GNU_FLAGS = ("-fopenmp",)
 BUILD_TIMEOUT_S = 120
 _ELEMENT = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _I64, _F32, _INT, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
+_SGMV_ARGS = [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT]
 _DECODE_ARGS = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64,
                 _INT, _INT, _INT, _INT, _F32, _I64, _INT]
 
@@ -71,7 +74,7 @@ def build_key(compiler: str, flags: tuple[str, ...]) -> str:
     h = hashlib.sha256()
     for part in (compiler, " ".join(flags), platform.machine(), _cpu_flags()):
         h.update(part.encode())
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         h.update(source.read_bytes())
     return h.hexdigest()[:16]
 
@@ -113,12 +116,48 @@ class NativeKernels:
             fn = getattr(lib, f"loraplex_paged_decode_{suffix}")
             fn.argtypes, fn.restype = _DECODE_ARGS, ctypes.c_int
             self._decode[suffix] = fn
+        self._sgmv = {}
+        for x_suffix, w_suffix in (("f32", "f32"), ("bf16", "f32"), ("bf16", "bf16")):
+            fn = getattr(lib, f"loraplex_sgmv_{x_suffix}_{w_suffix}")
+            fn.argtypes, fn.restype = _SGMV_ARGS, ctypes.c_int
+            self._sgmv[(x_suffix, w_suffix)] = fn
         self._argmax = lib.loraplex_argmax_f32
         self._argmax.argtypes, self._argmax.restype = [_PTR, _I64, _I64, _I64, _PTR, _INT], ctypes.c_int
         self.threads = max(1, threads)
 
     def supports(self, dtype: torch.dtype) -> bool:
         return dtype in _ELEMENT
+
+    def supports_lora(self, x_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+        return (_ELEMENT.get(x_dtype), _ELEMENT.get(weight_dtype)) in self._sgmv
+
+    def lora_sgmv(self, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.Tensor,
+                  ranks: torch.Tensor, segments: torch.Tensor) -> None:
+        """``y[t] += (lora_a[s, :r] @ x[t]) @ lora_bt[s, :r]`` for the tokens t of each segment
+        (start, end, slot s) of ``segments`` [n, 3] int32, r = ``ranks[s]`` (csrc/lora_sgmv.cpp).
+        ``y`` [T, out] and ``x`` [T, in] share a dtype, ``lora_a`` [S, R, in] and ``lora_bt``
+        [S, R, out] another (fp32 or the activations' bf16); ``ranks`` [S] int32; all on the CPU."""
+        key = (_ELEMENT.get(x.dtype), _ELEMENT.get(lora_a.dtype))
+        if key not in self._sgmv or y.dtype != x.dtype or lora_bt.dtype != lora_a.dtype:
+            raise ValueError(f"lora_sgmv has no variant for x {x.dtype} / y {y.dtype}, weights "
+                             f"{lora_a.dtype} / {lora_bt.dtype}")
+        if x.stride(1) != 1 or y.stride(1) != 1 or not (lora_a.is_contiguous() and lora_bt.is_contiguous()):
+            raise ValueError("lora_sgmv needs unit-stride rows and contiguous slot buffers")
+        if ranks.dtype != torch.int32 or segments.dtype != torch.int32 or not segments.is_contiguous():
+            raise ValueError("ranks and segments must be int32 (segments contiguous [n, 3])")
+        num_slots, max_rank, in_features = lora_a.shape
+        if lora_bt.shape[:2] != (num_slots, max_rank) or ranks.shape[0] != num_slots:
+            raise ValueError("lora_a, lora_bt and ranks disagree on slots or rank")
+        out_features = lora_bt.shape[2]
+        if x.shape[1] != in_features or y.shape[1] != out_features or x.shape[0] != y.shape[0]:
+            raise ValueError(f"lora_sgmv shapes: x {tuple(x.shape)}, y {tuple(y.shape)}, A {tuple(lora_a.shape)}, "
+                             f"Bt {tuple(lora_bt.shape)}")
+        status = self._sgmv[key](x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), lora_a.data_ptr(),
+                                 lora_bt.data_ptr(), max_rank * in_features, max_rank * out_features, in_features,
+                                 out_features, ranks.data_ptr(), segments.data_ptr(), segments.shape[0], x.shape[0], num_slots,
+                                 max_rank, self.threads)
+        if status != 0:
+            raise ValueError("lora_sgmv: a segment outside the tokens or the slots, or a rank above the buffers'")
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """[N] int64 index of each row's maximum of fp32 ``logits`` [N, V] (csrc/argmax.cpp), the

@@ -18,36 +18,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+
+#include "elements.h"
 
 namespace {
-
-struct F32 {
-    using T = float;
-    static float load(T x) { return x; }
-    static T store(float x) { return x; }
-};
-
-struct BF16 {
-    using T = uint16_t;
-    static float load(T h) {
-        uint32_t u = static_cast<uint32_t>(h) << 16;
-        float f;
-        std::memcpy(&f, &u, sizeof f);
-        return f;
-    }
-    static T store(float f) {  // round to nearest even; NaN stays NaN
-        uint32_t u;
-        std::memcpy(&u, &f, sizeof u);
-        if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<T>((u >> 16) | 0x40u);
-        u += 0x7fffu + ((u >> 16) & 1u);
-        return static_cast<T>(u >> 16);
-    }
-};
 
 struct Shape {
     int64_t q_stride_h, kv_stride_slot, kv_stride_head, out_stride_h;
@@ -123,20 +98,6 @@ void attend_row(const Shape &sh, const typename E::T *q, const typename E::T *k,
 // The same row with 16-lane AVX-512 vectors when the head size is a multiple of 16 (C = D / 16
 // vectors per head; 64 and 128 unrolled): K and V rows widened to fp32 in registers, one horizontal
 // sum per score, a vectorized exp, fp32 accumulators. Same maths, same two passes.
-inline __m512 load16(const float *p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t *p) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline void store16(float *p, __m512 x) { _mm512_storeu_ps(p, x); }
-inline void store16(uint16_t *p, __m512 x) {  // round to nearest even, NaN stays NaN: BF16::store
-    const __m512i u = _mm512_castps_si512(x), hi = _mm512_srli_epi32(u, 16);
-    const __m512i bias = _mm512_add_epi32(_mm512_and_si512(hi, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7fff));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i *>(p), _mm512_cvtepi32_epi16(r));
-}
-
 // e^x for x <= 0 (a score minus the row maximum): x = n ln2 + r, |r| <= ln2 / 2, e^r by its
 // degree-7 Taylor polynomial (relative error < 1e-8), times 2^n. Inputs below -87.3 give 2^-126.
 inline __m512 exp16(__m512 x) {

@@ -1,0 +1,111 @@
+"""The native CPU SGMV kernel (model/csrc/lora_sgmv.cpp) against the loop reference in fp64, and
+the native apply that the LoRA layers call on CPU."""
+
+import pytest
+import torch
+
+from loraplex_server.lora import ops
+from loraplex_server.lora.layers import SlotRanks
+from loraplex_server.lora.mapping import NO_SLOT, LoraMapping
+from loraplex_server.model import native
+
+# (x/y dtype, weight dtype) pairs the kernel has
+VARIANTS = {"f32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
+            "bf16_f32w": (torch.bfloat16, torch.float32)}
+# (in, out): the AVX-512 tile (multiples of 16, LoRA-sized and wide) and the portable tile (odd sizes)
+SHAPES = [(64, 48), (96, 384), (40, 24), (33, 17)]
+# (slot, tokens) per packed sequence: decode rows, mixed widths with partial tiles, base rows between
+LAYOUTS = {
+    "decode": [(0, 1), (1, 1), (1, 1), (3, 1), (2, 1)],
+    "mixed": [(NO_SLOT, 2), (2, 5), (0, 1), (NO_SLOT, 1), (1, 13), (3, 4), (0, 9)],
+}
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 1e-2)}
+
+
+def make_case(shape, variant, layout, ranks=(4, 16, 0, 7), max_rank=16, seed=0):
+    """y0, x, slot buffers (rank rows beyond each slot's rank are zero), ranks and mapping."""
+    g = torch.Generator().manual_seed(seed)
+    (fin, fout), (act, wdt) = shape, VARIANTS[variant]
+    mapping = LoraMapping.from_runs(LAYOUTS[layout])
+    a = torch.zeros(len(ranks), max_rank, fin)
+    bt = torch.zeros(len(ranks), max_rank, fout)
+    for s, r in enumerate(ranks):
+        a[s, :r] = torch.randn(r, fin, generator=g) / fin ** 0.5
+        bt[s, :r] = torch.randn(r, fout, generator=g)
+    x = torch.randn(mapping.num_tokens, fin, generator=g).to(act)
+    y0 = torch.randn(mapping.num_tokens, fout, generator=g).to(act)
+    slot_ranks = SlotRanks(len(ranks), torch.device("cpu"))
+    for s, r in enumerate(ranks):
+        slot_ranks.set(s, r)
+    return y0, x, a.to(wdt), bt.to(wdt), slot_ranks, mapping
+
+
+def reference(y0, x, a, bt, mapping) -> torch.Tensor:
+    y = y0.double()
+    ops.lora_apply_reference(y, x.double(), a.double(), bt.double(), mapping.token_slots)
+    return y
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sgmv_matches_the_loop_reference(shape, variant, layout, native_kernels):
+    y0, x, a, bt, ranks, mapping = make_case(shape, variant, layout)
+    y = y0.clone()
+    native_kernels.lora_sgmv(y, x, a, bt, ranks.table, mapping.segment_table())
+    atol, rtol = TOL[y.dtype]
+    torch.testing.assert_close(y.double(), reference(y0, x, a, bt, mapping).to(y.dtype).double(), atol=atol, rtol=rtol)
+    unadapted = mapping.token_slots < 0
+    assert torch.equal(y[unadapted], y0[unadapted])  # rows without a slot are untouched, bit for bit
+    zero_rank = (mapping.token_slots == 2)  # slot 2 has rank 0 for this module
+    assert torch.equal(y[zero_rank], y0[zero_rank])
+
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_same_result_for_any_thread_count(threads, native_kernels):
+    y0, x, a, bt, ranks, mapping = make_case((96, 384), "bf16", "mixed", seed=1)
+    expected = y0.clone()
+    native_kernels.lora_sgmv(expected, x, a, bt, ranks.table, mapping.segment_table())
+    got = y0.clone()
+    native.NativeKernels(native_kernels.path, threads).lora_sgmv(got, x, a, bt, ranks.table, mapping.segment_table())
+    assert torch.equal(got, expected) and not torch.equal(got, y0)
+
+
+def test_native_apply_uses_model_dtype_buffers_and_matches_the_torch_apply(native_kernels):
+    apply = ops.apply_function("cpu", native_kernels)
+    assert isinstance(apply, ops.NativeLoraApply)
+    assert apply.weight_dtype(torch.bfloat16) == torch.bfloat16 and apply.weight_dtype(torch.float32) == torch.float32
+    assert apply.weight_dtype(torch.float16) == torch.float32  # no fp16 variant: fp32 buffers, torch runs
+    y0, x, a, bt, ranks, mapping = make_case((64, 48), "f32", "mixed", seed=2)
+    native_y, torch_y = y0.clone(), y0.clone()
+    apply(native_y, x, a, bt, ranks, mapping)
+    ops.lora_apply(torch_y, x, a, bt, list(ranks), mapping)
+    torch.testing.assert_close(native_y, torch_y, atol=1e-5, rtol=1e-5)
+    half = y0.half()
+    apply(half, x.half(), a, bt, ranks, mapping)  # fp16 activations fall back to the torch runs
+    torch.testing.assert_close(half.float(), torch_y, atol=2e-2, rtol=2e-2)
+
+
+def test_bad_arguments_are_refused(native_kernels):
+    y0, x, a, bt, ranks, mapping = make_case((64, 48), "f32", "mixed")
+    table = mapping.segment_table()
+    with pytest.raises(ValueError, match="no variant"):
+        native_kernels.lora_sgmv(y0.bfloat16(), x, a, bt, ranks.table, table)
+    with pytest.raises(ValueError, match="unit-stride"):
+        native_kernels.lora_sgmv(y0, x, a[:, ::2], bt[:, ::2], ranks.table, table)
+    with pytest.raises(ValueError, match="int32"):
+        native_kernels.lora_sgmv(y0, x, a, bt, ranks.table.long(), table)
+    with pytest.raises(ValueError, match="shapes"):
+        native_kernels.lora_sgmv(y0[:, :8], x, a, bt, ranks.table, table)
+    past_end = table.clone()
+    past_end[-1, 1] = x.shape[0] + 1
+    with pytest.raises(ValueError, match="outside the tokens"):
+        native_kernels.lora_sgmv(y0.clone(), x, a, bt, ranks.table, past_end)
+    bad_slot = table.clone()
+    bad_slot[0, 2] = a.shape[0]
+    with pytest.raises(ValueError, match="outside the tokens or the slots"):
+        native_kernels.lora_sgmv(y0.clone(), x, a, bt, ranks.table, bad_slot)
+    too_high = ranks.table.clone()
+    too_high[0] = a.shape[1] + 1
+    with pytest.raises(ValueError, match="rank above"):
+        native_kernels.lora_sgmv(y0.clone(), x, a, bt, too_high, table)
