@@ -18,6 +18,7 @@ from ..lora.manager import LoraManager
 from ..metrics import StepStats
 from ..model.attention import register_paged_attention
 from ..model.loader import LoadedModel, load_model
+from ..model.fused_ops import install_fused_ops
 from ..model.native import load_native_kernels
 from ..model.packed_linear import pack_linears
 from ..model.triton_attention import select_attention_function
@@ -82,6 +83,8 @@ class LLMEngine:
         if config.model.cpu_kernels == "auto" and self.loaded.device.type == "cpu":
             self.runner.use_native_kernels(native)
             log.info("packed %d bf16 linear layers for oneDNN", pack_linears(model))  # after LoRA injection
+            if native is not None:
+                log.info("fused native norms and activations in %d modules", install_fused_ops(model, native))
         self.inputs = InputProcessor(self.loaded.tokenizer, model.config.vocab_size, model_len,
                                      self.blocks.capacity_tokens)
         self.outputs = OutputProcessor(self.loaded.tokenizer, eos_token_ids(self.loaded),

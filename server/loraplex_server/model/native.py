@@ -32,7 +32,8 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = tuple(CSRC / name for name in ("paged_attention.cpp", "argmax.cpp", "lora_sgmv.cpp"))
+SOURCES = tuple(CSRC / name for name in (
+    "paged_attention.cpp", "argmax.cpp", "lora_sgmv.cpp", "elementwise.cpp"))
 HEADERS = (CSRC / "elements.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC",
          "-std=c++17")
@@ -121,6 +122,14 @@ class NativeKernels:
             fn = getattr(lib, f"loraplex_sgmv_{x_suffix}_{w_suffix}")
             fn.argtypes, fn.restype = _SGMV_ARGS, ctypes.c_int
             self._sgmv[(x_suffix, w_suffix)] = fn
+        self._rms_norm, self._silu_mul = {}, {}
+        for suffix in _ELEMENT.values():
+            fn = getattr(lib, f"loraplex_rms_norm_{suffix}")
+            fn.argtypes, fn.restype = [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _F32, _INT], ctypes.c_int
+            self._rms_norm[suffix] = fn
+            fn = getattr(lib, f"loraplex_silu_mul_{suffix}")
+            fn.argtypes, fn.restype = [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _INT], ctypes.c_int
+            self._silu_mul[suffix] = fn
         self._argmax = lib.loraplex_argmax_f32
         self._argmax.argtypes, self._argmax.restype = [_PTR, _I64, _I64, _I64, _PTR, _INT], ctypes.c_int
         self.threads = max(1, threads)
@@ -159,6 +168,28 @@ class NativeKernels:
         if status != 0:
             raise ValueError("lora_sgmv: a segment outside the tokens or the slots, or a rank above the buffers'")
 
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """``weight * (x * rsqrt(mean(x^2) + eps))`` over the last dim, with the roundings of
+        transformers' LlamaRMSNorm (csrc/elementwise.cpp); ``x`` and ``weight`` of one native dtype."""
+        rows = _rows(x, weight.dtype, "rms_norm")
+        if weight.shape != (x.shape[-1],) or not weight.is_contiguous():
+            raise ValueError(f"rms_norm weight {tuple(weight.shape)} for rows of {x.shape[-1]}")
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        self._rms_norm[_ELEMENT[x.dtype]](rows.data_ptr(), rows.stride(0), weight.data_ptr(), out.data_ptr(),
+                                          x.shape[-1], rows.shape[0], x.shape[-1], eps, self.threads)
+        return out
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` with the roundings of ``act_fn(gate) * up`` in the model's dtype."""
+        gate_rows, up_rows = _rows(gate, up.dtype, "silu_mul"), _rows(up, gate.dtype, "silu_mul")
+        if gate.shape != up.shape:
+            raise ValueError(f"silu_mul shapes differ: {tuple(gate.shape)} vs {tuple(up.shape)}")
+        out = torch.empty_like(gate, memory_format=torch.contiguous_format)
+        self._silu_mul[_ELEMENT[gate.dtype]](gate_rows.data_ptr(), gate_rows.stride(0), up_rows.data_ptr(),
+                                             up_rows.stride(0), out.data_ptr(), gate.shape[-1], gate_rows.shape[0],
+                                             gate.shape[-1], self.threads)
+        return out
+
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """[N] int64 index of each row's maximum of fp32 ``logits`` [N, V] (csrc/argmax.cpp), the
         same answer as ``logits.argmax(dim=1)``."""
@@ -196,6 +227,14 @@ class NativeKernels:
                 k_cache.shape[1], q.shape[2], block_size, scale, window or 0, self.threads)
         if fn(*args) != 0:
             raise ValueError(f"paged_decode: {q.shape[1]} heads is not a multiple of {k_cache.shape[1]} KV heads")
+
+
+def _rows(t: torch.Tensor, other_dtype: torch.dtype, op: str) -> torch.Tensor:
+    """``t`` as [rows, last dim] with a unit last stride (a view when possible), checked for the op."""
+    if t.dtype != other_dtype or t.dtype not in _ELEMENT or t.device.type != "cpu":
+        raise ValueError(f"{op} needs CPU tensors of one dtype among {list(_ELEMENT)}, got {t.dtype}/{other_dtype}")
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(1) == 1 else rows.contiguous()
 
 
 def load_native_kernels(cache_dir: Path, threads: int = 1) -> NativeKernels | None:

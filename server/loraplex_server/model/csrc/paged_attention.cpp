@@ -98,19 +98,6 @@ void attend_row(const Shape &sh, const typename E::T *q, const typename E::T *k,
 // The same row with 16-lane AVX-512 vectors when the head size is a multiple of 16 (C = D / 16
 // vectors per head; 64 and 128 unrolled): K and V rows widened to fp32 in registers, one horizontal
 // sum per score, a vectorized exp, fp32 accumulators. Same maths, same two passes.
-// e^x for x <= 0 (a score minus the row maximum): x = n ln2 + r, |r| <= ln2 / 2, e^r by its
-// degree-7 Taylor polynomial (relative error < 1e-8), times 2^n. Inputs below -87.3 give 2^-126.
-inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.33654f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.f / 5040);
-    for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-    return _mm512_scalef_ps(p, n);
-}
-
 inline __mmask16 tail_mask(int64_t remaining) {
     return remaining >= 16 ? __mmask16(0xffff) : __mmask16((1u << remaining) - 1);
 }
