@@ -1,17 +1,51 @@
-from loraplex_server.engine.detokenizer import IncrementalDetokenizer
+import random
+
+import pytest
+
+from loraplex_server.engine.detokenizer import IncrementalDetokenizer, StreamDetokenizer, make_detokenizer
 from loraplex_server.engine.output import OutputProcessor
 from loraplex_server.engine.request import FinishReason, Request, SamplingParams
 
 
-def test_incremental_text_equals_full_decode_with_multibyte(tokenizer):
+def both(tokenizer, prompt):
+    return [IncrementalDetokenizer(tokenizer, prompt), StreamDetokenizer(tokenizer._tokenizer, prompt)]
+
+
+def test_fast_tokenizers_stream_in_rust():
+    assert isinstance(make_detokenizer(None, [1, 2]), IncrementalDetokenizer)
+
+
+@pytest.mark.parametrize("kind", ["window", "stream"])
+def test_incremental_text_equals_full_decode_with_multibyte(tokenizer, kind):
     text = "Héllo wörld — 你好, 世界! 🙂🚀 naïve café"
     ids = tokenizer.encode(text, add_special_tokens=False)
     prompt = tokenizer.encode("Say:", add_special_tokens=False)
-    detok = IncrementalDetokenizer(tokenizer, prompt)
+    detok = both(tokenizer, prompt)[kind == "stream"]
     pieces = [detok.add(t) for t in ids]
     assert "".join(pieces) == tokenizer.decode(ids)
     assert not any("\ufffd" in p for p in pieces)
     assert any(p == "" for p in pieces)  # some emoji span tokens: held until complete
+
+
+def test_stream_and_window_emit_the_same_text_for_random_texts(tokenizer):
+    """Random texts (words, punctuation, accents, CJK, emoji split over byte tokens, special tokens)
+    after random prompt ids: the Rust stream and the window decoder emit the same text. (They part
+    only on invalid UTF-8, which a model can emit: the stream then shows U+FFFD, as a full decode
+    does, where the window decoder may drop the fragment.)"""
+    assert isinstance(make_detokenizer(tokenizer, [1]), StreamDetokenizer)
+    rng, kinds = random.Random(0), set()
+    pieces = [" the", " quick", "Fox", ",", ".", "\n", " naïve", " café", " 你好", "世界", " 🙂", "🚀", " — ", "  ", "x",
+              tokenizer.eos_token]
+    for _ in range(40):
+        prompt = [rng.randrange(len(tokenizer)) for _ in range(rng.randrange(0, 8))]
+        ids = tokenizer.encode("".join(rng.choice(pieces) for _ in range(20)), add_special_tokens=False)
+        window, chosen = IncrementalDetokenizer(tokenizer, prompt), make_detokenizer(tokenizer, prompt)
+        window_text = "".join(window.add(t) for t in ids)
+        assert "".join(chosen.add(t) for t in ids) == window_text
+        clean = "\ufffd" not in tokenizer.decode(prompt[-5:], skip_special_tokens=True)
+        assert isinstance(chosen, StreamDetokenizer) == clean
+        kinds.add(clean)
+    assert kinds == {True, False}  # both kinds of prompt tail were seen
 
 
 def feed(proc, request, ids):

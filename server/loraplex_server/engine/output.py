@@ -9,13 +9,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from .detokenizer import IncrementalDetokenizer
+from .detokenizer import IncrementalDetokenizer, StreamDetokenizer, make_detokenizer
 from .request import FinishReason, Request, RequestOutput, TokenLogprob
 
 
 @dataclass
 class TextState:
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | StreamDetokenizer
     text: str = ""
     emitted_chars: int = 0
     emitted_tokens: int = 0
@@ -30,7 +30,7 @@ class OutputProcessor:
         self._states: dict[str, TextState] = {}
 
     def start(self, request: Request) -> None:
-        self._states[request.request_id] = TextState(IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids))
+        self._states[request.request_id] = TextState(make_detokenizer(self.tokenizer, request.prompt_token_ids))
 
     def release(self, request_id: str) -> None:
         self._states.pop(request_id, None)
