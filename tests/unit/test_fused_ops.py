@@ -86,3 +86,39 @@ def test_bad_arguments_are_refused(kernels):
         kernels.silu_mul(torch.randn(2, 8), torch.randn(2, 9))
     with pytest.raises(ValueError, match="one dtype"):
         kernels.silu_mul(torch.randn(2, 8).half(), torch.randn(2, 8).half())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_whole_llama_forward_matches_transformers(dtype, kernels):
+    """A random tiny Llama, logits before and after every norm, MLP and attention (rotary) is fused."""
+    from transformers import LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, attn_implementation="eager")
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    ids = torch.randint(0, 300, (1, 23))
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits
+        assert install_fused_ops(model, kernels) == 2 * 4 + 1  # per layer: 2 norms, MLP, attention; final norm
+        got = model(input_ids=ids, use_cache=False).logits
+    atol = 1e-5 if dtype == torch.float32 else 0.1  # bf16: a 1-ulp rounding flip moves later layers
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=0)
+
+
+def test_rope_matches_apply_rotary_pos_emb(kernels):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k = torch.randn(1, 6, 9, 32).to(dtype), torch.randn(1, 2, 9, 32).to(dtype)  # [1, H, T, D]
+        angles = torch.randn(1, 9, 32) * 3
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+        q_rows, k_rows = q[0].transpose(0, 1).contiguous(), k[0].transpose(0, 1).contiguous()  # [T, H, D]
+        kernels.rope_(q_rows, cos[0], sin[0])
+        kernels.rope_(k_rows, cos[0], sin[0])
+        assert torch.equal(q_rows, want_q[0].transpose(0, 1)) and torch.equal(k_rows, want_k[0].transpose(0, 1))
+    with pytest.raises(ValueError, match="even head size"):
+        kernels.rope_(torch.randn(2, 3, 5), torch.randn(2, 5), torch.randn(2, 5))
+    with pytest.raises(ValueError, match="cos/sin"):
+        kernels.rope_(torch.randn(2, 3, 4), torch.randn(3, 4), torch.randn(3, 4))

@@ -1,28 +1,31 @@
-"""Fused native elementwise ops in place of transformers' RMSNorm and gated-SiLU MLP code on CPU.
+"""Fused native elementwise ops in place of transformers' RMSNorm, rotary and gated-SiLU code on CPU.
 
 transformers' ``LlamaRMSNorm`` runs 8 torch kernels per call (casts, pow, mean, add, rsqrt, two
-muls) and the gated MLP two (``act_fn(gate) * up``); on a CPU decode step of a small model those
-launches cost more than the maths. ``install_fused_ops`` gives each matching module instance a
-forward through the native kernels (model/csrc/elementwise.cpp), which keep the modules'
-roundings. A module matches only when its class's forward is, bytecode for bytecode, Llama's
-(Mistral, Qwen2/3, Phi-3 and others copy it), and for the MLP when its activation is SiLU:
-anything else (Gemma's ``1 + weight`` norm, GELU MLPs) keeps its own forward.
+muls), ``apply_rotary_pos_emb`` ~10 for q and k, and the gated MLP two (``act_fn(gate) * up``);
+on a CPU decode step of a small model those launches cost more than the maths.
+``install_fused_ops`` gives each matching module instance a forward through the native kernels
+(model/csrc/elementwise.cpp), which keep the modules' roundings. A module matches only when its
+class's forward is, bytecode for bytecode, Llama's (norms and MLPs: Mistral, Qwen2/3, Phi-3 and
+others copy them; attention: Llama's own), and for the MLP when its activation is SiLU: anything
+else (Gemma's ``1 + weight`` norm, GELU MLPs, sliding-window attention code) keeps its forward.
 """
 
 from __future__ import annotations
 
+import inspect
 import types
 
 import torch
 from torch import nn
 from transformers.activations import SiLUActivation
-from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, eager_attention_forward
 
 from .native import NativeKernels
 
 
 def _same_code(fn_a, fn_b) -> bool:
-    a, b = fn_a.__code__, fn_b.__code__
+    a, b = inspect.unwrap(fn_a).__code__, inspect.unwrap(fn_b).__code__
     return (a.co_code, a.co_consts, a.co_names) == (b.co_code, b.co_consts, b.co_names)
 
 
@@ -39,6 +42,32 @@ def _is_gated_silu_mlp(module: nn.Module) -> bool:
     return _same_code(type(module).forward, LlamaMLP.forward) and _is_silu(getattr(module, "act_fn", None))
 
 
+def _is_llama_attention(module: nn.Module) -> bool:
+    return _same_code(type(module).forward, LlamaAttention.forward) and hasattr(module, "head_dim")
+
+
+def _attention_forward(kernels: NativeKernels):
+    """Llama's attention forward with the rotary embedding applied in place by one native call per
+    projection (transformers' ``apply_rotary_pos_emb`` is ~10 torch kernels for q and k)."""
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
+        cos, sin = position_embeddings if position_embeddings is not None else (None, None)
+        if (hidden_states.dim() != 3 or hidden_states.shape[0] != 1 or kwargs.get("cache") is not None
+                or kwargs.get("past_key_values") is not None or cos is None
+                or not kernels.supports(hidden_states.dtype) or cos.dtype != hidden_states.dtype):
+            return type(self).forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
+        tokens = hidden_states.shape[1]
+        q = self.q_proj(hidden_states).view(tokens, -1, self.head_dim)  # [T, H, D]
+        k = self.k_proj(hidden_states).view(tokens, -1, self.head_dim)
+        v = self.v_proj(hidden_states).view(1, tokens, -1, self.head_dim).transpose(1, 2)
+        kernels.rope_(q, cos[0], sin[0])
+        kernels.rope_(k, cos[0], sin[0])
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, weights = attend(self, q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2), v, attention_mask,
+                              dropout=0.0, scaling=self.scaling, **kwargs)
+        return self.o_proj(out.reshape(1, tokens, -1).contiguous()), weights
+    return forward
+
+
 def install_fused_ops(model: nn.Module, kernels: NativeKernels) -> int:
     """Route every matching RMSNorm and gated-SiLU MLP of ``model`` through ``kernels`` (norms
     whose weights are in a dtype the kernels lack keep their forward; MLPs check the activations'
@@ -50,6 +79,9 @@ def install_fused_ops(model: nn.Module, kernels: NativeKernels) -> int:
             installed += 1
         elif _is_gated_silu_mlp(module):
             module.forward = types.MethodType(_gated_mlp_forward(kernels), module)
+            installed += 1
+        elif _is_llama_attention(module):
+            module.forward = types.MethodType(_attention_forward(kernels), module)
             installed += 1
     return installed
 

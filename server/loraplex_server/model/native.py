@@ -122,8 +122,11 @@ class NativeKernels:
             fn = getattr(lib, f"loraplex_sgmv_{x_suffix}_{w_suffix}")
             fn.argtypes, fn.restype = _SGMV_ARGS, ctypes.c_int
             self._sgmv[(x_suffix, w_suffix)] = fn
-        self._rms_norm, self._silu_mul = {}, {}
+        self._rms_norm, self._silu_mul, self._rope = {}, {}, {}
         for suffix in _ELEMENT.values():
+            fn = getattr(lib, f"loraplex_rope_{suffix}")
+            fn.argtypes, fn.restype = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _INT], ctypes.c_int
+            self._rope[suffix] = fn
             fn = getattr(lib, f"loraplex_rms_norm_{suffix}")
             fn.argtypes, fn.restype = [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _F32, _INT], ctypes.c_int
             self._rms_norm[suffix] = fn
@@ -189,6 +192,20 @@ class NativeKernels:
                                              up_rows.stride(0), out.data_ptr(), gate.shape[-1], gate_rows.shape[0],
                                              gate.shape[-1], self.threads)
         return out
+
+    def rope_(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotary embedding in place on ``x`` [T, H, D] (unit strides on H and D): with
+        ``cos``/``sin`` [T, D] of x's dtype, the result of transformers' ``apply_rotary_pos_emb``
+        (``x * cos + rotate_half(x) * sin``) with its roundings."""
+        if x.dtype not in _ELEMENT or cos.dtype != x.dtype or sin.dtype != x.dtype or x.device.type != "cpu":
+            raise ValueError(f"rope needs CPU x/cos/sin of one dtype among {list(_ELEMENT)}")
+        tokens, heads, head_dim = x.shape
+        if x.stride(2) != 1 or x.stride(1) != head_dim or head_dim % 2:
+            raise ValueError("rope needs x [T, H, D] with contiguous heads and an even head size")
+        if cos.shape != (tokens, head_dim) or sin.shape != cos.shape or cos.stride() != sin.stride() or cos.stride(1) != 1:
+            raise ValueError(f"rope cos/sin {tuple(cos.shape)} for x {tuple(x.shape)}")
+        self._rope[_ELEMENT[x.dtype]](x.data_ptr(), x.stride(0), tokens, heads, head_dim, cos.data_ptr(),
+                                      sin.data_ptr(), cos.stride(0), self.threads)
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """[N] int64 index of each row's maximum of fp32 ``logits`` [N, V] (csrc/argmax.cpp), the

@@ -3,6 +3,9 @@
 //
 //     rms_norm:  for each row x:  y = E(x * 1 / sqrt(mean(x^2) + eps));  out = E(w * y)
 //     silu_mul:  for each row:    out = E(E(g / (1 + e^-g)) * u)
+//     rope (in place), for each token t, head h, d < D/2 of x[t, h] with c = cos[t], s = sin[t]:
+//         x[d]       = E(E(x[d] * c[d])             + E(-x[d + D/2] * s[d]))
+//         x[d + D/2] = E(E(x[d + D/2] * c[d + D/2]) + E(x[d] * s[d + D/2]))   (x before the update)
 //
 // where E() rounds to the element type (bf16 round-to-nearest-even; identity for fp32) and
 // everything in between is fp32. Rows are split over `num_threads` OpenMP threads (torch's, see
@@ -81,7 +84,55 @@ int silu_mul(const void *g_, int64_t g_stride, const void *u_, int64_t u_stride,
     return 0;
 }
 
+// No fused multiply-add here: torch rounds each product (fp32 too), and so must we.
+#if defined(__GNUC__) && !defined(__clang__)
+#define LORAPLEX_NO_FMA __attribute__((optimize("fp-contract=off")))
+#else
+#define LORAPLEX_NO_FMA
+#endif
+
+template <class E>
+LORAPLEX_NO_FMA void rope_head(typename E::T *x, const typename E::T *c, const typename E::T *s, int64_t half) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+#pragma omp simd
+    for (int64_t d = 0; d < half; d++) {
+        const float x1 = E::load(x[d]), x2 = E::load(x[d + half]);
+        const float lo = E::load(E::store(x1 * E::load(c[d]))) + E::load(E::store(-x2 * E::load(s[d])));
+        const float hi = E::load(E::store(x2 * E::load(c[d + half]))) + E::load(E::store(x1 * E::load(s[d + half])));
+        x[d] = E::store(lo);
+        x[d + half] = E::store(hi);
+    }
+}
+
+template <class E>
+int rope(void *x_, int64_t x_stride, int64_t tokens, int64_t heads, int64_t head_dim, const void *cos_,
+         const void *sin_, int64_t cs_stride, int num_threads) {
+    using T = typename E::T;
+    if (head_dim % 2 != 0) return 1;
+    T *x = static_cast<T *>(x_);
+    const T *cos = static_cast<const T *>(cos_), *sin = static_cast<const T *>(sin_);
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(threads_for(tokens, heads * head_dim, num_threads))
+#endif
+    for (int64_t t = 0; t < tokens; t++)
+        for (int64_t h = 0; h < heads; h++)
+            rope_head<E>(x + t * x_stride + h * head_dim, cos + t * cs_stride, sin + t * cs_stride, head_dim / 2);
+    return 0;
+}
+
 }  // namespace
+
+#define LORAPLEX_ROPE_ARGS                                                                                  \
+    void *x, int64_t x_stride, int64_t tokens, int64_t heads, int64_t head_dim, const void *cos, const void *sin, \
+        int64_t cs_stride, int num_threads
+extern "C" int loraplex_rope_f32(LORAPLEX_ROPE_ARGS) {
+    return rope<F32>(x, x_stride, tokens, heads, head_dim, cos, sin, cs_stride, num_threads);
+}
+extern "C" int loraplex_rope_bf16(LORAPLEX_ROPE_ARGS) {
+    return rope<BF16>(x, x_stride, tokens, heads, head_dim, cos, sin, cs_stride, num_threads);
+}
 
 #define LORAPLEX_NORM_ARGS \
     const void *x, int64_t x_stride, const void *w, void *out, int64_t out_stride, int64_t rows, int64_t cols, float eps, \
