@@ -101,15 +101,28 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------------
     def make_request(self, prompt: Prompt, sampling: SamplingParams, adapter_id: str | None = None,
                      request_id: str | None = None, tenant: str = "") -> Request:
-        """Validate and tokenize (any thread); raises a domain error for bad input."""
-        version = self.lora.resolve(adapter_id) if adapter_id else None  # NOT_FOUND if unknown
-        failure = self.lora.failure(version.key) if version is not None else None
-        if failure is not None:
-            raise AdapterUnavailableError(adapter_id, failure)
-        token_ids = self.inputs.token_ids(prompt)
-        self.inputs.check(token_ids, sampling)
+        """Validate and tokenize (any thread); raises a domain error for bad input.
+
+        The request holds a reference on its adapter version from here until it ends (``_finish``),
+        or until ``discard_request`` if it is never added."""
+        version = self.lora.acquire(adapter_id) if adapter_id else None  # NOT_FOUND if unknown
+        try:
+            failure = self.lora.failure(version.key) if version is not None else None
+            if failure is not None:
+                raise AdapterUnavailableError(adapter_id, failure)
+            token_ids = self.inputs.token_ids(prompt)
+            self.inputs.check(token_ids, sampling)
+        except BaseException:
+            if version is not None:
+                self.lora.release_request(version.key)
+            raise
         return Request(request_id or uuid.uuid4().hex, token_ids, sampling, adapter_id or None,
                        adapter_key=version.key if version else None, tenant=tenant)
+
+    def discard_request(self, request: Request) -> None:
+        """A request made but never added (refused at submit): give back its version reference."""
+        if request.adapter_key:
+            self.lora.release_request(request.adapter_key)
 
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -137,15 +150,16 @@ class LLMEngine:
         """Unpublish: new requests get NOT_FOUND; accepted ones finish on their version, whose
         device slot is freed once no request uses it."""
         self._retired.add(self.lora.remove_adapter(adapter_id).key)
-        self._release_retired()
+        self.release_retired()
 
     def adapter_replaced(self, old_key: str) -> None:
         """A hot-swap published a new version; the old one is freed once no request uses it."""
         self._retired.add(old_key)
-        self._release_retired()
+        self.release_retired()
 
     # ---- the loop body --------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self.lora.begin_step()
         failed = self._prefetch_adapters()
         batch = self.scheduler.schedule()
         self.last_batch = (len(batch.scheduled), batch.num_tokens)
@@ -214,7 +228,7 @@ class LLMEngine:
                 outputs.append(out)
             if request.finish_reason is not None:
                 self._finish(request)
-        self._release_retired()
+        self.release_retired()
         return outputs
 
     def fail_running(self, message: str) -> list[RequestOutput]:
@@ -228,14 +242,13 @@ class LLMEngine:
         self.scheduler.finish(request)
         self.runner.sampler.release(request.request_id)
         self.outputs.release(request.request_id)
-        self.requests.pop(request.request_id, None)
+        if self.requests.pop(request.request_id, None) is not None and request.adapter_key:
+            self.lora.release_request(request.adapter_key)
 
-    def _release_retired(self) -> None:
-        if not self._retired:
-            return
-        in_use = {r.adapter_key for r in self.requests.values()}
-        for key in list(self._retired - in_use):
-            self.lora.release(key)
+    def release_retired(self) -> None:
+        """Free the retired versions no request references any more (slot and CPU weights)."""
+        for key in [k for k in self._retired if not self.lora.in_use(k)]:
+            self.lora.free_version(key)
             self._retired.discard(key)
 
 

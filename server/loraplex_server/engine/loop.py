@@ -51,6 +51,8 @@ class RequestStream:
     def _take(self, item) -> tuple[RequestOutput | None, bool]:
         """(delta to yield or None, whether the stream ends after it)."""
         if item is _END:
+            if not self.finished:
+                raise EngineStoppedError("the engine stopped before this request finished")
             return None, True
         self.finished = item.finished
         return item, item.finished
@@ -122,7 +124,8 @@ class EngineLoop:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Abort whatever is still in flight and end the thread."""
-        self._stopping = True
+        with self._lock:  # a submit registers its stream before this, or is refused after it
+            self._stopping = True
         self._wake.set()
         self._thread.join(timeout)
 
@@ -139,14 +142,25 @@ class EngineLoop:
             raise EngineStoppedError("the engine is shutting down")
         request = self.engine.make_request(prompt, sampling, adapter_id, request_id, tenant)
         stream = RequestStream(request.request_id, self.abort)
-        with self._lock:
-            if len(self._streams) >= self.engine.config.scheduler.max_queued_requests:
-                raise QueueFullError(f"{len(self._streams)} requests in flight; try again later")
-            if request.request_id in self._streams:
-                raise DuplicateRequestError(request.request_id)
-            self._streams[request.request_id] = stream
-        self._send(("add", request))
+        try:
+            with self._lock:
+                self._check_admissible(request.request_id)
+                self._streams[request.request_id] = stream
+                self._send(("add", request))  # under the lock: shutdown's drain sees it
+        except LoraplexError:
+            self.engine.discard_request(request)
+            self.call(LLMEngine.release_retired)  # its version may be retired and now unused
+            raise
         return stream
+
+    def _check_admissible(self, request_id: str) -> None:
+        """Under ``_lock``: refuse when stopping, full, or the id is already in flight."""
+        if self._stopping:
+            raise EngineStoppedError("the engine is shutting down")
+        if len(self._streams) >= self.engine.config.scheduler.max_queued_requests:
+            raise QueueFullError(f"{len(self._streams)} requests in flight; try again later")
+        if request_id in self._streams:
+            raise DuplicateRequestError(request_id)
 
     def generate(self, prompt: Prompt, sampling: SamplingParams, adapter_id: str | None = None) -> RequestOutput:
         return self.submit(prompt, sampling, adapter_id).result()

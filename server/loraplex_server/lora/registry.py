@@ -6,6 +6,8 @@
 - Weights are read lazily by a background loader (never on the engine thread) into a host-memory
   LRU cache of at most ``max_cpu_loras`` adapters; ``ensure_loading`` starts a load (prefetch),
   ``ready``/``failure`` report on it.
+- Every request holds a reference on its version from ``acquire`` (when it is made, on any thread)
+  to ``release`` (when it ends); a retired version is forgotten only once nothing references it.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class AdapterRegistry:
         self._cpu: OrderedDict[str, LoraAdapter] = OrderedDict()  # key -> weights, LRU first
         self._loading: dict[str, Future] = {}
         self._failed: dict[str, str] = {}
+        self._refs: dict[str, int] = {}  # version key -> requests bound to it
         self._lock = threading.Lock()
         self._next_version = 1
         self.num_cpu_loads = 0
@@ -96,6 +99,26 @@ class AdapterRegistry:
 
     def version(self, key: str) -> AdapterVersion:
         return self._versions[key]
+
+    def acquire(self, adapter_id: str) -> AdapterVersion:
+        """The current version, with one more request reference on it (atomic with unpublishing)."""
+        with self._lock:
+            version = self.current(adapter_id)
+            self._refs[version.key] = self._refs.get(version.key, 0) + 1
+        return version
+
+    def release(self, key: str) -> None:
+        """Give back one request reference taken by ``acquire``."""
+        with self._lock:
+            count = self._refs.get(key, 0) - 1
+            if count > 0:
+                self._refs[key] = count
+            else:
+                self._refs.pop(key, None)
+
+    def in_use(self, key: str) -> bool:
+        """Some request still references this version."""
+        return key in self._refs
 
     def register(self, adapter_id: str, source: str | Path, *, eager: bool = False,
                  owner: str | None = None) -> AdapterVersion:
@@ -130,7 +153,8 @@ class AdapterRegistry:
         """Drop a retired version nobody uses any more (its CPU weights too)."""
         with self._lock:
             version = self._versions.get(key)
-            if version is not None and self._current.get(version.adapter_id) is not version:
+            if (version is not None and self._current.get(version.adapter_id) is not version
+                    and key not in self._refs):
                 self._versions.pop(key, None)
                 self._cpu.pop(key, None)
                 self._failed.pop(key, None)
@@ -179,18 +203,14 @@ class AdapterRegistry:
             self._put_cpu(version.key, weights)
             self._loading.pop(version.key, None)
 
-    def weights(self, key: str) -> LoraAdapter:
-        """Weights for a device slot (engine thread). Falls back to a synchronous read if evicted."""
+    def cached(self, key: str) -> LoraAdapter | None:
+        """The version's weights if the CPU cache holds them (marked most recently used), else None.
+        Never reads from disk: the engine thread calls this."""
         with self._lock:
-            if key in self._cpu:
+            weights = self._cpu.get(key)
+            if weights is not None:
                 self._cpu.move_to_end(key)
-                return self._cpu[key]
-            version = self._versions[key]
-        log.warning("adapter %s left the CPU cache before reaching a slot; reading it again", key)
-        weights, latency = self._timed_load(version.adapter_id, version.meta.source)
-        with self._lock:
-            self._put_cpu(key, weights)
-        return weights
+            return weights
 
     def is_loading(self, key: str) -> bool:
         return key in self._loading
