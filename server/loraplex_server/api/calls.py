@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 import grpc
@@ -34,7 +33,6 @@ class ServingState:
     limiter: TenantLimiter | None = None
     loop: EngineLoop | None = None  # None until the model is loaded and warmed up
     draining: bool = False
-    queued: Counter = field(default_factory=Counter)  # tenant -> requests not yet producing tokens
 
     def __post_init__(self):
         if self.limiter is None:

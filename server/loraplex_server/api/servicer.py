@@ -33,11 +33,10 @@ class LoraplexServicer(pb_grpc.LoraplexServiceServicer):
             access.check_visible(call.principal, adapter_id, loop.engine.lora.resolve(adapter_id).owner)
         prompt = convert.prompt_from_proto(request)
         sampling = convert.sampling_from_proto(request.sampling)
-        limiter, tenant = self.state.limiter, call.tenant
-        limiter.check_queue(tenant, self.state.queued[tenant])
-        ticket = limiter.admit(tenant)
+        ticket = self.state.limiter.admit(call.tenant)  # counts it queued (atomically with the check)
         try:
-            stream = await asyncio.to_thread(loop.submit, prompt, sampling, adapter_id, call.request_id, tenant)
+            stream = await asyncio.to_thread(loop.submit, prompt, sampling, adapter_id, call.request_id,
+                                             call.tenant)
         except BaseException:
             ticket.release()
             raise
@@ -46,20 +45,15 @@ class LoraplexServicer(pb_grpc.LoraplexServiceServicer):
     async def _deltas(self, request: pb.GenerateRequest, call: RpcCall):
         """The request's deltas, keeping the tenant's queue count and token window up to date."""
         stream, ticket = await self._open(request, call)
-        tenant, queued = call.tenant, True
-        self.state.queued[tenant] += 1
         try:
             async for out in stream:
-                if queued and (out.token_ids or out.finished):
-                    queued = False
-                    self.state.queued[tenant] -= 1
+                if out.token_ids or out.finished:
+                    ticket.started()
                 ticket.record_tokens(len(out.token_ids))
                 if out.finished:
-                    self.state.metrics.record_tenant_request(tenant, out)
+                    self.state.metrics.record_tenant_request(call.tenant, out)
                 yield out
         finally:
-            if queued:
-                self.state.queued[tenant] -= 1
             ticket.release()
 
     async def Generate(self, request, context):
