@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import AdapterLoadError
+from .adapter_config import check_agreement, check_field_types, module_name, pattern_entry
 from .safetensors_header import HeaderError, read_header
 from .weights import AdapterMeta, LoraAdapter, LoraModuleWeights, ModuleKey, TargetShape
 
@@ -59,14 +60,6 @@ def check_config(adapter_id: str, config: dict) -> None:
     for refused, message in refusals:
         if refused:
             raise AdapterLoadError(adapter_id, message)
-
-
-def _pattern_value(patterns: dict, module_path: str, default):
-    """PEFT's rank/alpha pattern lookup: a key matches a module path ending in it."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module_path):
-            return value
-    return default
 
 
 def _weights_file(adapter_id: str, path: Path, max_bytes: int) -> Path:
@@ -150,6 +143,7 @@ def inspect_adapter(adapter_id: str, path: Path, targets: dict[ModuleKey, Target
     path = Path(path)
     config = _read_config(adapter_id, path)
     check_config(adapter_id, config)
+    check_field_types(adapter_id, config)
     weights = _weights_file(adapter_id, path, max_bytes)
     shapes = _read_shapes(adapter_id, weights)
     pairs = _group_pairs(adapter_id, shapes, targets)
@@ -158,8 +152,10 @@ def inspect_adapter(adapter_id: str, path: Path, targets: dict[ModuleKey, Target
     scales, ranks = {}, {}
     for key, pair in pairs.items():
         ranks[key] = _check_shapes(adapter_id, key, pair, shapes, targets[key], max_rank)
-        module_alpha = float(_pattern_value(config.get("alpha_pattern"), pair["A"].rsplit(".lora_", 1)[0], alpha))
+        alpha_entry = pattern_entry(config.get("alpha_pattern"), module_name(pair["A"]))
+        module_alpha = float(alpha_entry[1]) if alpha_entry else alpha
         scales[key] = module_alpha / (math.sqrt(ranks[key]) if rslora else ranks[key])
+    check_agreement(adapter_id, config, {module_name(p["A"]): ranks[k] for k, p in pairs.items()})
     size = sum(4 * (shapes[p["A"]][0] * shapes[p["A"]][1] + shapes[p["B"]][0] * shapes[p["B"]][1])
                for p in pairs.values())  # resident bytes once converted to fp32
     meta = AdapterMeta(adapter_id, path, max(ranks.values()), tuple(sorted({k.name for k in pairs})), size)
