@@ -152,9 +152,11 @@ class LoraManager:
         out = []
         for adapter_id in self.registry.adapter_ids:
             v = self.registry.current(adapter_id)
+            load = self.registry.load_state(v.key)
             out.append(AdapterInfo(v.meta, self._tier(v.key), adapter_id in self.pinned_ids,
                                    self.request_counts.get(adapter_id, 0), v.version, v.last_used,
-                                   v.load_latency_s, v.owner, self.registry.failure(v.key)))
+                                   v.load_latency_s, v.owner, self.registry.failure(v.key) or load.last_error,
+                                   load.attempts, load.retrying, v.fingerprint))
         return out
 
     def _tier(self, key: str) -> str:
