@@ -75,6 +75,8 @@ class SchedulerConfig:
     # steps a request kept out by the max_loras cap may be passed over by requests whose adapters
     # are already in the batch (0 = strict arrival order)
     max_slot_bypass_steps: int = 64
+    # engine steps failing in a row (after isolating culprit requests) before health turns NOT_SERVING
+    max_failed_steps: int = 3
 
 
 @dataclass(frozen=True)

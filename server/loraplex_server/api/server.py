@@ -3,6 +3,7 @@
 Start-up order: the port opens at once with health NOT_SERVING; the model loads in a worker
 thread, start-up adapters are registered, one warm-up request runs, then health turns SERVING.
 On SIGTERM: health NOT_SERVING, new requests UNAVAILABLE, in-flight ones get the grace period.
+After ``max_failed_steps`` engine steps fail in a row, health turns NOT_SERVING (the log says why).
 """
 
 from __future__ import annotations
@@ -80,7 +81,9 @@ class LoraplexServer:
     async def _bring_up(self) -> None:
         engine = await asyncio.to_thread(self.engine_factory, self.config.engine)
         engine.set_tenant_weights(lambda tenant: self.state.keys.limits_for(tenant).weight)
-        loop = EngineLoop(engine, self.state.metrics).start()
+        aio = asyncio.get_running_loop()
+        loop = EngineLoop(engine, self.state.metrics, on_unhealthy=lambda reason: asyncio.run_coroutine_threadsafe(
+            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING), aio)).start()
         try:
             for name, path in self.config.server.adapters:
                 await asyncio.to_thread(loop.add_adapter, name, path, owner=owner_of(name))
@@ -93,7 +96,7 @@ class LoraplexServer:
             await asyncio.to_thread(self.discovery.sweep)
             self._discovery_task = asyncio.create_task(self.discovery.run())
         self.state.loop = loop
-        if not self.state.draining:
+        if not self.state.draining and loop.healthy:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             log.info("serving", extra={"fields": {"model": engine.loaded.name, "device": str(engine.loaded.device),
                                                   "adapters": [n for n, _ in self.config.server.adapters]}})

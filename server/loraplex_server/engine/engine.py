@@ -29,7 +29,8 @@ from .kv_cache import KVCacheSpec, allocate_kv_cache, num_blocks_for
 from .output import OutputProcessor
 from .request import FinishReason, Prompt, Request, RequestOutput, SamplingParams
 from .runner import ModelRunner
-from .scheduler import Scheduler
+from .fault_isolation import bisect_failures
+from .scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.last_batch = (0, 0)  # (sequences, tokens) of the latest step
         self._retired: set[str] = set()  # adapter versions to free once unused
+        self.failed_steps_in_a_row = 0  # forwards that raised (culprits isolated), reset by a clean one
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_loras=%d",
                  self.loaded.name, self.loaded.device, self.loaded.dtype, num_blocks,
                  config.cache.block_size, config.lora.max_loras)
@@ -166,10 +168,35 @@ class LLMEngine:
         if not batch.scheduled:  # everything waits on adapter loads
             return failed
         self._mark_scheduled(batch)
+        try:
+            ran = [(batch.scheduled, self._run(batch.scheduled))]
+            self.failed_steps_in_a_row = 0
+        except Exception:  # noqa: BLE001 - isolated below: only the culprit requests end
+            log.exception("engine step of %d requests failed; re-running them in halves", len(batch.scheduled))
+            self.failed_steps_in_a_row += 1
+            ran, culprits = bisect_failures(batch.scheduled, self._run)
+            failed += self._fail_culprits(culprits)
+        for group, (sampled, samples) in ran:
+            self.scheduler.after_step(SchedulerOutput(scheduled=group))
+            failed += self._postprocess(sampled, samples)
+        return failed
+
+    def _run(self, scheduled: list[ScheduledRequest]):
+        """Adapters resident, then the forward and sampling of these rows of the step."""
+        batch = SchedulerOutput(scheduled=list(scheduled))
         lora_slots = self.lora.activate(batch.adapter_ids, self.scheduler.running_adapters())
-        sampled, samples = self.runner.run(batch, lora_slots)
-        self.scheduler.after_step(batch)
-        return failed + self._postprocess(sampled, samples)
+        return self.runner.run(batch, lora_slots)
+
+    def _fail_culprits(self, culprits) -> list[RequestOutput]:
+        outputs = []
+        for s, exc in culprits:
+            request = s.request
+            log.error("request %s fails the engine step on its own: %s: %s", request.request_id,
+                      type(exc).__name__, exc)
+            message = f"internal error in the engine step (request id {request.request_id}): {type(exc).__name__}: {exc}"
+            outputs.append(self.outputs.final(request, FinishReason.ERROR, message, "internal"))
+            self._finish(request)
+        return outputs
 
     def _prefetch_adapters(self) -> list[RequestOutput]:
         """Start loads for queued requests' adapters (in queue order, up to half the CPU cache),

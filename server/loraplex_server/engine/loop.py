@@ -104,8 +104,13 @@ def merge_outputs(deltas: list[RequestOutput]) -> RequestOutput:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, metrics: Metrics | None = None, idle_wait_s: float = 0.05):
+    def __init__(self, engine: LLMEngine, metrics: Metrics | None = None, idle_wait_s: float = 0.05,
+                 on_unhealthy: Callable[[str], None] | None = None):
+        """``on_unhealthy(reason)`` is called once (on the engine thread) when
+        ``scheduler.max_failed_steps`` steps have failed in a row."""
         self.engine = engine
+        self.on_unhealthy = on_unhealthy
+        self.unhealthy_reason: str | None = None
         self.metrics = metrics
         self.idle_wait_s = idle_wait_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -224,12 +229,26 @@ class EngineLoop:
             log.exception("engine step failed; failing the running requests")
             outputs = self.engine.fail_running("internal error during the engine step")
         self.num_steps += 1
+        self._check_health()
         if self.metrics is not None:
             self.metrics.record_step(self.engine.stats(time.perf_counter() - start))
             if time.monotonic() - self._adapters_recorded > ADAPTER_METRICS_PERIOD_S:
                 self._adapters_recorded = time.monotonic()
                 self.metrics.record_adapters(self.engine.lora.info())
         return outputs
+
+    @property
+    def healthy(self) -> bool:
+        return self.unhealthy_reason is None
+
+    def _check_health(self) -> None:
+        limit = self.engine.config.scheduler.max_failed_steps
+        if self.unhealthy_reason is None and self.engine.failed_steps_in_a_row >= limit:
+            self.unhealthy_reason = (f"{self.engine.failed_steps_in_a_row} engine steps failed in a row "
+                                     f"(max_failed_steps={limit}); the device or model may be broken")
+            log.error("engine unhealthy: %s", self.unhealthy_reason)
+            if self.on_unhealthy is not None:
+                self.on_unhealthy(self.unhealthy_reason)
 
     def _drain_commands(self) -> None:
         while True:
