@@ -109,6 +109,7 @@ class ServerConfig:
     adapters: tuple[tuple[str, str], ...] = ()  # (name, path inside the adapter root) loaded at start
     keys_file: Path | None = None  # API keys (TOML, sha256-hashed); None = open development mode
     adapter_discovery: bool = False  # register every adapter directory under the adapter root
+    state_dir: Path | None = None  # SQLite registry of LoadAdapter'd adapters; None = not persisted
 
 
 @dataclass(frozen=True)

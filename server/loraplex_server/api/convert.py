@@ -102,3 +102,10 @@ def adapter_info(info: AdapterInfo) -> pb.AdapterInfo:
                           owner=info.owner or "", error=info.error or "", load_attempts=info.load_attempts,
                           retrying=info.retrying, content_sha256=fp.sha256 if fp else "",
                           source_bytes=fp.size_bytes if fp else 0, source_mtime_unix=fp.mtime if fp else 0.0)
+
+
+def unrestored_adapter_info(entry, error: str) -> pb.AdapterInfo:
+    """A stored registration (``adapter_store.StoredAdapter``) whose restore failed at start-up."""
+    return pb.AdapterInfo(adapter_id=entry.adapter_id, source=entry.source, version=entry.version,
+                          pinned=entry.pinned, owner=entry.owner or "", state=pb.ADAPTER_STATE_DISK,
+                          error=f"not restored at start-up: {error}")

@@ -1,7 +1,8 @@
 """The gRPC server: grpc.aio + standard health + reflection + /metrics; graceful SIGTERM drain.
 
 Start-up order: the port opens at once with health NOT_SERVING; the model loads in a worker
-thread, start-up adapters are registered, one warm-up request runs, then health turns SERVING.
+thread, start-up adapters are registered, adapters stored in ``--state-dir`` are restored, one
+warm-up request runs, then health turns SERVING.
 On SIGTERM: health NOT_SERVING, new requests UNAVAILABLE, in-flight ones get the grace period.
 After ``max_failed_steps`` engine steps fail in a row, health turns NOT_SERVING (the log says why).
 """
@@ -26,6 +27,7 @@ from ..engine.loop import EngineLoop
 from ..engine.request import Prompt, SamplingParams
 from ..metrics import Metrics
 from .access import owner_of
+from .adapter_store import AdapterStore, restore_adapters
 from .discovery import AdapterDiscovery
 from .auth import KeyStore
 from .calls import ServingState
@@ -87,6 +89,9 @@ class LoraplexServer:
         try:
             for name, path in self.config.server.adapters:
                 await asyncio.to_thread(loop.add_adapter, name, path, owner=owner_of(name))
+            if self.config.server.state_dir is not None:
+                self.state.store = AdapterStore(self.config.server.state_dir)
+                self.state.restore_failures = await asyncio.to_thread(restore_adapters, loop, self.state.store)
             await asyncio.to_thread(loop.generate, Prompt(token_ids=(0,)), SamplingParams(max_new_tokens=2))
         except BaseException:
             loop.stop()
@@ -122,6 +127,8 @@ class LoraplexServer:
             await asyncio.to_thread(self.state.loop.stop)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
+        if self.state.store is not None:
+            self.state.store.close()
         log.info("stopped")
 
 

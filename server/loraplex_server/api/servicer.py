@@ -16,6 +16,7 @@ from .. import __version__
 from ..engine.loop import EngineLoop, merge_outputs
 from ..errors import AdapterLoadError, InvalidRequestError
 from . import access, convert
+from .adapter_store import StoredAdapter
 from .calls import RpcCall, ServingState, admin_rpc, check_final, start_call
 
 
@@ -95,7 +96,17 @@ class LoraplexServicer(pb_grpc.LoraplexServiceServicer):
         if request.pin:
             await asyncio.wrap_future(loop.call(lambda e: e.pin_adapter(adapter_id)))
         info = await self._info(loop, adapter_id)
+        await self._persist(StoredAdapter(adapter_id, request.source, info.version, info.pinned, info.owner))
         return pb.LoadAdapterResponse(adapter=convert.adapter_info(info))
+
+    async def _persist(self, entry: StoredAdapter | None, remove: str | None = None) -> None:
+        """Record (or with ``remove``, forget) a registration in the state dir, if there is one."""
+        self.state.restore_failures.pop(entry.adapter_id if entry else remove, None)
+        if self.state.store is not None:
+            if entry is not None:
+                await asyncio.to_thread(self.state.store.put, entry)
+            else:
+                await asyncio.to_thread(self.state.store.remove, remove)
 
     async def _load(self, loop: EngineLoop, adapter_id: str, source: str) -> None:
         start = time.perf_counter()
@@ -115,14 +126,19 @@ class LoraplexServicer(pb_grpc.LoraplexServiceServicer):
     async def UnloadAdapter(self, request, call):
         adapter_id = convert.check_id("adapter_id", request.adapter_id)
         access.check_may_manage(call.principal, adapter_id)
-        await asyncio.wrap_future(self.state.engine_loop().remove_adapter(adapter_id))
+        loop = self.state.engine_loop()
+        if adapter_id not in self.state.restore_failures or loop.engine.lora.has_adapter(adapter_id):
+            await asyncio.wrap_future(loop.remove_adapter(adapter_id))
+        await self._persist(None, remove=adapter_id)
         return pb.UnloadAdapterResponse()
 
     @admin_rpc
     async def ListAdapters(self, request, call):
         infos = await self._info(self.state.engine_loop())
-        visible = [i for i in infos if access.can_see(call.principal, i.owner)]
-        return pb.ListAdaptersResponse(adapters=[convert.adapter_info(i) for i in visible])
+        visible = [convert.adapter_info(i) for i in infos if access.can_see(call.principal, i.owner)]
+        unrestored = [convert.unrestored_adapter_info(entry, error) for entry, error in
+                      self.state.restore_failures.values() if access.can_see(call.principal, entry.owner)]
+        return pb.ListAdaptersResponse(adapters=visible + unrestored)
 
     @admin_rpc
     async def GetServerInfo(self, request, call):

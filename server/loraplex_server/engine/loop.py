@@ -182,7 +182,8 @@ class EngineLoop:
             self._send(("call", (fn, future)))
         return future
 
-    def add_adapter(self, adapter_id: str, source, *, eager: bool = True, owner: str | None = None):
+    def add_adapter(self, adapter_id: str, source, *, eager: bool = True, owner: str | None = None,
+                    version: int | None = None):
         """Validate (and with ``eager`` read) on the caller's thread, then publish a new version.
 
         Raises AdapterLoadError on refusal, leaving any previous version serving. A replaced
@@ -190,12 +191,12 @@ class EngineLoop:
         """
         lora = self.engine.lora
         old = lora.resolve(adapter_id) if lora.has_adapter(adapter_id) else None
-        version = lora.add_adapter(adapter_id, source, eager=eager, owner=owner)
+        published = lora.add_adapter(adapter_id, source, eager=eager, owner=owner, version=version)
         if self.metrics is not None:
             self.metrics.adapter_label.allow(adapter_id)
         if old is not None:
             self.call(lambda e: e.adapter_replaced(old.key))
-        return version
+        return published
 
     def remove_adapter(self, adapter_id: str) -> Future:
         if not self.engine.lora.has_adapter(adapter_id):

@@ -45,9 +45,9 @@ class LoraManager:
 
     # ---- registration (any thread) ----------------------------------------------------------
     def add_adapter(self, adapter_id: str, source: str | Path, *, eager: bool = True,
-                    owner: str | None = None) -> AdapterVersion:
+                    owner: str | None = None, version: int | None = None) -> AdapterVersion:
         """Validate and publish a version (eager: weights read and checked before publishing)."""
-        return self.registry.register(adapter_id, source, eager=eager, owner=owner)
+        return self.registry.register(adapter_id, source, eager=eager, owner=owner, version=version)
 
     def has_adapter(self, adapter_id: str) -> bool:
         return adapter_id in self.registry

@@ -166,11 +166,12 @@ class AdapterRegistry:
         return key in self._refs
 
     def register(self, adapter_id: str, source: str | Path, *, eager: bool = False,
-                 owner: str | None = None) -> AdapterVersion:
+                 owner: str | None = None, version: int | None = None) -> AdapterVersion:
         """Validate and publish a new version (raises AdapterLoadError and changes nothing on failure).
 
         ``eager`` reads and checks all weights first (so NaN/Inf are refused before publishing).
-        Transient read errors are retried (``retry``); the last one is raised.
+        Transient read errors are retried (``retry``); the last one is raised. ``version``: the
+        number to publish under (a restored registration), default the next one.
         """
         if not adapter_id:
             raise AdapterLoadError(adapter_id, "adapter id must be non-empty")
@@ -183,8 +184,9 @@ class AdapterRegistry:
                 adapter_id, path, self.targets, self.max_rank, self.max_adapter_bytes))
             weights, meta, fingerprint = None, plan.meta, plan.fingerprint
         with self._lock:
-            version = AdapterVersion(meta, self._next_version, owner, fingerprint=fingerprint)
-            self._next_version += 1
+            number = version if version is not None else self._next_version  # restored: keep its number
+            version = AdapterVersion(meta, number, owner, fingerprint=fingerprint)
+            self._next_version = max(self._next_version, number) + 1
             self._current[adapter_id] = version
             self._versions[version.key] = version
             if weights is not None:
