@@ -85,3 +85,9 @@ def test_peft_itself_refuses_what_we_refuse(tmp_path):
     path = rewrite(save(tmp_path, r=4), r=8)
     with pytest.raises(RuntimeError, match="size mismatch"):
         PeftModel.from_pretrained(tiny_model(), str(path))
+
+
+@pytest.mark.parametrize("fields", [{"target_modules": "q_proj("}, {"rank_pattern": {"[v_proj": 4}},
+                                    {"alpha_pattern": {"*q": 4}}])
+def test_invalid_regular_expressions_are_refused_not_crashed_on(tmp_path, targets, fields):
+    refused(rewrite(save(tmp_path, r=4), **fields), targets, "not a valid regular expression")

@@ -53,6 +53,13 @@ def check_field_types(adapter_id: str, config: dict) -> None:
                 refuse(f"{field}[{pattern!r}] must be {kind}, got {value!r}")
     if config.get("use_rslora") is not None and not isinstance(config["use_rslora"], bool):
         refuse(f"use_rslora must be true or false, got {config['use_rslora']!r}")
+    patterns = [targets] if isinstance(targets, str) and targets != ALL_LINEAR else []
+    patterns += [p for f in ("rank_pattern", "alpha_pattern") for p in (config.get(f) or {})]
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            refuse(f"{pattern!r} is not a valid regular expression: {exc}")
 
 
 def module_name(tensor_name: str) -> str:
