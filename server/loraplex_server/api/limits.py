@@ -78,7 +78,8 @@ class Ticket:
 
     def started(self) -> None:
         """The request produced its first output: it no longer counts as queued (idempotent)."""
-        self._limiter._dequeue(self)
+        if self.queued:  # unlocked fast path for every later delta; _dequeue re-checks under the lock
+            self._limiter._dequeue(self)
 
     @property
     def released(self) -> bool:

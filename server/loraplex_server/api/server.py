@@ -36,6 +36,7 @@ from .servicer import LoraplexServicer
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LoraplexService"].full_name
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DRAIN_POLL_S = 0.02
 
 
 class LoraplexServer:
@@ -119,7 +120,7 @@ class LoraplexServer:
         grace = self.config.server.grace_period_s if grace is None else grace
         log.info("draining", extra={"fields": {"grace_s": grace}})
         if self._grpc is not None:
-            await self._grpc.stop(grace)
+            await self._grpc.stop(await self._drain_engine(grace))
         for task in (self._ready, self._discovery_task):
             if task is not None and not task.done():
                 task.cancel()
@@ -130,6 +131,18 @@ class LoraplexServer:
         if self.state.store is not None:
             self.state.store.close()
         log.info("stopped")
+
+
+    async def _drain_engine(self, grace: float) -> float:
+        """Wait (at most ``grace``) until the engine has no request in flight; returns the grace left.
+
+        Until then the gRPC server keeps accepting calls, so one arriving now reaches our handler and
+        is refused UNAVAILABLE (``draining``) rather than cancelled by gRPC's own shutdown."""
+        clock = asyncio.get_running_loop().time
+        deadline = clock() + grace
+        while self.state.loop is not None and self.state.loop.num_in_flight and clock() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        return max(0.0, deadline - clock())
 
 
 async def serve(config: Config, engine_factory: Callable[[EngineConfig], LLMEngine] = LLMEngine) -> None:

@@ -239,6 +239,12 @@ class EngineLoop:
         return outputs
 
     @property
+    def num_in_flight(self) -> int:
+        """Requests submitted whose stream has not ended yet."""
+        with self._lock:
+            return len(self._streams)
+
+    @property
     def healthy(self) -> bool:
         return self.unhealthy_reason is None
 
