@@ -102,3 +102,19 @@ def test_load_adapter_reports_the_fingerprint_and_a_config_mismatch_is_invalid_a
         with pytest.raises(cerr.InvalidArgumentError, match=f"r={cfg['r'] * 2} but the weights have rank {cfg['r']}"):
             c.load_adapter("bad", "bad-r")
         assert c.health() == "SERVING"
+
+
+def test_load_adapter_racing_an_unload_of_the_same_id_is_not_found_not_internal(start_server, root):
+    srv = start_server(root, max_rank=16)
+    loop = srv.server.state.loop
+    add_adapter = loop.add_adapter
+
+    def add_then_unloaded_concurrently(adapter_id, source, **kwargs):
+        version = add_adapter(adapter_id, source, **kwargs)
+        loop.remove_adapter(adapter_id).result(30)  # another admin's UnloadAdapter wins the race
+        return version
+    loop.add_adapter = add_then_unloaded_concurrently
+    with Client(srv.target, timeout=30, retries=0) as c:
+        with pytest.raises(cerr.NotFoundError, match="'racy'"):
+            c.load_adapter("racy", "upper")
+        assert c.health() == "SERVING"

@@ -14,7 +14,7 @@ from loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 
 from .. import __version__
 from ..engine.loop import EngineLoop, merge_outputs
-from ..errors import AdapterLoadError, InvalidRequestError
+from ..errors import AdapterLoadError, AdapterNotFoundError, InvalidRequestError
 from . import access, convert
 from .adapter_store import StoredAdapter
 from .calls import RpcCall, ServingState, admin_rpc, check_final, start_call
@@ -120,7 +120,12 @@ class LoraplexServicer(pb_grpc.LoraplexServiceServicer):
     @staticmethod
     async def _info(loop: EngineLoop, adapter_id: str | None = None):
         infos = await asyncio.wrap_future(loop.call(lambda e: e.lora.info()))
-        return infos if adapter_id is None else next(i for i in infos if i.meta.adapter_id == adapter_id)
+        if adapter_id is None:
+            return infos
+        for info in infos:
+            if info.meta.adapter_id == adapter_id:
+                return info
+        raise AdapterNotFoundError(adapter_id)  # unloaded by a concurrent UnloadAdapter
 
     @admin_rpc
     async def UnloadAdapter(self, request, call):
