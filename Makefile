@@ -2,7 +2,7 @@ PYTHON ?= python3
 PORT ?= 50051
 METRICS_PORT ?= 9090
 
-.PHONY: install test test-fast serve protos bench bench-smoke bench-decode vllm-venv bench-vllm
+.PHONY: install test test-fast serve protos bench bench-smoke bench-decode vllm-venv bench-vllm soak
 
 # torch is pinned first so pip takes the CPU build on disk instead of a multi-GB CUDA wheel.
 install:
@@ -24,6 +24,11 @@ serve: install
 
 protos:
 	$(PYTHON) scripts/gen_protos.py
+
+# Soak: a real server under mixed churn for $(MINUTES) minutes, then SIGTERM (exit 1 on any violation).
+MINUTES ?= 1
+soak:
+	$(PYTHON) scripts/soak.py --minutes $(MINUTES)
 
 # The offline harness: PEFT sequential / PEFT mixed batches / Loraplex base / Loraplex adapters,
 # scaling 1-512 adapters; JSON, Markdown and PNG plots under benchmarks/results/ (several minutes).

@@ -170,6 +170,11 @@ def adapter_info_from_proto(msg: pb.AdapterInfo) -> AdapterInfo:
         load_latency_s=msg.load_latency_s,
         owner=msg.owner,
         error=msg.error,
+        load_attempts=msg.load_attempts,
+        retrying=msg.retrying,
+        content_sha256=msg.content_sha256,
+        source_bytes=msg.source_bytes,
+        source_mtime_unix=msg.source_mtime_unix,
     )
 
 
@@ -189,6 +194,11 @@ def adapter_info_to_proto(info: AdapterInfo) -> pb.AdapterInfo:
         load_latency_s=info.load_latency_s,
         owner=info.owner,
         error=info.error,
+        load_attempts=info.load_attempts,
+        retrying=info.retrying,
+        content_sha256=info.content_sha256,
+        source_bytes=info.source_bytes,
+        source_mtime_unix=info.source_mtime_unix,
     )
 
 

@@ -85,7 +85,9 @@ class AdapterInfo:
 
     ``state`` is where its weights are: ``"disk"``, ``"loading"``, ``"cpu"`` or ``"device"``
     (``"unspecified"`` if the server did not say). ``version`` bumps on every hot-swap;
-    ``owner`` is the owning tenant ("" = public).
+    ``owner`` is the owning tenant ("" = public). ``error`` is why its weights could not be read
+    (while ``retrying``, the last transient error); ``content_sha256``, ``source_bytes`` and
+    ``source_mtime_unix`` describe the files this version was read from.
     """
 
     adapter_id: str
@@ -101,6 +103,11 @@ class AdapterInfo:
     load_latency_s: float = 0.0
     owner: str = ""
     error: str = ""
+    load_attempts: int = 0
+    retrying: bool = False
+    content_sha256: str = ""
+    source_bytes: int = 0
+    source_mtime_unix: float = 0.0
 
 
 @dataclass(frozen=True)

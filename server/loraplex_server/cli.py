@@ -50,6 +50,8 @@ FLAGS = [
      "LoRA slot may be passed over by requests for adapters already in the batch (0: strict order)"),
     ("--max-adapter-bytes", "lora", "max_adapter_bytes", parse_size, "adapter weights file size limit"),
     ("--log-level", "server", "log_level", str, "DEBUG | INFO | WARNING | ERROR"),
+    ("--state-dir", "server", "state_dir", Path, "directory of the adapter registry (SQLite): adapters loaded "
+                                                 "with LoadAdapter survive restarts; unset = not persisted"),
 ]
 
 

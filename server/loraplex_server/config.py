@@ -75,6 +75,8 @@ class SchedulerConfig:
     # steps a request kept out by the max_loras cap may be passed over by requests whose adapters
     # are already in the batch (0 = strict arrival order)
     max_slot_bypass_steps: int = 64
+    # engine steps failing in a row (after isolating culprit requests) before health turns NOT_SERVING
+    max_failed_steps: int = 3
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class ServerConfig:
     adapters: tuple[tuple[str, str], ...] = ()  # (name, path inside the adapter root) loaded at start
     keys_file: Path | None = None  # API keys (TOML, sha256-hashed); None = open development mode
     adapter_discovery: bool = False  # register every adapter directory under the adapter root
+    state_dir: Path | None = None  # SQLite registry of LoadAdapter'd adapters; None = not persisted
 
 
 @dataclass(frozen=True)

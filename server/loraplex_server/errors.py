@@ -40,6 +40,11 @@ class AdapterLoadError(LoraplexError):
         self.reason = message
 
 
+class AdapterSourceUnavailableError(AdapterLoadError):
+    """Reading an adapter's files failed in a way that may pass (EIO, a vanished file, a timeout):
+    retried with backoff; after the last attempt the client may retry (UNAVAILABLE)."""
+
+
 class ModelLoadError(LoraplexError):
     """The base model could not be loaded (missing files, pickle weights, bad config)."""
 

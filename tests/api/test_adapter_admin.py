@@ -82,3 +82,39 @@ def test_hot_swap_bumps_the_version_and_changes_outputs(start_server, root):
             c.load_adapter("swap", "missing")  # a failed load leaves the previous version serving
         again = c.generate(messages=[("user", "Name a fruit.")], adapter_id="swap", max_new_tokens=6)
         assert again.token_ids == second.token_ids
+
+
+def test_load_adapter_reports_the_fingerprint_and_a_config_mismatch_is_invalid_argument(start_server, root):
+    import hashlib
+    import json
+    srv = start_server(root, max_rank=16)
+    with Client(srv.target, timeout=30, retries=0) as c:
+        info = c.load_adapter("upper", "upper")
+        config = (root / "upper" / "adapter_config.json").read_bytes()
+        weights = (root / "upper" / "adapter_model.safetensors").read_bytes()
+        assert info.content_sha256 == hashlib.sha256(len(config).to_bytes(8, "little") + config + weights).hexdigest()
+        assert info.source_bytes == len(config) + len(weights) and info.source_mtime_unix > 0
+        assert (info.load_attempts, info.retrying, info.error) == (0, False, "")  # eager: no background load
+        bad = root / "bad-r"
+        shutil.copytree(root / "upper", bad)
+        cfg = json.loads(config)
+        (bad / "adapter_config.json").write_text(json.dumps(dict(cfg, r=cfg["r"] * 2)))
+        with pytest.raises(cerr.InvalidArgumentError, match=f"r={cfg['r'] * 2} but the weights have rank {cfg['r']}"):
+            c.load_adapter("bad", "bad-r")
+        assert c.health() == "SERVING"
+
+
+def test_load_adapter_racing_an_unload_of_the_same_id_is_not_found_not_internal(start_server, root):
+    srv = start_server(root, max_rank=16)
+    loop = srv.server.state.loop
+    add_adapter = loop.add_adapter
+
+    def add_then_unloaded_concurrently(adapter_id, source, **kwargs):
+        version = add_adapter(adapter_id, source, **kwargs)
+        loop.remove_adapter(adapter_id).result(30)  # another admin's UnloadAdapter wins the race
+        return version
+    loop.add_adapter = add_then_unloaded_concurrently
+    with Client(srv.target, timeout=30, retries=0) as c:
+        with pytest.raises(cerr.NotFoundError, match="'racy'"):
+            c.load_adapter("racy", "upper")
+        assert c.health() == "SERVING"

@@ -154,7 +154,9 @@ def test_queue_full_is_resource_exhausted(start_server):
         stream.close()
 
 
-def test_engine_failure_is_internal_and_the_server_keeps_serving(server, client, monkeypatch):
+def test_a_one_off_engine_failure_is_re_run_and_the_server_keeps_serving(server, client, monkeypatch):
+    """A step that fails once is re-run (fault isolation); a request failing alone is INTERNAL:
+    tests/api/test_step_faults.py."""
     runner = server.engine.runner
     original = runner.forward_logits
     calls = {"n": 0}
@@ -165,9 +167,8 @@ def test_engine_failure_is_internal_and_the_server_keeps_serving(server, client,
             raise RuntimeError("simulated kernel failure")
         return original(packed)
     monkeypatch.setattr(runner, "forward_logits", flaky)
-    with pytest.raises(cerr.ServerError) as exc:
-        client.generate("hello", max_new_tokens=4)
-    assert exc.value.code is grpc.StatusCode.INTERNAL
+    assert client.generate("hello", max_new_tokens=4).usage.completion_tokens == 4
+    assert calls["n"] >= 2  # the failed forward ran again
     assert client.generate("hello again", max_new_tokens=3).usage.completion_tokens == 3
 
 

@@ -111,11 +111,11 @@ def test_per_tenant_queue_cap(start_server, tmp_path):
         done = threading.Thread(target=lambda: list(queued))
         done.start()
         deadline = time.monotonic() + 10
-        while srv.server.state.queued["acme"] < 1 and time.monotonic() < deadline:
+        while srv.server.state.limiter.queued("acme") < 1 and time.monotonic() < deadline:
             time.sleep(0.02)
         with pytest.raises(cerr.ResourceExhaustedError, match="queued"):
             acme.generate("one too many", max_new_tokens=1)
-        assert srv.server.state.queued["admin"] == 0
+        assert srv.server.state.limiter.queued("admin") == 0
         running.close()
         done.join(30)
         assert admin.generate("fine", max_new_tokens=1).usage.completion_tokens == 1

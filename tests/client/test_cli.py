@@ -159,7 +159,8 @@ def test_adapters_list_json_and_empty(fake, capsys):
     assert listed[0] == {"adapter_id": "upper", "rank": 8, "target_modules": ["q_proj", "v_proj"],
                          "state": "device", "pinned": True, "request_count": 12,
                          "source": "upper", "size_bytes": 1024, "version": 0, "last_used_unix": 0.0,
-                         "load_latency_s": 0.0, "owner": "", "error": ""}
+                         "load_latency_s": 0.0, "owner": "", "error": "", "load_attempts": 0,
+                         "retrying": False, "content_sha256": "", "source_bytes": 0, "source_mtime_unix": 0.0}
     fake.adapters.clear()
     assert run(fake, "adapters", "list") == 0
     assert capsys.readouterr().out == "no adapters registered\n"

@@ -134,7 +134,7 @@ def test_registry_publishes_nothing_on_failure_and_reloads_after_cpu_eviction(tm
     assert reg.ready(v2.key) and not reg.ready(v1.key) and reg.num_cpu_evictions == 1
     reg.ensure_loading(v1.key)  # back from disk, in the background
     wait_for(lambda: reg.ready(v1.key))
-    assert reg.weights(v1.key).adapter_id == "g1" and v1.load_latency_s is not None
+    assert reg.cached(v1.key).adapter_id == "g1" and v1.load_latency_s is not None
 
 
 def test_touched_weights_are_not_the_next_cpu_eviction(tmp_path, targets):
@@ -182,7 +182,7 @@ def test_versions_hot_swap_and_unpublish(tmp_path, targets):
     v1 = reg.register("a", save(tmp_path, "one"), eager=True)
     v2 = reg.register("a", save(tmp_path, "two", r=8), eager=True)
     assert reg.current("a") is v2 and v1.key != v2.key and v2.version > v1.version
-    assert reg.version(v1.key) is v1 and reg.weights(v1.key).rank == 4  # old version still serves
+    assert reg.version(v1.key) is v1 and reg.cached(v1.key).rank == 4  # old version still serves
     reg.forget(v1.key)
     with pytest.raises(KeyError):
         reg.version(v1.key)

@@ -186,7 +186,7 @@ class ListAdaptersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("adapter_id", "rank", "target_modules", "state", "pinned", "request_count", "source", "size_bytes", "version", "last_used_unix", "load_latency_s", "owner", "error")
+    __slots__ = ("adapter_id", "rank", "target_modules", "state", "pinned", "request_count", "source", "size_bytes", "version", "last_used_unix", "load_latency_s", "owner", "error", "load_attempts", "retrying", "content_sha256", "source_bytes", "source_mtime_unix")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +200,11 @@ class AdapterInfo(_message.Message):
     LOAD_LATENCY_S_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    LOAD_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    RETRYING_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_MTIME_UNIX_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     rank: int
     target_modules: _containers.RepeatedScalarFieldContainer[str]
@@ -213,7 +218,12 @@ class AdapterInfo(_message.Message):
     load_latency_s: float
     owner: str
     error: str
-    def __init__(self, adapter_id: _Optional[str] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[AdapterState, str]] = ..., pinned: _Optional[bool] = ..., request_count: _Optional[int] = ..., source: _Optional[str] = ..., size_bytes: _Optional[int] = ..., version: _Optional[int] = ..., last_used_unix: _Optional[float] = ..., load_latency_s: _Optional[float] = ..., owner: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    load_attempts: int
+    retrying: bool
+    content_sha256: str
+    source_bytes: int
+    source_mtime_unix: float
+    def __init__(self, adapter_id: _Optional[str] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[AdapterState, str]] = ..., pinned: _Optional[bool] = ..., request_count: _Optional[int] = ..., source: _Optional[str] = ..., size_bytes: _Optional[int] = ..., version: _Optional[int] = ..., last_used_unix: _Optional[float] = ..., load_latency_s: _Optional[float] = ..., owner: _Optional[str] = ..., error: _Optional[str] = ..., load_attempts: _Optional[int] = ..., retrying: _Optional[bool] = ..., content_sha256: _Optional[str] = ..., source_bytes: _Optional[int] = ..., source_mtime_unix: _Optional[float] = ...) -> None: ...
 
 class ListAdaptersResponse(_message.Message):
     __slots__ = ("adapters",)

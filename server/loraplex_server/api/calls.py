@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 import grpc
@@ -16,6 +15,7 @@ from ..engine.request import FinishReason, RequestOutput
 from ..errors import AdapterUnavailableError, EngineStoppedError, LoraplexError
 from ..metrics import Metrics
 from ..tenancy import Principal, RateLimitError
+from .adapter_store import AdapterStore, StoredAdapter
 from .auth import KeyStore
 from .errors import status_for
 from .limits import TenantLimiter
@@ -34,7 +34,9 @@ class ServingState:
     limiter: TenantLimiter | None = None
     loop: EngineLoop | None = None  # None until the model is loaded and warmed up
     draining: bool = False
-    queued: Counter = field(default_factory=Counter)  # tenant -> requests not yet producing tokens
+    store: AdapterStore | None = None  # persisted LoadAdapter registrations (--state-dir)
+    # stored adapters that could not be restored at start: id -> (entry, error), shown by ListAdapters
+    restore_failures: dict[str, tuple[StoredAdapter, str]] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.limiter is None:

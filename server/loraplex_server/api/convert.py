@@ -94,9 +94,18 @@ def full_response(merged: RequestOutput, adapter_id: str) -> pb.GenerateResponse
 
 
 def adapter_info(info: AdapterInfo) -> pb.AdapterInfo:
-    m = info.meta
+    m, fp = info.meta, info.fingerprint
     return pb.AdapterInfo(adapter_id=m.adapter_id, rank=m.rank, target_modules=list(m.target_modules),
                           state=_STATE[info.state], pinned=info.pinned, request_count=info.request_count,
                           source=str(m.source), size_bytes=m.size_bytes, version=info.version,
                           last_used_unix=info.last_used or 0.0, load_latency_s=info.load_latency_s or 0.0,
-                          owner=info.owner or "", error=info.error or "")
+                          owner=info.owner or "", error=info.error or "", load_attempts=info.load_attempts,
+                          retrying=info.retrying, content_sha256=fp.sha256 if fp else "",
+                          source_bytes=fp.size_bytes if fp else 0, source_mtime_unix=fp.mtime if fp else 0.0)
+
+
+def unrestored_adapter_info(entry, error: str) -> pb.AdapterInfo:
+    """A stored registration (``adapter_store.StoredAdapter``) whose restore failed at start-up."""
+    return pb.AdapterInfo(adapter_id=entry.adapter_id, source=entry.source, version=entry.version,
+                          pinned=entry.pinned, owner=entry.owner or "", state=pb.ADAPTER_STATE_DISK,
+                          error=f"not restored at start-up: {error}")

@@ -11,6 +11,7 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (e.PromptTooLongError, grpc.StatusCode.INVALID_ARGUMENT),
     (e.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (e.AdapterNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (e.AdapterSourceUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (e.AdapterLoadError, grpc.StatusCode.INVALID_ARGUMENT),
     (e.AdapterPinError, grpc.StatusCode.FAILED_PRECONDITION),
     (e.AdapterUnavailableError, grpc.StatusCode.FAILED_PRECONDITION),

@@ -28,10 +28,11 @@ MIN_RETRY_AFTER_S = 0.1
 class _TenantState:
     """In-flight count and the token window of one tenant. Guarded by the limiter's lock."""
 
-    __slots__ = ("in_flight", "buckets", "window_tokens")
+    __slots__ = ("in_flight", "queued", "buckets", "window_tokens")
 
     def __init__(self) -> None:
         self.in_flight = 0
+        self.queued = 0  # admitted requests that have not produced output yet
         self.buckets: deque[list[int]] = deque()  # [second, tokens], oldest first
         self.window_tokens = 0
 
@@ -59,18 +60,26 @@ class _TenantState:
         return MIN_RETRY_AFTER_S  # not reached: an empty window is under any limit >= 1
 
     def idle(self) -> bool:
-        return self.in_flight == 0 and not self.buckets
+        return self.in_flight == 0 and self.queued == 0 and not self.buckets
 
 
 class Ticket:
-    """One admitted request. ``release()`` (idempotent) or leave the ``with`` block to free the slot."""
+    """One admitted request. ``release()`` (idempotent) or leave the ``with`` block to free the slot.
 
-    __slots__ = ("_limiter", "tenant", "_released")
+    A ticket starts queued (it counts against ``max_queued``) until ``started()`` or ``release()``."""
+
+    __slots__ = ("_limiter", "tenant", "_released", "queued")
 
     def __init__(self, limiter: TenantLimiter, tenant: str):
         self._limiter = limiter
         self.tenant = tenant
         self._released = False
+        self.queued = True
+
+    def started(self) -> None:
+        """The request produced its first output: it no longer counts as queued (idempotent)."""
+        if self.queued:  # unlocked fast path for every later delta; _dequeue re-checks under the lock
+            self._limiter._dequeue(self)
 
     @property
     def released(self) -> bool:
@@ -101,16 +110,20 @@ class TenantLimiter:
         self._tenants: dict[str, _TenantState] = {}
 
     def admit(self, tenant: str) -> Ticket:
-        """Take a concurrency slot for ``tenant``, or raise RateLimitError.
+        """Take a concurrency slot and a queue slot for ``tenant``, or raise RateLimitError.
 
-        Refused when the tenant already has ``max_concurrent`` requests in flight (retry after ~1 s)
+        Refused when the tenant has ``max_queued`` admitted requests that have not started yet,
+        when the tenant already has ``max_concurrent`` requests in flight (retry after ~1 s)
         or generated ``tokens_per_minute`` tokens or more in the last 60 s (retry after the time
         until enough of the window expires, at least 0.1 s).
         """
         limits = self._limits_for(tenant)  # outside our lock: it may take the key store's lock
-        with self._lock:
+        with self._lock:  # check and count in one critical section: a burst cannot overshoot
             now = self._clock()
             state = self._tenants.get(tenant) or _TenantState()
+            if limits.max_queued is not None and state.queued >= limits.max_queued:
+                raise RateLimitError(f"tenant {tenant!r} has {state.queued} requests queued "
+                                     f"(limit {limits.max_queued})", QUEUE_RETRY_AFTER_S)
             if limits.max_concurrent is not None and state.in_flight >= limits.max_concurrent:
                 raise RateLimitError(
                     f"tenant {tenant!r} has {state.in_flight} requests in flight (limit {limits.max_concurrent})",
@@ -123,6 +136,7 @@ class TenantLimiter:
                         f"(limit {limits.tokens_per_minute})",
                         state.retry_after(now, limits.tokens_per_minute))
             state.in_flight += 1
+            state.queued += 1
             self._tenants[tenant] = state
         return Ticket(self, tenant)
 
@@ -145,6 +159,12 @@ class TenantLimiter:
             state.expire(now)
             state.add(now, n)
 
+    def queued(self, tenant: str) -> int:
+        """Requests of ``tenant`` admitted that have not produced output yet."""
+        with self._lock:
+            state = self._tenants.get(tenant)
+            return state.queued if state else 0
+
     def in_flight(self, tenant: str) -> int:
         """Requests of ``tenant`` admitted and not yet released."""
         with self._lock:
@@ -161,7 +181,14 @@ class TenantLimiter:
             self._forget_if_idle(tenant, state)
             return state.window_tokens
 
+    def _dequeue(self, ticket: Ticket) -> None:
+        with self._lock:
+            if ticket.queued:
+                ticket.queued = False
+                self._tenants[ticket.tenant].queued -= 1
+
     def _release(self, ticket: Ticket) -> None:
+        self._dequeue(ticket)
         with self._lock:
             if ticket._released:
                 return

@@ -1,8 +1,10 @@
 """The gRPC server: grpc.aio + standard health + reflection + /metrics; graceful SIGTERM drain.
 
 Start-up order: the port opens at once with health NOT_SERVING; the model loads in a worker
-thread, start-up adapters are registered, one warm-up request runs, then health turns SERVING.
+thread, start-up adapters are registered, adapters stored in ``--state-dir`` are restored, one
+warm-up request runs, then health turns SERVING.
 On SIGTERM: health NOT_SERVING, new requests UNAVAILABLE, in-flight ones get the grace period.
+After ``max_failed_steps`` engine steps fail in a row, health turns NOT_SERVING (the log says why).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..engine.loop import EngineLoop
 from ..engine.request import Prompt, SamplingParams
 from ..metrics import Metrics
 from .access import owner_of
+from .adapter_store import AdapterStore, restore_adapters
 from .discovery import AdapterDiscovery
 from .auth import KeyStore
 from .calls import ServingState
@@ -33,6 +36,7 @@ from .servicer import LoraplexServicer
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LoraplexService"].full_name
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DRAIN_POLL_S = 0.02
 
 
 class LoraplexServer:
@@ -80,10 +84,15 @@ class LoraplexServer:
     async def _bring_up(self) -> None:
         engine = await asyncio.to_thread(self.engine_factory, self.config.engine)
         engine.set_tenant_weights(lambda tenant: self.state.keys.limits_for(tenant).weight)
-        loop = EngineLoop(engine, self.state.metrics).start()
+        aio = asyncio.get_running_loop()
+        loop = EngineLoop(engine, self.state.metrics, on_unhealthy=lambda reason: asyncio.run_coroutine_threadsafe(
+            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING), aio)).start()
         try:
             for name, path in self.config.server.adapters:
                 await asyncio.to_thread(loop.add_adapter, name, path, owner=owner_of(name))
+            if self.config.server.state_dir is not None:
+                self.state.store = AdapterStore(self.config.server.state_dir)
+                self.state.restore_failures = await asyncio.to_thread(restore_adapters, loop, self.state.store)
             await asyncio.to_thread(loop.generate, Prompt(token_ids=(0,)), SamplingParams(max_new_tokens=2))
         except BaseException:
             loop.stop()
@@ -93,7 +102,7 @@ class LoraplexServer:
             await asyncio.to_thread(self.discovery.sweep)
             self._discovery_task = asyncio.create_task(self.discovery.run())
         self.state.loop = loop
-        if not self.state.draining:
+        if not self.state.draining and loop.healthy:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             log.info("serving", extra={"fields": {"model": engine.loaded.name, "device": str(engine.loaded.device),
                                                   "adapters": [n for n, _ in self.config.server.adapters]}})
@@ -111,7 +120,7 @@ class LoraplexServer:
         grace = self.config.server.grace_period_s if grace is None else grace
         log.info("draining", extra={"fields": {"grace_s": grace}})
         if self._grpc is not None:
-            await self._grpc.stop(grace)
+            await self._grpc.stop(await self._drain_engine(grace))
         for task in (self._ready, self._discovery_task):
             if task is not None and not task.done():
                 task.cancel()
@@ -119,7 +128,21 @@ class LoraplexServer:
             await asyncio.to_thread(self.state.loop.stop)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
+        if self.state.store is not None:
+            self.state.store.close()
         log.info("stopped")
+
+
+    async def _drain_engine(self, grace: float) -> float:
+        """Wait (at most ``grace``) until the engine has no request in flight; returns the grace left.
+
+        Until then the gRPC server keeps accepting calls, so one arriving now reaches our handler and
+        is refused UNAVAILABLE (``draining``) rather than cancelled by gRPC's own shutdown."""
+        clock = asyncio.get_running_loop().time
+        deadline = clock() + grace
+        while self.state.loop is not None and self.state.loop.num_in_flight and clock() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        return max(0.0, deadline - clock())
 
 
 async def serve(config: Config, engine_factory: Callable[[EngineConfig], LLMEngine] = LLMEngine) -> None:

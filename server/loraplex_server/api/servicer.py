@@ -14,8 +14,9 @@ from loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 
 from .. import __version__
 from ..engine.loop import EngineLoop, merge_outputs
-from ..errors import AdapterLoadError, InvalidRequestError
+from ..errors import AdapterLoadError, AdapterNotFoundError, InvalidRequestError
 from . import access, convert
+from .adapter_store import StoredAdapter
 from .calls import RpcCall, ServingState, admin_rpc, check_final, start_call
 
 
@@ -33,11 +34,10 @@ class LoraplexServicer(pb_grpc.LoraplexServiceServicer):
             access.check_visible(call.principal, adapter_id, loop.engine.lora.resolve(adapter_id).owner)
         prompt = convert.prompt_from_proto(request)
         sampling = convert.sampling_from_proto(request.sampling)
-        limiter, tenant = self.state.limiter, call.tenant
-        limiter.check_queue(tenant, self.state.queued[tenant])
-        ticket = limiter.admit(tenant)
+        ticket = self.state.limiter.admit(call.tenant)  # counts it queued (atomically with the check)
         try:
-            stream = await asyncio.to_thread(loop.submit, prompt, sampling, adapter_id, call.request_id, tenant)
+            stream = await asyncio.to_thread(loop.submit, prompt, sampling, adapter_id, call.request_id,
+                                             call.tenant)
         except BaseException:
             ticket.release()
             raise
@@ -46,20 +46,15 @@ class LoraplexServicer(pb_grpc.LoraplexServiceServicer):
     async def _deltas(self, request: pb.GenerateRequest, call: RpcCall):
         """The request's deltas, keeping the tenant's queue count and token window up to date."""
         stream, ticket = await self._open(request, call)
-        tenant, queued = call.tenant, True
-        self.state.queued[tenant] += 1
         try:
             async for out in stream:
-                if queued and (out.token_ids or out.finished):
-                    queued = False
-                    self.state.queued[tenant] -= 1
+                if out.token_ids or out.finished:
+                    ticket.started()
                 ticket.record_tokens(len(out.token_ids))
                 if out.finished:
-                    self.state.metrics.record_tenant_request(tenant, out)
+                    self.state.metrics.record_tenant_request(call.tenant, out)
                 yield out
         finally:
-            if queued:
-                self.state.queued[tenant] -= 1
             ticket.release()
 
     async def Generate(self, request, context):
@@ -101,7 +96,17 @@ class LoraplexServicer(pb_grpc.LoraplexServiceServicer):
         if request.pin:
             await asyncio.wrap_future(loop.call(lambda e: e.pin_adapter(adapter_id)))
         info = await self._info(loop, adapter_id)
+        await self._persist(StoredAdapter(adapter_id, request.source, info.version, info.pinned, info.owner))
         return pb.LoadAdapterResponse(adapter=convert.adapter_info(info))
+
+    async def _persist(self, entry: StoredAdapter | None, remove: str | None = None) -> None:
+        """Record (or with ``remove``, forget) a registration in the state dir, if there is one."""
+        self.state.restore_failures.pop(entry.adapter_id if entry else remove, None)
+        if self.state.store is not None:
+            if entry is not None:
+                await asyncio.to_thread(self.state.store.put, entry)
+            else:
+                await asyncio.to_thread(self.state.store.remove, remove)
 
     async def _load(self, loop: EngineLoop, adapter_id: str, source: str) -> None:
         start = time.perf_counter()
@@ -115,20 +120,30 @@ class LoraplexServicer(pb_grpc.LoraplexServiceServicer):
     @staticmethod
     async def _info(loop: EngineLoop, adapter_id: str | None = None):
         infos = await asyncio.wrap_future(loop.call(lambda e: e.lora.info()))
-        return infos if adapter_id is None else next(i for i in infos if i.meta.adapter_id == adapter_id)
+        if adapter_id is None:
+            return infos
+        for info in infos:
+            if info.meta.adapter_id == adapter_id:
+                return info
+        raise AdapterNotFoundError(adapter_id)  # unloaded by a concurrent UnloadAdapter
 
     @admin_rpc
     async def UnloadAdapter(self, request, call):
         adapter_id = convert.check_id("adapter_id", request.adapter_id)
         access.check_may_manage(call.principal, adapter_id)
-        await asyncio.wrap_future(self.state.engine_loop().remove_adapter(adapter_id))
+        loop = self.state.engine_loop()
+        if adapter_id not in self.state.restore_failures or loop.engine.lora.has_adapter(adapter_id):
+            await asyncio.wrap_future(loop.remove_adapter(adapter_id))
+        await self._persist(None, remove=adapter_id)
         return pb.UnloadAdapterResponse()
 
     @admin_rpc
     async def ListAdapters(self, request, call):
         infos = await self._info(self.state.engine_loop())
-        visible = [i for i in infos if access.can_see(call.principal, i.owner)]
-        return pb.ListAdaptersResponse(adapters=[convert.adapter_info(i) for i in visible])
+        visible = [convert.adapter_info(i) for i in infos if access.can_see(call.principal, i.owner)]
+        unrestored = [convert.unrestored_adapter_info(entry, error) for entry, error in
+                      self.state.restore_failures.values() if access.can_see(call.principal, entry.owner)]
+        return pb.ListAdaptersResponse(adapters=visible + unrestored)
 
     @admin_rpc
     async def GetServerInfo(self, request, call):

@@ -19,9 +19,9 @@ from .request import ChatMessage, Prompt, SamplingParams
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m loraplex_server.engine", description=__doc__)
     p.add_argument("--model", default=None, help="HF directory, .gguf file, or (dummy) preset/config")
-    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--load-format", default=None, choices=["auto", "safetensors", "gguf", "dummy"])
+    p.add_argument("--device", default=None, help="default: $LORAPLEX_DEVICE, else auto")
+    p.add_argument("--dtype", default=None, help="default: $LORAPLEX_DTYPE, else auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH")
     p.add_argument("--prompt", action="append", default=[])
@@ -29,12 +29,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def config_from_args(args: argparse.Namespace, environ=None):
+    """Flags given win over ``LORAPLEX_*``; flags not given (None) leave the environment's value."""
+    return engine_config_from_env(environ, model=dict(model=args.model, load_format=args.load_format,
+                                                      device=args.device, dtype=args.dtype, threads=args.threads))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = engine_config_from_env(model=dict(model=args.model, load_format=args.load_format,
-                                               device=args.device, dtype=args.dtype, threads=args.threads))
-    engine = LLMEngine(config)
+    engine = LLMEngine(config_from_args(args))
     adapters: list[str | None] = [None]
     for spec in args.adapter:
         name, _, path = spec.partition("=")

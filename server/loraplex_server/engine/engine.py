@@ -30,7 +30,8 @@ from .kv_cache import KVCacheSpec, allocate_kv_cache, num_blocks_for
 from .output import OutputProcessor
 from .request import FinishReason, Prompt, Request, RequestOutput, SamplingParams
 from .runner import ModelRunner
-from .scheduler import Scheduler
+from .fault_isolation import bisect_failures
+from .scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.last_batch = (0, 0)  # (sequences, tokens) of the latest step
         self._retired: set[str] = set()  # adapter versions to free once unused
+        self.failed_steps_in_a_row = 0  # forwards that raised (culprits isolated), reset by a clean one
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_loras=%d",
                  self.loaded.name, self.loaded.device, self.loaded.dtype, num_blocks,
                  config.cache.block_size, config.lora.max_loras)
@@ -107,15 +109,28 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------------
     def make_request(self, prompt: Prompt, sampling: SamplingParams, adapter_id: str | None = None,
                      request_id: str | None = None, tenant: str = "") -> Request:
-        """Validate and tokenize (any thread); raises a domain error for bad input."""
-        version = self.lora.resolve(adapter_id) if adapter_id else None  # NOT_FOUND if unknown
-        failure = self.lora.failure(version.key) if version is not None else None
-        if failure is not None:
-            raise AdapterUnavailableError(adapter_id, failure)
-        token_ids = self.inputs.token_ids(prompt)
-        self.inputs.check(token_ids, sampling)
+        """Validate and tokenize (any thread); raises a domain error for bad input.
+
+        The request holds a reference on its adapter version from here until it ends (``_finish``),
+        or until ``discard_request`` if it is never added."""
+        version = self.lora.acquire(adapter_id) if adapter_id else None  # NOT_FOUND if unknown
+        try:
+            failure = self.lora.failure(version.key) if version is not None else None
+            if failure is not None:
+                raise AdapterUnavailableError(adapter_id, failure)
+            token_ids = self.inputs.token_ids(prompt)
+            self.inputs.check(token_ids, sampling)
+        except BaseException:
+            if version is not None:
+                self.lora.release_request(version.key)
+            raise
         return Request(request_id or uuid.uuid4().hex, token_ids, sampling, adapter_id or None,
                        adapter_key=version.key if version else None, tenant=tenant)
+
+    def discard_request(self, request: Request) -> None:
+        """A request made but never added (refused at submit): give back its version reference."""
+        if request.adapter_key:
+            self.lora.release_request(request.adapter_key)
 
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -143,25 +158,51 @@ class LLMEngine:
         """Unpublish: new requests get NOT_FOUND; accepted ones finish on their version, whose
         device slot is freed once no request uses it."""
         self._retired.add(self.lora.remove_adapter(adapter_id).key)
-        self._release_retired()
+        self.release_retired()
 
     def adapter_replaced(self, old_key: str) -> None:
         """A hot-swap published a new version; the old one is freed once no request uses it."""
         self._retired.add(old_key)
-        self._release_retired()
+        self.release_retired()
 
     # ---- the loop body --------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self.lora.begin_step()
         failed = self._prefetch_adapters()
         batch = self.scheduler.schedule()
         self.last_batch = (len(batch.scheduled), batch.num_tokens)
         if not batch.scheduled:  # everything waits on adapter loads
             return failed
         self._mark_scheduled(batch)
+        try:
+            ran = [(batch.scheduled, self._run(batch.scheduled))]
+            self.failed_steps_in_a_row = 0
+        except Exception:  # noqa: BLE001 - isolated below: only the culprit requests end
+            log.exception("engine step of %d requests failed; re-running them in halves", len(batch.scheduled))
+            self.failed_steps_in_a_row += 1
+            ran, culprits = bisect_failures(batch.scheduled, self._run)
+            failed += self._fail_culprits(culprits)
+        for group, (sampled, samples) in ran:
+            self.scheduler.after_step(SchedulerOutput(scheduled=group))
+            failed += self._postprocess(sampled, samples)
+        return failed
+
+    def _run(self, scheduled: list[ScheduledRequest]):
+        """Adapters resident, then the forward and sampling of these rows of the step."""
+        batch = SchedulerOutput(scheduled=list(scheduled))
         lora_slots = self.lora.activate(batch.adapter_ids, self.scheduler.running_adapters())
-        sampled, samples = self.runner.run(batch, lora_slots)
-        self.scheduler.after_step(batch)
-        return failed + self._postprocess(sampled, samples)
+        return self.runner.run(batch, lora_slots)
+
+    def _fail_culprits(self, culprits) -> list[RequestOutput]:
+        outputs = []
+        for s, exc in culprits:
+            request = s.request
+            log.error("request %s fails the engine step on its own: %s: %s", request.request_id,
+                      type(exc).__name__, exc)
+            message = f"internal error in the engine step (request id {request.request_id}): {type(exc).__name__}: {exc}"
+            outputs.append(self.outputs.final(request, FinishReason.ERROR, message, "internal"))
+            self._finish(request)
+        return outputs
 
     def _prefetch_adapters(self) -> list[RequestOutput]:
         """Start loads for queued requests' adapters (in queue order, up to half the CPU cache),
@@ -220,7 +261,7 @@ class LLMEngine:
                 outputs.append(out)
             if request.finish_reason is not None:
                 self._finish(request)
-        self._release_retired()
+        self.release_retired()
         return outputs
 
     def fail_running(self, message: str) -> list[RequestOutput]:
@@ -234,14 +275,13 @@ class LLMEngine:
         self.scheduler.finish(request)
         self.runner.sampler.release(request.request_id)
         self.outputs.release(request.request_id)
-        self.requests.pop(request.request_id, None)
+        if self.requests.pop(request.request_id, None) is not None and request.adapter_key:
+            self.lora.release_request(request.adapter_key)
 
-    def _release_retired(self) -> None:
-        if not self._retired:
-            return
-        in_use = {r.adapter_key for r in self.requests.values()}
-        for key in list(self._retired - in_use):
-            self.lora.release(key)
+    def release_retired(self) -> None:
+        """Free the retired versions no request references any more (slot and CPU weights)."""
+        for key in [k for k in self._retired if not self.lora.in_use(k)]:
+            self.lora.free_version(key)
             self._retired.discard(key)
 
 

@@ -51,6 +51,8 @@ class RequestStream:
     def _take(self, item) -> tuple[RequestOutput | None, bool]:
         """(delta to yield or None, whether the stream ends after it)."""
         if item is _END:
+            if not self.finished:
+                raise EngineStoppedError("the engine stopped before this request finished")
             return None, True
         self.finished = item.finished
         return item, item.finished
@@ -102,8 +104,13 @@ def merge_outputs(deltas: list[RequestOutput]) -> RequestOutput:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, metrics: Metrics | None = None, idle_wait_s: float = 0.05):
+    def __init__(self, engine: LLMEngine, metrics: Metrics | None = None, idle_wait_s: float = 0.05,
+                 on_unhealthy: Callable[[str], None] | None = None):
+        """``on_unhealthy(reason)`` is called once (on the engine thread) when
+        ``scheduler.max_failed_steps`` steps have failed in a row."""
         self.engine = engine
+        self.on_unhealthy = on_unhealthy
+        self.unhealthy_reason: str | None = None
         self.metrics = metrics
         self.idle_wait_s = idle_wait_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -122,7 +129,8 @@ class EngineLoop:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Abort whatever is still in flight and end the thread."""
-        self._stopping = True
+        with self._lock:  # a submit registers its stream before this, or is refused after it
+            self._stopping = True
         self._wake.set()
         self._thread.join(timeout)
 
@@ -139,14 +147,25 @@ class EngineLoop:
             raise EngineStoppedError("the engine is shutting down")
         request = self.engine.make_request(prompt, sampling, adapter_id, request_id, tenant)
         stream = RequestStream(request.request_id, self.abort)
-        with self._lock:
-            if len(self._streams) >= self.engine.config.scheduler.max_queued_requests:
-                raise QueueFullError(f"{len(self._streams)} requests in flight; try again later")
-            if request.request_id in self._streams:
-                raise DuplicateRequestError(request.request_id)
-            self._streams[request.request_id] = stream
-        self._send(("add", request))
+        try:
+            with self._lock:
+                self._check_admissible(request.request_id)
+                self._streams[request.request_id] = stream
+                self._send(("add", request))  # under the lock: shutdown's drain sees it
+        except LoraplexError:
+            self.engine.discard_request(request)
+            self.call(LLMEngine.release_retired)  # its version may be retired and now unused
+            raise
         return stream
+
+    def _check_admissible(self, request_id: str) -> None:
+        """Under ``_lock``: refuse when stopping, full, or the id is already in flight."""
+        if self._stopping:
+            raise EngineStoppedError("the engine is shutting down")
+        if len(self._streams) >= self.engine.config.scheduler.max_queued_requests:
+            raise QueueFullError(f"{len(self._streams)} requests in flight; try again later")
+        if request_id in self._streams:
+            raise DuplicateRequestError(request_id)
 
     def generate(self, prompt: Prompt, sampling: SamplingParams, adapter_id: str | None = None) -> RequestOutput:
         return self.submit(prompt, sampling, adapter_id).result()
@@ -163,7 +182,8 @@ class EngineLoop:
             self._send(("call", (fn, future)))
         return future
 
-    def add_adapter(self, adapter_id: str, source, *, eager: bool = True, owner: str | None = None):
+    def add_adapter(self, adapter_id: str, source, *, eager: bool = True, owner: str | None = None,
+                    version: int | None = None):
         """Validate (and with ``eager`` read) on the caller's thread, then publish a new version.
 
         Raises AdapterLoadError on refusal, leaving any previous version serving. A replaced
@@ -171,12 +191,12 @@ class EngineLoop:
         """
         lora = self.engine.lora
         old = lora.resolve(adapter_id) if lora.has_adapter(adapter_id) else None
-        version = lora.add_adapter(adapter_id, source, eager=eager, owner=owner)
+        published = lora.add_adapter(adapter_id, source, eager=eager, owner=owner, version=version)
         if self.metrics is not None:
             self.metrics.adapter_label.allow(adapter_id)
         if old is not None:
             self.call(lambda e: e.adapter_replaced(old.key))
-        return version
+        return published
 
     def remove_adapter(self, adapter_id: str) -> Future:
         if not self.engine.lora.has_adapter(adapter_id):
@@ -210,12 +230,32 @@ class EngineLoop:
             log.exception("engine step failed; failing the running requests")
             outputs = self.engine.fail_running("internal error during the engine step")
         self.num_steps += 1
+        self._check_health()
         if self.metrics is not None:
             self.metrics.record_step(self.engine.stats(time.perf_counter() - start))
             if time.monotonic() - self._adapters_recorded > ADAPTER_METRICS_PERIOD_S:
                 self._adapters_recorded = time.monotonic()
                 self.metrics.record_adapters(self.engine.lora.info())
         return outputs
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests submitted whose stream has not ended yet."""
+        with self._lock:
+            return len(self._streams)
+
+    @property
+    def healthy(self) -> bool:
+        return self.unhealthy_reason is None
+
+    def _check_health(self) -> None:
+        limit = self.engine.config.scheduler.max_failed_steps
+        if self.unhealthy_reason is None and self.engine.failed_steps_in_a_row >= limit:
+            self.unhealthy_reason = (f"{self.engine.failed_steps_in_a_row} engine steps failed in a row "
+                                     f"(max_failed_steps={limit}); the device or model may be broken")
+            log.error("engine unhealthy: %s", self.unhealthy_reason)
+            if self.on_unhealthy is not None:
+                self.on_unhealthy(self.unhealthy_reason)
 
     def _drain_commands(self) -> None:
         while True:

@@ -13,27 +13,21 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 
 from ..errors import AdapterLoadError
-from .safetensors_header import HeaderError, read_header
-from .weights import AdapterMeta, LoraAdapter, LoraModuleWeights, ModuleKey, TargetShape
+from .adapter_config import check_agreement, check_field_types, module_name, pattern_entry
+from .adapter_files import CONFIG_FILE, WEIGHTS_FILE, AdapterFiles, read_adapter_files
+from .safetensors_header import HeaderError, parse_header
+from .weights import AdapterMeta, Fingerprint, LoraAdapter, LoraModuleWeights, ModuleKey, TargetShape
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 DEFAULT_MAX_ADAPTER_BYTES = 2 * 1024 ** 3
 _KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(?:.*\.)?([A-Za-z0-9_]+)\.lora_([AB])\.weight$")
 
 
-def _read_config(adapter_id: str, path: Path) -> dict:
-    if not path.is_dir():
-        raise AdapterLoadError(adapter_id, f"{path} is not a directory")
-    config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        raise AdapterLoadError(adapter_id, f"{CONFIG_FILE} missing in {path}")
+def _parse_config(adapter_id: str, data: bytes) -> dict:
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterLoadError(adapter_id, f"{CONFIG_FILE} is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
@@ -61,32 +55,10 @@ def check_config(adapter_id: str, config: dict) -> None:
             raise AdapterLoadError(adapter_id, message)
 
 
-def _pattern_value(patterns: dict, module_path: str, default):
-    """PEFT's rank/alpha pattern lookup: a key matches a module path ending in it."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module_path):
-            return value
-    return default
-
-
-def _weights_file(adapter_id: str, path: Path, max_bytes: int) -> Path:
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        pickles = [n for n in PICKLE_FILES if (path / n).is_file()]
-        if pickles:
-            raise AdapterLoadError(adapter_id, f"{pickles[0]} is a pickle file; we never unpickle: "
-                                               f"save the adapter with safe_serialization=True")
-        raise AdapterLoadError(adapter_id, f"{WEIGHTS_FILE} missing in {path}")
-    size = weights.stat().st_size
-    if size > max_bytes:
-        raise AdapterLoadError(adapter_id, f"{WEIGHTS_FILE} is {size} bytes, over the {max_bytes}-byte limit")
-    return weights
-
-
-def _read_shapes(adapter_id: str, weights: Path) -> dict[str, tuple[int, ...]]:
+def _read_shapes(adapter_id: str, weights: bytes) -> dict[str, tuple[int, ...]]:
     try:
-        return {name: info.shape for name, info in read_header(weights).items()}
-    except (HeaderError, OSError) as exc:
+        return {name: info.shape for name, info in parse_header(weights).items()}
+    except HeaderError as exc:
         raise AdapterLoadError(adapter_id, f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from exc
 
 
@@ -142,38 +114,45 @@ class AdapterPlan:
     lora_alpha: float
     use_rslora: bool
     base_model_name: str | None
+    fingerprint: Fingerprint
 
 
 def inspect_adapter(adapter_id: str, path: Path, targets: dict[ModuleKey, TargetShape], max_rank: int,
-                    max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES) -> AdapterPlan:
-    """Cheap validation (config + header, no tensor data): what registration needs."""
+                    max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES, files: AdapterFiles | None = None) -> AdapterPlan:
+    """Validation of config and header (no tensor conversion): what registration needs. Reads the
+    files unless ``files`` (their bytes) are given."""
     path = Path(path)
-    config = _read_config(adapter_id, path)
+    files = files or read_adapter_files(adapter_id, path, max_bytes)
+    config = _parse_config(adapter_id, files.config)
     check_config(adapter_id, config)
-    weights = _weights_file(adapter_id, path, max_bytes)
-    shapes = _read_shapes(adapter_id, weights)
+    check_field_types(adapter_id, config)
+    shapes = _read_shapes(adapter_id, files.weights)
     pairs = _group_pairs(adapter_id, shapes, targets)
     alpha = float(config.get("lora_alpha", config.get("r", 8)))
     rslora = bool(config.get("use_rslora", False))
     scales, ranks = {}, {}
     for key, pair in pairs.items():
         ranks[key] = _check_shapes(adapter_id, key, pair, shapes, targets[key], max_rank)
-        module_alpha = float(_pattern_value(config.get("alpha_pattern"), pair["A"].rsplit(".lora_", 1)[0], alpha))
+        alpha_entry = pattern_entry(config.get("alpha_pattern"), module_name(pair["A"]))
+        module_alpha = float(alpha_entry[1]) if alpha_entry else alpha
         scales[key] = module_alpha / (math.sqrt(ranks[key]) if rslora else ranks[key])
+    check_agreement(adapter_id, config, {module_name(p["A"]): ranks[k] for k, p in pairs.items()})
     size = sum(4 * (shapes[p["A"]][0] * shapes[p["A"]][1] + shapes[p["B"]][0] * shapes[p["B"]][1])
                for p in pairs.values())  # resident bytes once converted to fp32
     meta = AdapterMeta(adapter_id, path, max(ranks.values()), tuple(sorted({k.name for k in pairs})), size)
     return AdapterPlan(meta, {k: (p["A"], p["B"]) for k, p in pairs.items()}, scales, alpha, rslora,
-                       config.get("base_model_name_or_path"))
+                       config.get("base_model_name_or_path"), files.fingerprint)
 
 
 def load_adapter(adapter_id: str, path: Path, targets: dict[ModuleKey, TargetShape], max_rank: int,
                  max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES) -> LoraAdapter:
-    """Full validation and read: a PEFT LoRA directory -> LoraAdapter (or AdapterLoadError)."""
-    plan = inspect_adapter(adapter_id, path, targets, max_rank, max_bytes)
+    """Full validation and read: a PEFT LoRA directory -> LoraAdapter (or AdapterLoadError).
+    Each file is read once; the tensors come from the same bytes the checks saw."""
+    files = read_adapter_files(adapter_id, Path(path), max_bytes)
+    plan = inspect_adapter(adapter_id, path, targets, max_rank, max_bytes, files)
     try:
-        tensors = load_file(str(Path(path) / WEIGHTS_FILE), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
+        tensors = load_safetensors(files.weights)
+    except (SafetensorError, ValueError) as exc:
         raise AdapterLoadError(adapter_id, f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from exc
     modules = {}
     for key, (name_a, name_b) in plan.tensors.items():
@@ -182,4 +161,5 @@ def load_adapter(adapter_id: str, path: Path, targets: dict[ModuleKey, TargetSha
             raise AdapterLoadError(adapter_id, f"layer {key.layer} {key.name}: weights contain NaN or Inf")
         modules[key] = LoraModuleWeights(a=a.float().contiguous(), b=b.float().contiguous(), scale=plan.scales[key])
     return LoraAdapter(adapter_id=adapter_id, source=Path(path), modules=modules, lora_alpha=plan.lora_alpha,
-                       use_rslora=plan.use_rslora, base_model_name=plan.base_model_name)
+                       use_rslora=plan.use_rslora, base_model_name=plan.base_model_name,
+                       fingerprint=plan.fingerprint)

@@ -19,8 +19,12 @@ from .mapping import LoraMapping
 from .model import find_targets, inject_lora_layers, model_device
 from .ops import apply_function
 from .registry import AdapterRegistry, AdapterVersion
-from .slots import SlotManager
-from .weights import AdapterInfo
+from .slots import SlotManager, SlotsExhaustedError
+from .weights import AdapterInfo, LoraAdapter
+
+
+class WeightsNotInMemoryError(RuntimeError):
+    """A version reached ``activate`` without its weights in memory (the engine never reads disk)."""
 
 
 class LoraManager:
@@ -37,18 +41,31 @@ class LoraManager:
         self.slots = SlotManager(self.layers, config.max_loras)
         self.request_counts: dict[str, int] = {}
         self.pinned_ids: set[str] = set()
+        # weights that ``ready`` found in the CPU cache, held until ``activate`` puts them in slots:
+        # an eviction from the cache in between cannot make the engine thread read from disk
+        self._held: dict[str, LoraAdapter] = {}
 
     # ---- registration (any thread) ----------------------------------------------------------
     def add_adapter(self, adapter_id: str, source: str | Path, *, eager: bool = True,
-                    owner: str | None = None) -> AdapterVersion:
+                    owner: str | None = None, version: int | None = None) -> AdapterVersion:
         """Validate and publish a version (eager: weights read and checked before publishing)."""
-        return self.registry.register(adapter_id, source, eager=eager, owner=owner)
+        return self.registry.register(adapter_id, source, eager=eager, owner=owner, version=version)
 
     def has_adapter(self, adapter_id: str) -> bool:
         return adapter_id in self.registry
 
     def resolve(self, adapter_id: str) -> AdapterVersion:
         return self.registry.current(adapter_id)
+
+    def acquire(self, adapter_id: str) -> AdapterVersion:
+        """Bind a new request to the current version (any thread); ``release_request`` undoes it."""
+        return self.registry.acquire(adapter_id)
+
+    def release_request(self, key: str) -> None:
+        self.registry.release(key)
+
+    def in_use(self, key: str) -> bool:
+        return self.registry.in_use(key)
 
     def count_request(self, adapter_id: str) -> None:
         self.request_counts[adapter_id] = self.request_counts.get(adapter_id, 0) + 1
@@ -63,14 +80,24 @@ class LoraManager:
     def ready(self, key: str) -> bool:
         """Weights are on the device or in the CPU cache. Starts nothing: loads are the prefetcher's
         (``prefetch``, for a bounded window of the queue), so asking about a long queue cannot
-        start more loads than the CPU cache holds and thrash it."""
-        return self.slots.slot_of(key) is not None or self.registry.ready(key)
+        start more loads than the CPU cache holds and thrash it. Holds the cached weights it saw
+        until the next ``activate``."""
+        if self.slots.slot_of(key) is not None:
+            return True
+        weights = self.registry.cached(key)
+        if weights is not None:
+            self._held[key] = weights
+        return weights is not None
 
     def prefetch(self, key: str) -> None:
         """A queued request will need this version soon: start its load, or keep its cached weights
         from being the next CPU-cache eviction."""
         if self.slots.slot_of(key) is None and not self.registry.touch(key):
             self.registry.ensure_loading(key)
+
+    def begin_step(self) -> None:
+        """Drop weights held by the previous step's ``ready`` calls that ``activate`` did not take."""
+        self._held.clear()
 
     def failure(self, key: str) -> str | None:
         return self.registry.failure(key)
@@ -80,23 +107,41 @@ class LoraManager:
         return {self.registry.current(a).key for a in self.pinned_ids if a in self.registry}
 
     def pin(self, adapter_id: str, protected: set[str]) -> None:
-        """Keep an adapter in a device slot for good; at least one slot always stays unpinned."""
+        """Keep an adapter in a device slot for good; at least one slot always stays unpinned.
+        All or nothing: on AdapterPinError the adapter is not pinned."""
         key = self.registry.current(adapter_id).key
-        if adapter_id not in self.pinned_ids and len(self.pinned_ids) + 1 >= self.config.max_loras:
+        newly = adapter_id not in self.pinned_ids
+        if newly and len(self.pinned_ids) + 1 >= self.config.max_loras:
             raise AdapterPinError(f"cannot pin {adapter_id!r}: {len(self.pinned_ids)} of {self.config.max_loras} "
                                   "device slots are pinned and one must stay free")
         self.pinned_ids.add(adapter_id)
-        self.activate({key}, protected)
+        try:
+            self.activate({key}, protected)
+        except (SlotsExhaustedError, WeightsNotInMemoryError) as exc:
+            if newly:
+                self.pinned_ids.discard(adapter_id)
+                self.slots.pinned = self.reserved_keys()
+            raise AdapterPinError(f"cannot pin {adapter_id!r} now: {exc}") from exc
 
     def activate(self, keys: set[str], protected: set[str]) -> dict[str, int]:
-        """Make the step's adapter versions resident in device slots; returns key -> slot."""
+        """Make the step's adapter versions resident in device slots; returns key -> slot.
+        Weights come from memory only (held by ``ready``, or the CPU cache), never from disk."""
         self.slots.pinned = self.reserved_keys()
         now = time.time()
         for key in keys:
             self.registry.version(key).last_used = now
-        return self.slots.activate(keys, self.registry.weights, protected)
+        try:
+            return self.slots.activate(keys, self._weights_in_memory, protected)
+        finally:
+            self._held.clear()
 
-    def release(self, key: str) -> None:
+    def _weights_in_memory(self, key: str) -> LoraAdapter:
+        weights = self._held.get(key) or self.registry.cached(key)
+        if weights is None:
+            raise WeightsNotInMemoryError(f"the weights of {key} are not in memory (still loading or evicted)")
+        return weights
+
+    def free_version(self, key: str) -> None:
         """A retired version no request uses any more: free its slot and forget it."""
         self.slots.evict(key)
         self.registry.forget(key)
@@ -109,9 +154,11 @@ class LoraManager:
         out = []
         for adapter_id in self.registry.adapter_ids:
             v = self.registry.current(adapter_id)
+            load = self.registry.load_state(v.key)
             out.append(AdapterInfo(v.meta, self._tier(v.key), adapter_id in self.pinned_ids,
                                    self.request_counts.get(adapter_id, 0), v.version, v.last_used,
-                                   v.load_latency_s, v.owner, self.registry.failure(v.key)))
+                                   v.load_latency_s, v.owner, self.registry.failure(v.key) or load.last_error,
+                                   load.attempts, load.retrying, v.fingerprint))
         return out
 
     def _tier(self, key: str) -> str:

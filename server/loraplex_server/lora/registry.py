@@ -6,6 +6,14 @@
 - Weights are read lazily by a background loader (never on the engine thread) into a host-memory
   LRU cache of at most ``max_cpu_loras`` adapters; ``ensure_loading`` starts a load (prefetch),
   ``ready``/``failure`` report on it.
+- A transient read error (``AdapterSourceUnavailableError``, any ``OSError``) is retried with
+  bounded exponential backoff; a validation failure is not. ``load_state`` reports attempts, the
+  last error and whether a retry is pending.
+- A version is the bytes read at registration (its ``Fingerprint``). A later read of the same
+  version (after a CPU-cache eviction) whose bytes differ is refused: the source changed without a
+  LoadAdapter, and serving it would mix contents under one version.
+- Every request holds a reference on its version from ``acquire`` (when it is made, on any thread)
+  to ``release`` (when it ends); a retired version is forgotten only once nothing references it.
 """
 
 from __future__ import annotations
@@ -17,14 +25,15 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
-from ..errors import AdapterLoadError, AdapterNotFoundError
+from ..errors import AdapterLoadError, AdapterNotFoundError, AdapterSourceUnavailableError
 from .loader import DEFAULT_MAX_ADAPTER_BYTES, inspect_adapter, load_adapter
-from .weights import AdapterMeta, LoraAdapter, ModuleKey, TargetShape
+from .weights import AdapterMeta, Fingerprint, LoraAdapter, ModuleKey, TargetShape
 
 log = logging.getLogger(__name__)
 LoadFn = Callable[[str, Path, dict, int, int], LoraAdapter]
+T = TypeVar("T")
 
 
 def resolve_source(root: Path | None, source: str | Path) -> Path:
@@ -39,6 +48,30 @@ def resolve_source(root: Path | None, source: str | Path) -> Path:
     return candidate
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Reads of one load: ``attempts`` in all, waiting ``base_delay_s * 2**(n-1)`` (capped) after the n-th."""
+
+    attempts: int = 3
+    base_delay_s: float = 0.2
+    max_delay_s: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))
+
+
+@dataclass
+class LoadState:
+    attempts: int = 0
+    retrying: bool = False
+    last_error: str | None = None
+
+
+def meta_of(adapter: LoraAdapter, source: Path) -> AdapterMeta:
+    size = sum(4 * (m.a.numel() + m.b.numel()) for m in adapter.modules.values())  # fp32 resident bytes
+    return AdapterMeta(adapter.adapter_id, source, adapter.rank, adapter.target_modules, size)
+
+
 @dataclass(eq=False)
 class AdapterVersion:
     """One published version of an adapter; requests are bound to it for their whole life."""
@@ -48,6 +81,7 @@ class AdapterVersion:
     owner: str | None = None  # tenant owning it; None = public
     last_used: float | None = None
     load_latency_s: float | None = None  # disk -> CPU, once loaded
+    fingerprint: Fingerprint | None = None  # the bytes read at registration
 
     @property
     def adapter_id(self) -> str:
@@ -59,22 +93,36 @@ class AdapterVersion:
         return f"{self.meta.adapter_id}@{self.version}"
 
 
+def _check_same_bytes(version: AdapterVersion, weights: LoraAdapter) -> None:
+    """Refuse a re-read whose bytes are not the ones this version was registered with."""
+    old, new = version.fingerprint, weights.fingerprint
+    if old is not None and new is not None and old.sha256 != new.sha256:
+        raise AdapterLoadError(version.adapter_id, f"the source {version.meta.source} changed since LoadAdapter "
+                                                   f"(sha256 {old.sha256[:12]} -> {new.sha256[:12]}); "
+                                                   "call LoadAdapter again to serve the new files")
+
+
 class AdapterRegistry:
     def __init__(self, targets: dict[ModuleKey, TargetShape], max_rank: int, max_cpu_loras: int,
                  adapter_root: Path | None = None, max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
-                 load_fn: LoadFn = load_adapter, load_workers: int = 2):
+                 load_fn: LoadFn = load_adapter, load_workers: int = 2, retry: RetryPolicy = RetryPolicy(),
+                 sleep: Callable[[float], None] = time.sleep):
         self.targets = targets
         self.max_rank = max_rank
         self.max_cpu_loras = max(1, max_cpu_loras)
         self.adapter_root = adapter_root
         self.max_adapter_bytes = max_adapter_bytes
         self._load_fn = load_fn
+        self.retry = retry
+        self._sleep = sleep
+        self._load_states: dict[str, LoadState] = {}  # version key -> its background load
         self._executor = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="loraplex-adapter-load")
         self._current: dict[str, AdapterVersion] = {}
         self._versions: dict[str, AdapterVersion] = {}  # key -> version, every version still known
         self._cpu: OrderedDict[str, LoraAdapter] = OrderedDict()  # key -> weights, LRU first
         self._loading: dict[str, Future] = {}
         self._failed: dict[str, str] = {}
+        self._refs: dict[str, int] = {}  # version key -> requests bound to it
         self._lock = threading.Lock()
         self._next_version = 1
         self.num_cpu_loads = 0
@@ -97,20 +145,48 @@ class AdapterRegistry:
     def version(self, key: str) -> AdapterVersion:
         return self._versions[key]
 
+    def acquire(self, adapter_id: str) -> AdapterVersion:
+        """The current version, with one more request reference on it (atomic with unpublishing)."""
+        with self._lock:
+            version = self.current(adapter_id)
+            self._refs[version.key] = self._refs.get(version.key, 0) + 1
+        return version
+
+    def release(self, key: str) -> None:
+        """Give back one request reference taken by ``acquire``."""
+        with self._lock:
+            count = self._refs.get(key, 0) - 1
+            if count > 0:
+                self._refs[key] = count
+            else:
+                self._refs.pop(key, None)
+
+    def in_use(self, key: str) -> bool:
+        """Some request still references this version."""
+        return key in self._refs
+
     def register(self, adapter_id: str, source: str | Path, *, eager: bool = False,
-                 owner: str | None = None) -> AdapterVersion:
+                 owner: str | None = None, version: int | None = None) -> AdapterVersion:
         """Validate and publish a new version (raises AdapterLoadError and changes nothing on failure).
 
         ``eager`` reads and checks all weights first (so NaN/Inf are refused before publishing).
+        Transient read errors are retried (``retry``); the last one is raised. ``version``: the
+        number to publish under (a restored registration), default the next one.
         """
         if not adapter_id:
             raise AdapterLoadError(adapter_id, "adapter id must be non-empty")
         path = resolve_source(self.adapter_root, source)
-        plan = inspect_adapter(adapter_id, path, self.targets, self.max_rank, self.max_adapter_bytes)
-        weights = self._timed_load(adapter_id, path) if eager else None
+        if eager:
+            weights = self._load_with_retry(adapter_id, path)
+            meta, fingerprint = meta_of(weights[0], path), weights[0].fingerprint
+        else:
+            plan = self._with_retry(adapter_id, lambda: inspect_adapter(
+                adapter_id, path, self.targets, self.max_rank, self.max_adapter_bytes))
+            weights, meta, fingerprint = None, plan.meta, plan.fingerprint
         with self._lock:
-            version = AdapterVersion(plan.meta, self._next_version, owner)
-            self._next_version += 1
+            number = version if version is not None else self._next_version  # restored: keep its number
+            version = AdapterVersion(meta, number, owner, fingerprint=fingerprint)
+            self._next_version = max(self._next_version, number) + 1
             self._current[adapter_id] = version
             self._versions[version.key] = version
             if weights is not None:
@@ -130,10 +206,12 @@ class AdapterRegistry:
         """Drop a retired version nobody uses any more (its CPU weights too)."""
         with self._lock:
             version = self._versions.get(key)
-            if version is not None and self._current.get(version.adapter_id) is not version:
+            if (version is not None and self._current.get(version.adapter_id) is not version
+                    and key not in self._refs):
                 self._versions.pop(key, None)
                 self._cpu.pop(key, None)
                 self._failed.pop(key, None)
+                self._load_states.pop(key, None)
 
     # ---- the CPU tier ----------------------------------------------------------------------
     def ready(self, key: str) -> bool:
@@ -151,6 +229,12 @@ class AdapterRegistry:
     def failure(self, key: str) -> str | None:
         return self._failed.get(key)
 
+    def load_state(self, key: str) -> LoadState:
+        """Attempts, last error and retry state of the version's latest background load."""
+        with self._lock:
+            state = self._load_states.get(key)
+            return LoadState(state.attempts, state.retrying, state.last_error) if state else LoadState()
+
     def ensure_loading(self, key: str) -> None:
         """Start a background load of a version's weights unless cached, loading or failed."""
         with self._lock:
@@ -164,33 +248,63 @@ class AdapterRegistry:
         weights = self._load_fn(adapter_id, path, self.targets, self.max_rank, self.max_adapter_bytes)
         return weights, time.perf_counter() - start
 
+    def _with_retry(self, adapter_id: str, read: Callable[[], T], state: LoadState | None = None) -> T:
+        """``read()``, retried on transient errors with backoff; validation errors pass through at once."""
+        for attempt in range(1, self.retry.attempts + 1):
+            if state is not None:
+                with self._lock:
+                    state.attempts = attempt
+            try:
+                return read()
+            except AdapterSourceUnavailableError as exc:
+                error = exc
+            except AdapterLoadError:
+                raise
+            except OSError as exc:
+                error = AdapterSourceUnavailableError(adapter_id, f"reading failed: {type(exc).__name__}: {exc}")
+            last = attempt == self.retry.attempts
+            log.warning("adapter %s: %s (attempt %d of %d%s)", adapter_id, error.reason, attempt,
+                        self.retry.attempts, "" if last else ", retrying")
+            if state is not None:
+                with self._lock:
+                    state.attempts, state.retrying, state.last_error = attempt, not last, error.reason
+            if last:
+                raise error
+            self._sleep(self.retry.delay(attempt))
+        raise AssertionError("unreachable")
+
+    def _load_with_retry(self, adapter_id: str, path: Path, state: LoadState | None = None):
+        return self._with_retry(adapter_id, lambda: self._timed_load(adapter_id, path), state)
+
     def _load_version(self, version: AdapterVersion) -> None:
+        state = LoadState()
+        with self._lock:
+            self._load_states[version.key] = state
         try:
-            weights, latency = self._timed_load(version.adapter_id, version.meta.source)
+            weights, latency = self._load_with_retry(version.adapter_id, version.meta.source, state)
+            _check_same_bytes(version, weights)
         except Exception as exc:  # noqa: BLE001 - reported to the requests that wait for it
             message = exc.reason if isinstance(exc, AdapterLoadError) else f"{type(exc).__name__}: {exc}"
             log.warning("adapter %s failed to load: %s", version.key, message)
             with self._lock:
+                state.attempts, state.retrying, state.last_error = max(state.attempts, 1), False, message
                 self._failed[version.key] = message
                 self._loading.pop(version.key, None)
             return
         with self._lock:
             version.load_latency_s = latency
+            state.retrying = False
             self._put_cpu(version.key, weights)
             self._loading.pop(version.key, None)
 
-    def weights(self, key: str) -> LoraAdapter:
-        """Weights for a device slot (engine thread). Falls back to a synchronous read if evicted."""
+    def cached(self, key: str) -> LoraAdapter | None:
+        """The version's weights if the CPU cache holds them (marked most recently used), else None.
+        Never reads from disk: the engine thread calls this."""
         with self._lock:
-            if key in self._cpu:
+            weights = self._cpu.get(key)
+            if weights is not None:
                 self._cpu.move_to_end(key)
-                return self._cpu[key]
-            version = self._versions[key]
-        log.warning("adapter %s left the CPU cache before reaching a slot; reading it again", key)
-        weights, latency = self._timed_load(version.adapter_id, version.meta.source)
-        with self._lock:
-            self._put_cpu(key, weights)
-        return weights
+            return weights
 
     def is_loading(self, key: str) -> bool:
         return key in self._loading

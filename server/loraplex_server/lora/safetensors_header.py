@@ -48,20 +48,22 @@ def _entry(name: str, raw, data_bytes: int) -> TensorInfo:
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Tensor name -> dtype and shape; raises HeaderError if the file is not sane."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        prefix = fh.read(8)
-        if len(prefix) < 8:
-            raise HeaderError("file is too short to be safetensors")
-        (n,) = struct.unpack("<Q", prefix)
-        if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise HeaderError(f"header length {n} is impossible for a {size}-byte file")
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise HeaderError(f"header is not valid JSON: {exc}") from exc
+    return parse_header(path.read_bytes())
+
+
+def parse_header(data: bytes) -> dict[str, TensorInfo]:
+    """Like ``read_header``, from a safetensors file's bytes already in memory."""
+    size = len(data)
+    if size < 8:
+        raise HeaderError("file is too short to be safetensors")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise HeaderError(f"header length {n} is impossible for a {size}-byte file")
+    try:
+        header = json.loads(data[8:8 + n])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HeaderError(f"header is not valid JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise HeaderError("header is not a JSON object")
     data_bytes = size - 8 - n
-    tensors = {k: _entry(k, v, data_bytes) for k, v in header.items() if k != "__metadata__"}
-    return tensors
+    return {k: _entry(k, v, data_bytes) for k, v in header.items() if k != "__metadata__"}

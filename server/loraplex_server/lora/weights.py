@@ -24,6 +24,15 @@ class TargetShape:
     out_features: int
 
 
+@dataclass(frozen=True)
+class Fingerprint:
+    """The adapter files' bytes that a version was read from."""
+
+    sha256: str  # of the config and the weights file
+    size_bytes: int  # both files together
+    mtime: float  # the newer file's modification time (unix)
+
+
 @dataclass
 class LoraModuleWeights:
     a: torch.Tensor  # [r, in_features]
@@ -43,6 +52,7 @@ class LoraAdapter:
     lora_alpha: float
     use_rslora: bool = False
     base_model_name: str | None = None
+    fingerprint: Fingerprint | None = None  # of the bytes these weights were read from
 
     @property
     def rank(self) -> int:
@@ -74,4 +84,7 @@ class AdapterInfo:
     last_used: float | None = None  # unix time of the last step that ran it
     load_latency_s: float | None = None  # disk -> CPU
     owner: str | None = None
-    error: str | None = None  # why its weights could not be loaded
+    error: str | None = None  # why its weights could not be loaded (the last error while retrying)
+    load_attempts: int = 0  # reads of the current load (1 = no retry so far)
+    retrying: bool = False  # a transient read error is being retried
+    fingerprint: Fingerprint | None = None
