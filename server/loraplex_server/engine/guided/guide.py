@@ -1,0 +1,69 @@
+"""One constrained request's grammar state: compiling -> ready (a matcher) or failed.
+
+The engine thread alone touches the matcher: the sampler fills the request's row of the token
+bitmask, the engine advances the matcher with each accepted token.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+import torch
+
+from ...errors import InvalidRequestError
+from ..request import Constraint, Request
+from .backend import GrammarBackend
+
+
+class Guide:
+    def __init__(self, constraint: Constraint, compiled: Future):
+        self.constraint = constraint
+        self._compiled = compiled  # -> (GrammarBackend, compiled grammar)
+        self._matcher = None
+        self.backend: GrammarBackend | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Compiled successfully (a request waits in the queue until then)."""
+        return self._compiled.done() and not self._compiled.cancelled() and self._compiled.exception() is None
+
+    @property
+    def error(self) -> str | None:
+        """Why the constraint was refused, once its compile failed."""
+        if not self._compiled.done():
+            return None
+        if self._compiled.cancelled():
+            return f"{self.constraint.field}: compile cancelled (server shutting down)"
+        exc = self._compiled.exception()
+        if exc is None:
+            return None
+        if isinstance(exc, InvalidRequestError):
+            return str(exc)
+        return f"{self.constraint.field}: does not compile: {type(exc).__name__}: {exc}"
+
+    def ensure_matcher(self):
+        if self._matcher is None:
+            self.backend, grammar = self._compiled.result()
+            self._matcher = self.backend.matcher(grammar)
+        return self._matcher
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        """Row ``row`` of ``bitmask`` := the tokens the grammar allows next."""
+        self.backend.fill(self.ensure_matcher(), bitmask, row)
+
+    def accept(self, token_id: int) -> bool:
+        """Advance past a sampled token; False if the grammar rejects it (it never should)."""
+        return bool(self.ensure_matcher().accept_token(token_id))
+
+
+def mask_constrained_rows(logits: torch.Tensor, rows: list[Request], constrained: list[int]) -> None:
+    """In place: logits [N, V]; each row in ``constrained`` keeps only its grammar's allowed tokens
+    (EOS only where the grammar is complete). Other rows are not touched."""
+    guides = [rows[i].guide for i in constrained]
+    for guide in guides:
+        guide.ensure_matcher()
+    backend = guides[0].backend
+    bitmask = backend.new_bitmask(logits.shape[0])  # [N, ceil(V / 32)], rows outside ``constrained`` unused
+    for i, guide in zip(constrained, guides):
+        guide.fill(bitmask, i)
+    backend.apply(logits, bitmask, constrained)
