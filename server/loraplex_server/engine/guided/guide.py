@@ -49,7 +49,8 @@ class Guide:
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """Row ``row`` of ``bitmask`` := the tokens the grammar allows next."""
-        self.backend.fill(self.ensure_matcher(), bitmask, row)
+        matcher = self.ensure_matcher()  # sets self.backend on first use
+        self.backend.fill(matcher, bitmask, row)
 
     def accept(self, token_id: int) -> bool:
         """Advance past a sampled token; False if the grammar rejects it (it never should)."""
@@ -62,7 +63,7 @@ def mask_constrained_rows(logits: torch.Tensor, rows: list[Request], constrained
     guides = [rows[i].guide for i in constrained]
     for guide in guides:
         guide.ensure_matcher()
-    backend = guides[0].backend
+    backend = guides[0].backend  # one backend per engine: every guide shares it
     bitmask = backend.new_bitmask(logits.shape[0])  # [N, ceil(V / 32)], rows outside ``constrained`` unused
     for i, guide in zip(constrained, guides):
         guide.fill(bitmask, i)
