@@ -172,3 +172,38 @@ def test_a_token_the_grammar_rejects_fails_only_that_request(make_engine, monkey
     outputs = run_to_completion(engine, timeout_s=60)
     assert outputs["c"][-1].finish_reason is FinishReason.ERROR and outputs["c"][-1].error_kind == "internal"
     assert outputs["plain"][-1].finish_reason is FinishReason.LENGTH and not engine.requests
+
+
+ANSWER_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "minLength": 1, "maxLength": 160}},
+                 "required": ["answer"], "additionalProperties": False}
+
+
+def schema_valid(text: str) -> bool:
+    try:
+        jsonschema.validate(json.loads(text), ANSWER_SCHEMA)
+    except (json.JSONDecodeError, jsonschema.ValidationError):
+        return False
+    return True
+
+
+def test_trained_json_adapter_with_a_schema_gives_only_valid_objects(make_engine, capsys):
+    from test_demo_adapters import HELD_OUT  # the prompts the adapter never saw in training
+
+    from helpers import ASSETS
+    engine = make_engine(max_loras=1, max_rank=16)
+    engine.lora.add_adapter("json", ASSETS / "adapters" / "json")
+    constraint = Constraint("json_schema", spec=json.dumps(ANSWER_SCHEMA))
+    for i, prompt in enumerate(HELD_OUT):
+        message = Prompt(messages=(ChatMessage("user", prompt),))
+        engine.add_request(engine.make_request(message, SamplingParams(max_new_tokens=40), "json", f"free-{i}"))
+        engine.add_request(engine.make_request(message, SamplingParams(max_new_tokens=80, constraint=constraint),
+                                               "json", f"schema-{i}"))
+    outputs = run_to_completion(engine)
+    text = {rid: "".join(d.text for d in deltas) for rid, deltas in outputs.items()}
+    n = len(HELD_OUT)
+    free = sum(schema_valid(text[f"free-{i}"]) for i in range(n))
+    constrained = sum(schema_valid(text[f"schema-{i}"]) for i in range(n))
+    with capsys.disabled():
+        print(f"\njson adapter, {n} held-out prompts: schema-valid {free}/{n} unconstrained, {constrained}/{n} "
+              "with the schema")
+    assert constrained == n, [text[f"schema-{i}"] for i in range(n)]
