@@ -153,11 +153,13 @@ def constrained_row(rid, guide, **sp):
     return Request(rid, [1, 2], SamplingParams(constraint=guide.constraint, **sp), guide=guide)
 
 
-def test_sampler_masks_constrained_rows_only_and_keeps_others_identical(backend, tokenizer):
+@pytest.mark.parametrize("logprobs", [0, 2])  # 0: masked in place; 2: on a copy (logprobs are raw)
+def test_sampler_masks_constrained_rows_only_and_keeps_others_identical(backend, tokenizer, logprobs):
     cache = make_cache(backend)
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 49152, generator=g) * 4
-    plain = [Request(f"p{i}", [1, 2], SamplingParams(temperature=0.9 * i, seed=i, logprobs=2)) for i in range(2)]
+    plain = [Request(f"p{i}", [1, 2], SamplingParams(temperature=0.9 * i, seed=i, logprobs=logprobs))
+             for i in range(2)]
     alone = Sampler(torch.device("cpu"))(logits[:2].clone(), plain)
     guides = [compiled_guide(cache, Constraint("regex", spec="[0-9]+")),
               compiled_guide(cache, Constraint("choice", choices=("alpha", "beta")))]

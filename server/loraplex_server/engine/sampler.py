@@ -71,7 +71,8 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: list[Request]) -> SampleResult:
-        """logits [N, V] for the N requests in ``rows`` (one row each)."""
+        """logits [N, V] for the N requests in ``rows`` (one row each). Constrained rows of
+        ``logits`` may be masked in place when no row asks for logprobs."""
         logits = logits.float()
         raw = logits
         if any(r.sampling.repetition_penalty != 1.0 for r in rows):
@@ -79,8 +80,8 @@ class Sampler:
             apply_repetition_penalty(logits, rows)
         constrained = [i for i, r in enumerate(rows) if r.guide is not None]
         if constrained:  # structured outputs: those rows keep only what their grammar allows
-            if logits is raw:
-                logits = logits.clone()
+            if logits is raw and any(r.sampling.logprobs > 0 for r in rows):
+                logits = logits.clone()  # logprobs are of the raw distribution; else mask in place
             mask_constrained_rows(logits, rows, constrained)
         tokens = self._argmax(logits)  # [N] greedy choice for every row
         sampled = [i for i, r in enumerate(rows) if not r.sampling.greedy]
