@@ -93,6 +93,8 @@ class GuidedConfig:
     grammar_cache_size: int = 256  # compiled grammars kept (LRU), failures included
     max_constraint_bytes: int = 64 * 1024  # a schema / regex / grammar / choice list over this is refused
     grammar_compile_threads: int = 1  # compiles run off the engine thread on this many workers
+    # a request whose grammar has not compiled after this long is refused (INVALID_ARGUMENT), not left waiting
+    grammar_compile_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,24 @@ def test_a_slow_compile_waits_in_the_queue_while_other_requests_run(make_engine)
     assert outputs["slow"][-1].finish_reason is FinishReason.EOS
 
 
+def test_a_compile_that_overruns_its_time_is_refused_not_left_hanging(make_engine):
+    from dataclasses import replace
+    engine = make_engine()
+    engine.config = replace(engine.config, guided=replace(engine.config.guided, grammar_compile_timeout_s=0.2))
+    release = threading.Event()
+    compile_one = engine.grammars.compile_fn
+    engine.grammars.compile_fn = lambda backend, c: (release.wait(60), compile_one(backend, c))[1]
+    try:
+        engine.add_request(engine.make_request(chat(0), SamplingParams(constraint=Constraint("regex", spec="z+")),
+                                               None, "stuck"))
+        outputs = run_to_completion(engine, timeout_s=30)
+    finally:
+        release.set()
+    final = outputs["stuck"][-1]
+    assert final.finish_reason is FinishReason.ERROR and final.error_kind == "invalid_constraint"
+    assert final.error == "sampling.regex: too complex: did not compile within 0.2 s" and not engine.requests
+
+
 def test_a_grammar_that_fails_to_compile_ends_its_request_and_is_then_refused_at_once(make_engine):
     engine = make_engine()
     bad = Constraint("json_schema", spec='{"type": "frobnicate"}')

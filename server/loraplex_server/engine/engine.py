@@ -120,7 +120,8 @@ class LLMEngine:
         known to be bad is refused here, one still compiling is refused from the queue."""
         if sampling.constraint is None:
             return None
-        guide = Guide(sampling.constraint, self.grammars.get(sampling.constraint))
+        guide = Guide(sampling.constraint, self.grammars.get(sampling.constraint),
+                      self.config.guided.grammar_compile_timeout_s)
         if guide.error is not None:
             raise InvalidRequestError(sampling.constraint.field, guide.error.removeprefix(
                 sampling.constraint.field + ": "))

@@ -6,6 +6,7 @@ bitmask, the engine advances the matcher with each accepted token.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future
 
 import torch
@@ -16,9 +17,11 @@ from .backend import GrammarBackend
 
 
 class Guide:
-    def __init__(self, constraint: Constraint, compiled: Future):
+    def __init__(self, constraint: Constraint, compiled: Future, timeout_s: float = float("inf")):
         self.constraint = constraint
         self._compiled = compiled  # -> (GrammarBackend, compiled grammar)
+        self._timeout_s = timeout_s
+        self._deadline = time.monotonic() + timeout_s
         self._matcher = None
         self.backend: GrammarBackend | None = None
 
@@ -29,8 +32,10 @@ class Guide:
 
     @property
     def error(self) -> str | None:
-        """Why the constraint was refused, once its compile failed."""
+        """Why the constraint was refused, once its compile failed or overran its time."""
         if not self._compiled.done():
+            if time.monotonic() > self._deadline:
+                return f"{self.constraint.field}: too complex: did not compile within {self._timeout_s:g} s"
             return None
         if self._compiled.cancelled():
             return f"{self.constraint.field}: compile cancelled (server shutting down)"
