@@ -173,6 +173,17 @@ def test_sampler_masks_constrained_rows_only_and_keeps_others_identical(backend,
         "beta".startswith(tokenizer.decode([mixed.token_ids[3]]))
 
 
+def test_batches_without_constrained_rows_never_reach_the_mask(monkeypatch):
+    import loraplex_server.engine.sampler as sampler_module
+
+    def fail(*args):
+        raise AssertionError("mask applied to a batch without constrained rows")
+    monkeypatch.setattr(sampler_module, "mask_constrained_rows", fail)
+    logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 1.0, 0.0]])
+    assert Sampler(torch.device("cpu"))(logits, [Request("a", [1], SamplingParams()),
+                                                 Request("b", [1], SamplingParams(temperature=1.0, seed=1))]).token_ids[0] == 1
+
+
 # ---------------------------------------------------------------- the API edge
 
 
