@@ -225,3 +225,25 @@ def test_trained_json_adapter_with_a_schema_gives_only_valid_objects(make_engine
         print(f"\njson adapter, {n} held-out prompts: schema-valid {free}/{n} unconstrained, {constrained}/{n} "
               "with the schema")
     assert constrained == n, [text[f"schema-{i}"] for i in range(n)]
+
+
+def test_a_grammar_engine_error_while_masking_fails_only_that_request(make_engine, monkeypatch):
+    engine = make_engine()
+    regex = SamplingParams(max_new_tokens=6, constraint=Constraint("regex", spec="[0-9]+"))
+    broken = engine.make_request(chat(0), regex, None, "broken")
+    fine = engine.make_request(chat(1), regex, None, "fine")
+    for request in (broken, fine):
+        engine.add_request(request)
+    engine.add_request(engine.make_request(chat(2), SamplingParams(max_new_tokens=4), None, "plain"))
+    deadline = time.monotonic() + 30
+    while not broken.guide.ready:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+    def failing_matcher():
+        raise RuntimeError("matcher exploded")
+    monkeypatch.setattr(broken.guide, "ensure_matcher", failing_matcher)
+    outputs = run_to_completion(engine, timeout_s=60)
+    assert outputs["broken"][-1].error_kind == "internal" and broken.guide.failure == "RuntimeError: matcher exploded"
+    assert re.fullmatch("[0-9]+", "".join(d.text for d in outputs["fine"]))
+    assert outputs["plain"][-1].finish_reason is FinishReason.LENGTH and not engine.requests

@@ -238,9 +238,10 @@ class LLMEngine:
         outputs = []
         for request, token, logprob in zip(sampled, samples.token_ids, samples.logprobs):
             if request.guide is not None and not request.guide.accept(token):
-                log.error("grammar rejected sampled token %d of request %s", token, request.request_id)
-                outputs.append(self.outputs.final(request, FinishReason.ERROR, "the grammar rejected a sampled "
-                                                  "token", "internal"))
+                log.error("grammar rejected sampled token %d of request %s (%s)", token, request.request_id,
+                          request.guide.failure or "not allowed")
+                outputs.append(self.outputs.final(request, FinishReason.ERROR, "the grammar engine failed on "
+                                                  "this request", "internal"))
                 self._finish(request)
                 continue
             out = self.outputs.append(request, token, logprob)
