@@ -22,7 +22,7 @@ from pathlib import Path
 import loraplex_server.engine.sampler as sampler_module
 from loraplex_server.config import GuidedConfig, engine_config_from_env
 from loraplex_server.engine.engine import LLMEngine
-from loraplex_server.engine.guided import GrammarCache
+from loraplex_server.engine.guided import GrammarCache, Guide
 from loraplex_server.engine.request import Constraint, Prompt, SamplingParams
 
 
@@ -35,7 +35,8 @@ def thirty_field_schema() -> str:
 
 
 class TimedMask:
-    """Wraps the sampler's ``mask_constrained_rows`` and adds up the time spent in it."""
+    """Wraps a function (the sampler's ``mask_constrained_rows``, ``Guide.accept``) and adds up the
+    time spent in it."""
 
     def __init__(self, fn):
         self.fn, self.seconds = fn, 0.0
@@ -48,7 +49,8 @@ class TimedMask:
             self.seconds += time.perf_counter() - start
 
 
-def measure(engine: LLMEngine, timer: TimedMask, seqs: int, constrained: int, steps: int) -> dict:
+def measure(engine: LLMEngine, timers: tuple[TimedMask, TimedMask], seqs: int, constrained: int, steps: int) -> dict:
+    timer, accept_timer = timers  # grammar masks in the sampler; matcher advance per accepted token
     schema = Constraint("json_schema", spec=thirty_field_schema())
     for i in range(seqs):
         prompt = Prompt(token_ids=tuple(range(100 + i, 116 + i)))
@@ -60,17 +62,19 @@ def measure(engine: LLMEngine, timer: TimedMask, seqs: int, constrained: int, st
     engine.step()
     while engine.last_batch != (seqs, seqs):  # compiles, prefill: until a pure decode step of all rows
         engine.step()
-    totals, masks = [], []
+    totals, masks, accepts = [], [], []
     for _ in range(steps):
-        timer.seconds = 0.0
+        timer.seconds = accept_timer.seconds = 0.0
         start = time.perf_counter()
         engine.step()
         totals.append((time.perf_counter() - start) * 1e3)
         masks.append(timer.seconds * 1e3)
+        accepts.append(accept_timer.seconds * 1e3)
         assert engine.last_batch == (seqs, seqs), f"a row finished inside the timed window: {engine.last_batch}"
     for request_id in list(engine.requests):
         engine.abort(request_id)
-    return {"constrained": constrained, "step_ms": statistics.median(totals), "mask_ms": statistics.median(masks)}
+    return {"constrained": constrained, "step_ms": statistics.median(totals), "mask_ms": statistics.median(masks),
+            "accept_ms": statistics.median(accepts)}
 
 
 def compile_times(engine: LLMEngine) -> dict:
@@ -99,6 +103,9 @@ def main(argv=None) -> dict:
                                     scheduler=dict(max_num_seqs=args.seqs, max_num_batched_tokens=2048))
     engine = LLMEngine(config)
     timer = sampler_module.mask_constrained_rows = TimedMask(sampler_module.mask_constrained_rows)
+    accept_timer = TimedMask(Guide.accept)
+    Guide.accept = lambda guide, token: accept_timer(guide, token)
+    timer = (timer, accept_timer)
     measure(engine, timer, 4, 2, 4)  # warm-up (and the grammar compiled once)
     runs = {0: [], args.constrained: []}
     for _ in range(args.repeats):
@@ -106,13 +113,16 @@ def main(argv=None) -> dict:
             runs[n].append(measure(engine, timer, args.seqs, n, args.steps))
     step = {n: statistics.median(r["step_ms"] for r in rows) for n, rows in runs.items()}
     mask = statistics.median(r["mask_ms"] for r in runs[args.constrained])
+    accept = statistics.median(r["accept_ms"] for r in runs[args.constrained])
+    pairs = [(round(a["step_ms"], 1), round(b["step_ms"], 1)) for a, b in zip(runs[0], runs[args.constrained])]
     result = {"seqs": args.seqs, "constrained": args.constrained, "threads": args.threads,
               "dtype": str(engine.loaded.dtype), "step_ms_none": step[0], "step_ms_constrained": step[args.constrained],
-              "mask_ms": mask, "overhead": step[args.constrained] / step[0] - 1, **compile_times(engine)}
+              "mask_ms": mask, "accept_ms": accept, "runs_ms": pairs, "overhead": step[args.constrained] / step[0] - 1, **compile_times(engine)}
     print(f"{engine.loaded.name} {result['dtype']}, {args.threads} thread(s), {args.seqs} decoding rows, "
           f"median of {args.steps} steps x {args.repeats} runs")
-    print("| constrained rows | step ms | of which grammar masks ms |\n|---:|---:|---:|")
-    print(f"| 0 | {step[0]:.1f} | 0 |\n| {args.constrained} | {step[args.constrained]:.1f} | {mask:.2f} |")
+    print("| constrained rows | step ms | grammar masks ms | matcher advance ms |\n|---:|---:|---:|---:|")
+    print(f"| 0 | {step[0]:.1f} | 0 | 0 |\n| {args.constrained} | {step[args.constrained]:.1f} | {mask:.2f} | {accept:.2f} |")
+    print(f"per run (none, constrained) ms: {pairs}")
     print(f"overhead {100 * result['overhead']:+.1f}%; 30-field schema compile: cold {result['cold_ms']:.1f} ms, "
           f"cached {result['cached_ms']:.3f} ms")
     if args.json:
