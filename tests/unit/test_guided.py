@@ -129,6 +129,19 @@ def test_without_the_grammar_engine_constraints_are_failed_precondition(backend,
     assert status_for(exc.value) is grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_the_server_modules_import_when_xgrammar_cannot_be_imported():
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['xgrammar'] = None\n"  # makes `import xgrammar` raise ImportError
+            "from loraplex_server.engine.guided import backend\n"
+            "import loraplex_server.api.server\n"
+            "assert backend.xgr is None\n"
+            "print(backend.IMPORT_ERROR)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("ModuleNotFoundError") and "xgrammar" in proc.stdout
+
+
 # ---------------------------------------------------------------- masking and sampling
 
 
