@@ -6,6 +6,7 @@ its documented defaults (proto3 zero = unset).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Union
 
@@ -64,10 +65,17 @@ def build_sampling(
     seed: int | None = None,
     ignore_eos: bool = False,
     logprobs: int = 0,
+    json_schema: str | Mapping[str, Any] | None = None,
+    regex: str | None = None,
+    choice: Sequence[str] | None = None,
+    grammar: str | None = None,
+    json_object: bool = False,
 ) -> pb.SamplingParams:
     """Return ``SamplingParams`` with only the given fields set.
 
     ``max_new_tokens`` must be at least 1 because 0 on the wire means "the server default".
+    At most one structured-output constraint (``json_schema``, ``regex``, ``choice``, ``grammar``,
+    ``json_object``) may be given; the server checks that it compiles.
     """
     _check_count("max_new_tokens", max_new_tokens, minimum=1)
     _check_count("top_k", top_k)
@@ -80,7 +88,32 @@ def build_sampling(
                         ("repetition_penalty", repetition_penalty), ("seed", seed)):
         if value is not None:
             setattr(params, name, value)
+    set_constraint(params, json_schema=json_schema, regex=regex, choice=choice, grammar=grammar,
+                   json_object=json_object)
     return params
+
+
+def set_constraint(params: pb.SamplingParams, *, json_schema: str | Mapping[str, Any] | None = None,
+                   regex: str | None = None, choice: Sequence[str] | None = None, grammar: str | None = None,
+                   json_object: bool = False) -> None:
+    """Set the ``constraint`` oneof from at most one of the keyword arguments."""
+    given = [name for name, value in (("json_schema", json_schema), ("regex", regex), ("choice", choice),
+                                      ("grammar", grammar)) if value is not None] + (["json_object"] if json_object else [])
+    if len(given) > 1:
+        raise ValueError(f"give at most one constraint (got {', '.join(given)})")
+    if json_schema is not None:
+        params.json_schema = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+    elif regex is not None:
+        params.regex = regex
+    elif choice is not None:
+        if isinstance(choice, str):
+            raise TypeError("choice must be a sequence of strings, not one string")
+        params.choice.SetInParent()  # an empty list still selects the oneof (the server refuses it)
+        params.choice.choices.extend(choice)
+    elif grammar is not None:
+        params.grammar = grammar
+    elif json_object:
+        params.json_object = True
 
 
 def _set_input(request: pb.GenerateRequest, prompt: str | None,

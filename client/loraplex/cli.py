@@ -72,6 +72,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _file_text(path: str) -> str:
+    """An argument naming a file, read now (a missing file is a usage error)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror}") from None
+
+
 def _sampling_parent() -> argparse.ArgumentParser:
     """Options shared by ``generate`` and ``chat``."""
     parent = argparse.ArgumentParser(add_help=False)
@@ -86,6 +95,14 @@ def _sampling_parent() -> argparse.ArgumentParser:
     group.add_argument("--stop", action="extend", nargs="+", default=[], metavar="S",
                        help="stop string(s); repeatable")
     group.add_argument("--ignore-eos", action="store_true")
+    constraint = parent.add_argument_group("structured output (at most one)").add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", type=_file_text, metavar="FILE", help="the output is JSON valid against "
+                            "the JSON Schema in FILE")
+    constraint.add_argument("--regex", metavar="RE", help="the whole output matches this regular expression")
+    constraint.add_argument("--choice", nargs="+", metavar="S", help="the output is exactly one of these strings")
+    constraint.add_argument("--grammar", type=_file_text, metavar="FILE", help="the output follows the EBNF grammar "
+                            "in FILE (with a root rule)")
+    constraint.add_argument("--json-object", action="store_true", help="the output is a JSON object")
     return parent
 
 
@@ -158,6 +175,8 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
         "repetition_penalty": args.repetition_penalty, "seed": args.seed,
         "stop": args.stop or None, "ignore_eos": args.ignore_eos,
+        "json_schema": args.json_schema, "regex": args.regex, "choice": args.choice, "grammar": args.grammar,
+        "json_object": args.json_object,
     }
 
 

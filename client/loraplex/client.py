@@ -133,6 +133,8 @@ class Client:
         repetition_penalty: float | None = None, stop: str | Sequence[str] | None = None,
         stop_token_ids: Sequence[int] | None = None, seed: int | None = None,
         ignore_eos: bool = False, logprobs: int = 0, request_id: str = "",
+        json_schema: str | Mapping[str, Any] | None = None, regex: str | None = None,
+        choice: Sequence[str] | None = None, grammar: str | None = None, json_object: bool = False,
         timeout: float | None = None,
     ) -> GenerateResult:
         """Generate a completion and return it whole.
@@ -141,12 +143,19 @@ class Client:
         or ``{"role", "content"}`` dicts, rendered with the model's chat template) or
         ``token_ids``; otherwise ``ValueError``. ``adapter_id=""`` is the base model. Sampling
         arguments left as ``None`` take the server's defaults. Never retried.
+
+        Structured output (at most one): ``json_schema`` (a JSON Schema as text or a dict),
+        ``regex`` (the whole output matches it), ``choice`` (exactly one of these strings),
+        ``grammar`` (EBNF with a ``root`` rule) or ``json_object=True`` (any JSON object). A
+        constraint the server cannot compile raises ``InvalidArgumentError``; if
+        ``max_new_tokens`` runs out first, ``finish_reason`` is ``length`` and the text is a prefix.
         """
         request = build_generate_request(
             prompt, messages=messages, token_ids=token_ids, adapter_id=adapter_id,
             request_id=request_id, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, stop=stop,
-            stop_token_ids=stop_token_ids, seed=seed, ignore_eos=ignore_eos, logprobs=logprobs)
+            stop_token_ids=stop_token_ids, seed=seed, ignore_eos=ignore_eos, logprobs=logprobs,
+            json_schema=json_schema, regex=regex, choice=choice, grammar=grammar, json_object=json_object)
         response = self._call(self._stub.Generate, request, idempotent=False, timeout=timeout)
         return generate_result_from_proto(response)
 
@@ -158,6 +167,8 @@ class Client:
         repetition_penalty: float | None = None, stop: str | Sequence[str] | None = None,
         stop_token_ids: Sequence[int] | None = None, seed: int | None = None,
         ignore_eos: bool = False, logprobs: int = 0, request_id: str = "",
+        json_schema: str | Mapping[str, Any] | None = None, regex: str | None = None,
+        choice: Sequence[str] | None = None, grammar: str | None = None, json_object: bool = False,
         timeout: float | None = None,
     ) -> Iterator[StreamChunk]:
         """Generate a completion as a stream of deltas (arguments as :meth:`generate`).
@@ -170,7 +181,8 @@ class Client:
             prompt, messages=messages, token_ids=token_ids, adapter_id=adapter_id,
             request_id=request_id, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, stop=stop,
-            stop_token_ids=stop_token_ids, seed=seed, ignore_eos=ignore_eos, logprobs=logprobs)
+            stop_token_ids=stop_token_ids, seed=seed, ignore_eos=ignore_eos, logprobs=logprobs,
+            json_schema=json_schema, regex=regex, choice=choice, grammar=grammar, json_object=json_object)
         return self._stream(request, timeout)
 
     def _stream(self, request: pb.GenerateRequest, timeout: float | None) -> Iterator[StreamChunk]:
@@ -277,6 +289,8 @@ class AsyncClient:
         repetition_penalty: float | None = None, stop: str | Sequence[str] | None = None,
         stop_token_ids: Sequence[int] | None = None, seed: int | None = None,
         ignore_eos: bool = False, logprobs: int = 0, request_id: str = "",
+        json_schema: str | Mapping[str, Any] | None = None, regex: str | None = None,
+        choice: Sequence[str] | None = None, grammar: str | None = None, json_object: bool = False,
         timeout: float | None = None,
     ) -> GenerateResult:
         """See :meth:`Client.generate`."""
@@ -284,7 +298,8 @@ class AsyncClient:
             prompt, messages=messages, token_ids=token_ids, adapter_id=adapter_id,
             request_id=request_id, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, stop=stop,
-            stop_token_ids=stop_token_ids, seed=seed, ignore_eos=ignore_eos, logprobs=logprobs)
+            stop_token_ids=stop_token_ids, seed=seed, ignore_eos=ignore_eos, logprobs=logprobs,
+            json_schema=json_schema, regex=regex, choice=choice, grammar=grammar, json_object=json_object)
         response = await self._call(self._stub.Generate, request, idempotent=False, timeout=timeout)
         return generate_result_from_proto(response)
 
@@ -296,6 +311,8 @@ class AsyncClient:
         repetition_penalty: float | None = None, stop: str | Sequence[str] | None = None,
         stop_token_ids: Sequence[int] | None = None, seed: int | None = None,
         ignore_eos: bool = False, logprobs: int = 0, request_id: str = "",
+        json_schema: str | Mapping[str, Any] | None = None, regex: str | None = None,
+        choice: Sequence[str] | None = None, grammar: str | None = None, json_object: bool = False,
         timeout: float | None = None,
     ) -> AsyncIterator[StreamChunk]:
         """See :meth:`Client.generate_stream`; use ``async for``. ``aclose()`` (or cancelling the
@@ -304,7 +321,8 @@ class AsyncClient:
             prompt, messages=messages, token_ids=token_ids, adapter_id=adapter_id,
             request_id=request_id, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, stop=stop,
-            stop_token_ids=stop_token_ids, seed=seed, ignore_eos=ignore_eos, logprobs=logprobs)
+            stop_token_ids=stop_token_ids, seed=seed, ignore_eos=ignore_eos, logprobs=logprobs,
+            json_schema=json_schema, regex=regex, choice=choice, grammar=grammar, json_object=json_object)
         return self._stream(request, timeout)
 
     async def _stream(self, request: pb.GenerateRequest,

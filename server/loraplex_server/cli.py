@@ -49,6 +49,10 @@ FLAGS = [
     ("--max-slot-bypass-steps", "scheduler", "max_slot_bypass_steps", int, "steps a request waiting for a "
      "LoRA slot may be passed over by requests for adapters already in the batch (0: strict order)"),
     ("--max-adapter-bytes", "lora", "max_adapter_bytes", parse_size, "adapter weights file size limit"),
+    ("--grammar-cache-size", "guided", "grammar_cache_size", int, "compiled grammars kept (LRU) for "
+                                                                   "structured outputs"),
+    ("--max-constraint-bytes", "guided", "max_constraint_bytes", parse_size, "size limit of a JSON schema, "
+                                                                             "regex, grammar or choice list"),
     ("--log-level", "server", "log_level", str, "DEBUG | INFO | WARNING | ERROR"),
     ("--state-dir", "server", "state_dir", Path, "directory of the adapter registry (SQLite): adapters loaded "
                                                  "with LoadAdapter survive restarts; unset = not persisted"),

@@ -89,11 +89,23 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class GuidedConfig:
+    """Structured outputs (constrained decoding)."""
+
+    grammar_cache_size: int = 256  # compiled grammars kept (LRU), failures included
+    max_constraint_bytes: int = 64 * 1024  # a schema / regex / grammar / choice list over this is refused
+    grammar_compile_threads: int = 1  # compiles run off the engine thread on this many workers
+    # a request whose grammar has not compiled after this long is refused (INVALID_ARGUMENT), not left waiting
+    grammar_compile_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    guided: GuidedConfig = field(default_factory=GuidedConfig)
 
     def resolved_threads(self) -> int:
         return self.model.threads if self.model.threads is not None else default_threads()
@@ -118,7 +130,8 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
 
 
-_SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "lora": LoraConfig}
+_SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "lora": LoraConfig,
+             "guided": GuidedConfig}
 _SIZE_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -149,7 +162,7 @@ def parse_adapters(items) -> tuple[tuple[str, str], ...]:
 
 def _coerce(name: str, annotation: str, raw):
     """Convert a raw (string, or TOML-typed) value to a config field's type."""
-    if name in ("kv_cache_bytes", "max_adapter_bytes"):
+    if name in ("kv_cache_bytes", "max_adapter_bytes", "max_constraint_bytes"):
         return parse_size(raw)
     if name == "adapters":
         return parse_adapters(raw)

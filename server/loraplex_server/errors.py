@@ -73,3 +73,7 @@ class AdapterUnavailableError(LoraplexError):
     def __init__(self, adapter_id: str, reason: str):
         super().__init__(f"adapter {adapter_id!r} could not be loaded: {reason}")
         self.adapter_id = adapter_id
+
+
+class GuidedDecodingUnavailableError(LoraplexError):
+    """A constrained request reached a server without a grammar engine (xgrammar not installed)."""

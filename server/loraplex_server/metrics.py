@@ -63,6 +63,9 @@ class StepStats:
     running_adapters: tuple[str, ...] = ()  # adapter ids in the batch / in the queue, sorted
     waiting_adapters: tuple[str, ...] = ()
     max_loras: int = 0
+    grammar_cache_hits: int = 0  # cumulative
+    grammar_cache_misses: int = 0
+    grammar_compile_seconds: tuple[float, ...] = ()  # compiles finished since the previous step
 
 
 class Metrics:
@@ -117,6 +120,9 @@ class Metrics:
         self.adapter_loads = self._counter("adapter_loads_total", "Adapter loads into a tier", ("tier",))
         self.adapter_evictions = self._counter("adapter_evictions_total", "Adapter evictions from a tier", ("tier",))
         self.preemptions = self._counter("preemptions_total", "Requests preempted for lack of KV blocks")
+        self.grammar_compile_seconds = self._histogram("grammar_compile_seconds", "Compiling one structured-"
+                                                       "output constraint (off the engine thread)", LATENCY_BUCKETS)
+        self.grammar_cache = self._counter("grammar_cache_total", "Compiled-grammar cache lookups", ("result",))
         self.adapter_info = self._gauge("adapter_info", "1 per published adapter (capped labels)",
                                         ("adapter", "tier", "version"))
         self.adapter_size = self._gauge("adapter_size_bytes", "Resident bytes of an adapter", ("adapter",))
@@ -173,6 +179,10 @@ class Metrics:
         self._advance(self.adapter_evictions.labels("device"), "device_evictions", s.device_evictions)
         self._advance(self.adapter_evictions.labels("cpu"), "cpu_evictions", s.cpu_evictions)
         self._advance(self.preemptions, "preemptions", s.preemptions)
+        self._advance(self.grammar_cache.labels("hit"), "grammar_hits", s.grammar_cache_hits)
+        self._advance(self.grammar_cache.labels("miss"), "grammar_misses", s.grammar_cache_misses)
+        for seconds in s.grammar_compile_seconds:
+            self.grammar_compile_seconds.observe(seconds)
         self.gateway.record(s)
 
     def record_adapters(self, infos) -> None:

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraplex/v1/loraplex.proto\x12\x0bloraplex.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xdf\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\rB\x07\n\x05_seed\"\xe5\x01\n\x0fGenerateRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12-\n\x08messages\x18\x03 \x01(\x0b\x32\x19.loraplex.v1.ChatMessagesH\x00\x12\x31\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x15.loraplex.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.loraplex.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x07\n\x05input\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.loraplex.v1.TopLogprob\"\xdd\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12\x12\n\nadapter_id\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12+\n\x08logprobs\x18\x07 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\"\xe3\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12\x12\n\nadapter_id\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12+\n\x08logprobs\x18\x07 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\"E\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0b\n\x03pin\x18\x03 \x01(\x08\"@\n\x13LoadAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"\x8d\x03\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\x12(\n\x05state\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.AdapterState\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\x15\n\rrequest_count\x18\x06 \x01(\x04\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x12\n\nsize_bytes\x18\x08 \x01(\x04\x12\x0f\n\x07version\x18\t \x01(\r\x12\x16\n\x0elast_used_unix\x18\n \x01(\x01\x12\x16\n\x0eload_latency_s\x18\x0b \x01(\x01\x12\r\n\x05owner\x18\x0c \x01(\t\x12\r\n\x05\x65rror\x18\r \x01(\t\x12\x15\n\rload_attempts\x18\x0e \x01(\r\x12\x10\n\x08retrying\x18\x0f \x01(\x08\x12\x16\n\x0e\x63ontent_sha256\x18\x10 \x01(\t\x12\x14\n\x0csource_bytes\x18\x11 \x01(\x04\x12\x19\n\x11source_mtime_unix\x18\x12 \x01(\x01\"B\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\"\x16\n\x14GetServerInfoRequest\"\xc8\x01\n\x15GetServerInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tmax_loras\x18\x04 \x01(\r\x12\x15\n\rmax_lora_rank\x18\x05 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x06 \x01(\r\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x15\n\rmax_cpu_loras\x18\x08 \x01(\r\x12\x17\n\x0fkv_cache_tokens\x18\t \x01(\r*\x8f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x04*\x91\x01\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41\x44\x41PTER_STATE_DISK\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_STATE_CPU\x10\x02\x12\x18\n\x14\x41\x44\x41PTER_STATE_DEVICE\x10\x03\x12\x19\n\x15\x41\x44\x41PTER_STATE_LOADING\x10\x04\x32\x88\x04\n\x0fLoraplexService\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.loraplex.v1.GenerateRequest\x1a#.loraplex.v1.GenerateStreamResponse0\x01\x12P\n\x0bLoadAdapter\x12\x1f.loraplex.v1.LoadAdapterRequest\x1a .loraplex.v1.LoadAdapterResponse\x12V\n\rUnloadAdapter\x12!.loraplex.v1.UnloadAdapterRequest\x1a\".loraplex.v1.UnloadAdapterResponse\x12S\n\x0cListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12V\n\rGetServerInfo\x12!.loraplex.v1.GetServerInfoRequest\x1a\".loraplex.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraplex/v1/loraplex.proto\x12\x0bloraplex.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xe6\x02\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x01\x88\x01\x01\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\r\x12\x15\n\x0bjson_schema\x18\x0b \x01(\tH\x00\x12\x0f\n\x05regex\x18\x0c \x01(\tH\x00\x12%\n\x06\x63hoice\x18\r \x01(\x0b\x32\x13.loraplex.v1.ChoiceH\x00\x12\x11\n\x07grammar\x18\x0e \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x0f \x01(\x08H\x00\x42\x0c\n\nconstraintB\x07\n\x05_seed\"\x19\n\x06\x43hoice\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xe5\x01\n\x0fGenerateRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12-\n\x08messages\x18\x03 \x01(\x0b\x32\x19.loraplex.v1.ChatMessagesH\x00\x12\x31\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x15.loraplex.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.loraplex.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x07\n\x05input\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.loraplex.v1.TopLogprob\"\xdd\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12\x12\n\nadapter_id\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12+\n\x08logprobs\x18\x07 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\"\xe3\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12\x12\n\nadapter_id\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12+\n\x08logprobs\x18\x07 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\"E\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0b\n\x03pin\x18\x03 \x01(\x08\"@\n\x13LoadAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"\x8d\x03\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\x12(\n\x05state\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.AdapterState\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\x15\n\rrequest_count\x18\x06 \x01(\x04\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x12\n\nsize_bytes\x18\x08 \x01(\x04\x12\x0f\n\x07version\x18\t \x01(\r\x12\x16\n\x0elast_used_unix\x18\n \x01(\x01\x12\x16\n\x0eload_latency_s\x18\x0b \x01(\x01\x12\r\n\x05owner\x18\x0c \x01(\t\x12\r\n\x05\x65rror\x18\r \x01(\t\x12\x15\n\rload_attempts\x18\x0e \x01(\r\x12\x10\n\x08retrying\x18\x0f \x01(\x08\x12\x16\n\x0e\x63ontent_sha256\x18\x10 \x01(\t\x12\x14\n\x0csource_bytes\x18\x11 \x01(\x04\x12\x19\n\x11source_mtime_unix\x18\x12 \x01(\x01\"B\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\"\x16\n\x14GetServerInfoRequest\"\xc8\x01\n\x15GetServerInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tmax_loras\x18\x04 \x01(\r\x12\x15\n\rmax_lora_rank\x18\x05 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x06 \x01(\r\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x15\n\rmax_cpu_loras\x18\x08 \x01(\r\x12\x17\n\x0fkv_cache_tokens\x18\t \x01(\r*\x8f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x04*\x91\x01\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41\x44\x41PTER_STATE_DISK\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_STATE_CPU\x10\x02\x12\x18\n\x14\x41\x44\x41PTER_STATE_DEVICE\x10\x03\x12\x19\n\x15\x41\x44\x41PTER_STATE_LOADING\x10\x04\x32\x88\x04\n\x0fLoraplexService\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.loraplex.v1.GenerateRequest\x1a#.loraplex.v1.GenerateStreamResponse0\x01\x12P\n\x0bLoadAdapter\x12\x1f.loraplex.v1.LoadAdapterRequest\x1a .loraplex.v1.LoadAdapterResponse\x12V\n\rUnloadAdapter\x12!.loraplex.v1.UnloadAdapterRequest\x1a\".loraplex.v1.UnloadAdapterResponse\x12S\n\x0cListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12V\n\rGetServerInfo\x12!.loraplex.v1.GetServerInfoRequest\x1a\".loraplex.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.v1.loraplex_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2208
-  _globals['_FINISHREASON']._serialized_end=2351
-  _globals['_ADAPTERSTATE']._serialized_start=2354
-  _globals['_ADAPTERSTATE']._serialized_end=2499
+  _globals['_FINISHREASON']._serialized_start=2370
+  _globals['_FINISHREASON']._serialized_end=2513
+  _globals['_ADAPTERSTATE']._serialized_start=2516
+  _globals['_ADAPTERSTATE']._serialized_end=2661
   _globals['_CHATMESSAGE']._serialized_start=43
   _globals['_CHATMESSAGE']._serialized_end=87
   _globals['_CHATMESSAGES']._serialized_start=89
@@ -42,37 +42,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=149
   _globals['_TOKENIDS']._serialized_end=172
   _globals['_SAMPLINGPARAMS']._serialized_start=175
-  _globals['_SAMPLINGPARAMS']._serialized_end=398
-  _globals['_GENERATEREQUEST']._serialized_start=401
-  _globals['_GENERATEREQUEST']._serialized_end=630
-  _globals['_USAGE']._serialized_start=632
-  _globals['_USAGE']._serialized_end=689
-  _globals['_TOPLOGPROB']._serialized_start=691
-  _globals['_TOPLOGPROB']._serialized_end=738
-  _globals['_TOKENLOGPROB']._serialized_start=740
-  _globals['_TOKENLOGPROB']._serialized_end=827
-  _globals['_GENERATERESPONSE']._serialized_start=830
-  _globals['_GENERATERESPONSE']._serialized_end=1051
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1054
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1281
-  _globals['_LOADADAPTERREQUEST']._serialized_start=1283
-  _globals['_LOADADAPTERREQUEST']._serialized_end=1352
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=1354
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=1418
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1420
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1462
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1464
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1487
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1489
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1510
-  _globals['_ADAPTERINFO']._serialized_start=1513
-  _globals['_ADAPTERINFO']._serialized_end=1910
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1912
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1978
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1980
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=2002
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=2005
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=2205
-  _globals['_LORAPLEXSERVICE']._serialized_start=2502
-  _globals['_LORAPLEXSERVICE']._serialized_end=3022
+  _globals['_SAMPLINGPARAMS']._serialized_end=533
+  _globals['_CHOICE']._serialized_start=535
+  _globals['_CHOICE']._serialized_end=560
+  _globals['_GENERATEREQUEST']._serialized_start=563
+  _globals['_GENERATEREQUEST']._serialized_end=792
+  _globals['_USAGE']._serialized_start=794
+  _globals['_USAGE']._serialized_end=851
+  _globals['_TOPLOGPROB']._serialized_start=853
+  _globals['_TOPLOGPROB']._serialized_end=900
+  _globals['_TOKENLOGPROB']._serialized_start=902
+  _globals['_TOKENLOGPROB']._serialized_end=989
+  _globals['_GENERATERESPONSE']._serialized_start=992
+  _globals['_GENERATERESPONSE']._serialized_end=1213
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1216
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1443
+  _globals['_LOADADAPTERREQUEST']._serialized_start=1445
+  _globals['_LOADADAPTERREQUEST']._serialized_end=1514
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=1516
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=1580
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1582
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1624
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1626
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1649
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1651
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1672
+  _globals['_ADAPTERINFO']._serialized_start=1675
+  _globals['_ADAPTERINFO']._serialized_end=2072
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2074
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2140
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=2142
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=2164
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=2167
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=2367
+  _globals['_LORAPLEXSERVICE']._serialized_start=2664
+  _globals['_LORAPLEXSERVICE']._serialized_end=3184
 # @@protoc_insertion_point(module_scope)

@@ -12,7 +12,7 @@ import grpc
 
 from ..engine.loop import EngineLoop
 from ..engine.request import FinishReason, RequestOutput
-from ..errors import AdapterUnavailableError, EngineStoppedError, LoraplexError
+from ..errors import AdapterUnavailableError, EngineStoppedError, InvalidRequestError, LoraplexError
 from ..metrics import Metrics
 from ..tenancy import Principal, RateLimitError
 from .adapter_store import AdapterStore, StoredAdapter
@@ -126,6 +126,9 @@ def check_final(out: RequestOutput) -> None:
     if out.finish_reason is FinishReason.ERROR:
         if out.error_kind == "adapter_unavailable":
             raise AdapterUnavailableError(out.adapter_id or "", out.error or "load failed")
+        if out.error_kind == "invalid_constraint":  # the grammar did not compile (error names the field)
+            field, _, message = (out.error or "sampling.constraint: refused").partition(": ")
+            raise InvalidRequestError(field, message)
         raise EngineFailure(out.error or "the engine failed this request")
     if out.finish_reason is FinishReason.ABORT:
         raise EngineStoppedError("the request was aborted by the server")

@@ -7,7 +7,8 @@ import uuid
 
 from loraplex.v1 import loraplex_pb2 as pb
 
-from ..engine.request import ChatMessage, FinishReason, Prompt, RequestOutput, SamplingParams, TokenLogprob
+from ..engine.request import (ChatMessage, Constraint, FinishReason, Prompt, RequestOutput, SamplingParams,
+                              TokenLogprob)
 from ..errors import InvalidRequestError
 from ..lora.weights import AdapterInfo
 
@@ -47,7 +48,20 @@ def sampling_from_proto(sp: pb.SamplingParams) -> SamplingParams:
         seed=sp.seed if sp.HasField("seed") else None,
         ignore_eos=sp.ignore_eos,
         logprobs=sp.logprobs,
+        constraint=constraint_from_proto(sp),
     )
+
+
+def constraint_from_proto(sp: pb.SamplingParams) -> Constraint | None:
+    """The ``constraint`` oneof (``json_object: false`` means none)."""
+    kind = sp.WhichOneof("constraint")
+    if kind is None or (kind == "json_object" and not sp.json_object):
+        return None
+    if kind == "choice":
+        return Constraint("choice", choices=tuple(sp.choice.choices))
+    if kind == "json_object":
+        return Constraint("json_object")
+    return Constraint(kind, spec=getattr(sp, kind))
 
 
 def prompt_from_proto(req: pb.GenerateRequest) -> Prompt:

@@ -21,6 +21,7 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (t.AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
     (t.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (e.EngineStoppedError, grpc.StatusCode.UNAVAILABLE),
+    (e.GuidedDecodingUnavailableError, grpc.StatusCode.FAILED_PRECONDITION),
 ]
 
 

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from ..config import EngineConfig
-from ..errors import AdapterUnavailableError, DuplicateRequestError
+from ..errors import AdapterUnavailableError, DuplicateRequestError, InvalidRequestError
 from ..lora.manager import LoraManager
 from ..metrics import StepStats
 from ..model.attention import register_paged_attention
@@ -24,6 +24,7 @@ from ..model.packed_linear import pack_linears
 from ..model.triton_attention import select_attention_function
 from .decode_graphs import DecodeGraphs, build_decode_graphs, graph_mode
 from .fairness import FcfsOrder, VirtualTokenCounter
+from .guided import GrammarBackend, GrammarCache, Guide
 from .inputs import InputProcessor
 from .kv_blocks import BlockManager, blocks_for
 from .kv_cache import KVCacheSpec, allocate_kv_cache, num_blocks_for
@@ -90,6 +91,8 @@ class LLMEngine:
                                      self.blocks.capacity_tokens)
         self.outputs = OutputProcessor(self.loaded.tokenizer, eos_token_ids(self.loaded),
                                        self.inputs.max_total_tokens)
+        self.grammars = GrammarCache(config.guided, lambda: GrammarBackend(
+            self.loaded.tokenizer, model.config.vocab_size, eos_token_ids(self.loaded)))
         self.requests: dict[str, Request] = {}
         self.last_batch = (0, 0)  # (sequences, tokens) of the latest step
         self._retired: set[str] = set()  # adapter versions to free once unused
@@ -120,12 +123,25 @@ class LLMEngine:
                 raise AdapterUnavailableError(adapter_id, failure)
             token_ids = self.inputs.token_ids(prompt)
             self.inputs.check(token_ids, sampling)
+            guide = self._guide_for(sampling)
         except BaseException:
             if version is not None:
                 self.lora.release_request(version.key)
             raise
         return Request(request_id or uuid.uuid4().hex, token_ids, sampling, adapter_id or None,
-                       adapter_key=version.key if version else None, tenant=tenant)
+                       adapter_key=version.key if version else None, tenant=tenant, guide=guide)
+
+    def _guide_for(self, sampling: SamplingParams) -> Guide | None:
+        """Start (or reuse) the compile of a constrained request's grammar; a constraint already
+        known to be bad is refused here, one still compiling is refused from the queue."""
+        if sampling.constraint is None:
+            return None
+        guide = Guide(sampling.constraint, self.grammars.get(sampling.constraint),
+                      self.config.guided.grammar_compile_timeout_s)
+        if guide.error is not None:
+            raise InvalidRequestError(sampling.constraint.field, guide.error.removeprefix(
+                sampling.constraint.field + ": "))
+        return guide
 
     def discard_request(self, request: Request) -> None:
         """A request made but never added (refused at submit): give back its version reference."""
@@ -168,7 +184,7 @@ class LLMEngine:
     # ---- the loop body --------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         self.lora.begin_step()
-        failed = self._prefetch_adapters()
+        failed = self._prefetch_adapters() + self._refuse_bad_constraints()
         batch = self.scheduler.schedule()
         self.last_batch = (len(batch.scheduled), batch.num_tokens)
         if not batch.scheduled:  # everything waits on adapter loads
@@ -224,6 +240,16 @@ class LLMEngine:
                 self.lora.prefetch(key)
         return outputs
 
+    def _refuse_bad_constraints(self) -> list[RequestOutput]:
+        """End the queued requests whose grammar failed to compile (INVALID_ARGUMENT at the edge)."""
+        outputs = []
+        for request in list(self.scheduler.waiting):
+            error = request.guide.error if request.guide is not None else None
+            if error is not None:
+                outputs.append(self.outputs.final(request, FinishReason.ERROR, error, "invalid_constraint"))
+                self._finish(request)
+        return outputs
+
     @staticmethod
     def _mark_scheduled(batch) -> None:
         now = time.monotonic()
@@ -242,6 +268,8 @@ class LLMEngine:
             device_loads=slots.num_loads, device_evictions=slots.num_evictions,
             cpu_loads=registry.num_cpu_loads, cpu_evictions=registry.num_cpu_evictions,
             preemptions=self.scheduler.num_preemptions,
+            grammar_cache_hits=self.grammars.hits, grammar_cache_misses=self.grammars.misses,
+            grammar_compile_seconds=self.grammars.drain_compile_seconds(),
             running_adapters=_adapter_ids(self.scheduler.running), waiting_adapters=_adapter_ids(self.scheduler.waiting),
             max_loras=slots.max_loras)
 
@@ -256,6 +284,13 @@ class LLMEngine:
     def _postprocess(self, sampled, samples) -> list[RequestOutput]:
         outputs = []
         for request, token, logprob in zip(sampled, samples.token_ids, samples.logprobs):
+            if request.guide is not None and not request.guide.accept(token):
+                log.error("grammar rejected sampled token %d of request %s (%s)", token, request.request_id,
+                          request.guide.failure or "not allowed")
+                outputs.append(self.outputs.final(request, FinishReason.ERROR, "the grammar engine failed on "
+                                                  "this request", "internal"))
+                self._finish(request)
+                continue
             out = self.outputs.append(request, token, logprob)
             if out is not None:
                 outputs.append(out)

@@ -9,8 +9,47 @@ import enum
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ..errors import InvalidRequestError
+
+
+CONSTRAINT_KINDS = ("json_schema", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a request's output must match (structured outputs; see engine/guided).
+
+    ``kind`` is one of CONSTRAINT_KINDS; ``spec`` is the schema / regex / grammar text (empty for
+    ``json_object``); ``choices`` the allowed strings of a ``choice``. Hashable: the compiled-grammar
+    cache is keyed by it.
+    """
+
+    kind: str
+    spec: str = ""
+    choices: tuple[str, ...] = ()
+
+    @property
+    def field(self) -> str:
+        return f"sampling.{self.kind}"
+
+    @property
+    def size(self) -> int:
+        """Bytes of constraint text (what the size limit counts)."""
+        return len(self.spec.encode()) + sum(len(c.encode()) for c in self.choices)
+
+    def validate(self) -> None:
+        """Structural checks only; whether it compiles is the grammar engine's call."""
+        if self.kind not in CONSTRAINT_KINDS:
+            raise InvalidRequestError("sampling.constraint", f"unknown kind {self.kind!r}")
+        if self.kind == "choice":
+            if not self.choices:
+                raise InvalidRequestError(self.field, "the choice list is empty")
+            if not all(self.choices):
+                raise InvalidRequestError(self.field, "choices must be non-empty strings")
+        elif self.kind != "json_object" and not self.spec.strip():
+            raise InvalidRequestError(self.field, "is empty")
 
 
 @dataclass(frozen=True)
@@ -27,6 +66,7 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     logprobs: int = 0  # top-n logprobs per generated token; 0 = off
+    constraint: Constraint | None = None  # structured output (JSON schema, regex, choice, grammar)
 
     MAX_LOGPROBS = 20
 
@@ -47,6 +87,10 @@ class SamplingParams:
         for name, ok, message in checks:
             if not ok:
                 raise InvalidRequestError(f"sampling.{name}", message)
+        if self.constraint is not None:
+            self.constraint.validate()
+            if self.ignore_eos:  # a complete grammar allows only EOS: ignoring it cannot end well
+                raise InvalidRequestError("sampling.ignore_eos", "cannot be combined with a constraint")
 
     @property
     def greedy(self) -> bool:
@@ -71,6 +115,13 @@ class Prompt:
         given = [x is not None for x in (self.text, self.messages, self.token_ids)]
         if sum(given) != 1:
             raise InvalidRequestError("prompt", "give exactly one of text, messages or token_ids")
+
+
+class GuideLike(Protocol):
+    """What the scheduler sees of a constrained request's grammar state (engine/guided/guide.py)."""
+
+    @property
+    def ready(self) -> bool: ...
 
 
 class FinishReason(enum.Enum):
@@ -129,7 +180,7 @@ class RequestOutput:
     completion_tokens: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()
     error: str | None = None
-    error_kind: str | None = None  # "adapter_unavailable" | "internal"
+    error_kind: str | None = None  # "adapter_unavailable" | "invalid_constraint" | "internal"
     adapter_id: str | None = None
     timings: RequestTimings | None = None  # on the final delta only
 
@@ -158,6 +209,12 @@ class Request:
     tenant: str = ""
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    guide: "GuideLike | None" = None  # the grammar matcher of a constrained request (engine/guided)
+
+    @property
+    def guide_ready(self) -> bool:
+        """False while the request's grammar is still compiling (it waits in the queue)."""
+        return self.guide is None or self.guide.ready
 
     def timings(self) -> RequestTimings:
         return RequestTimings(self.arrival_time, self.first_scheduled_time, self.first_token_time,

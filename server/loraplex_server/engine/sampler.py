@@ -2,7 +2,8 @@
 
 Each seeded request owns a ``torch.Generator``; a row draws only from its own generator, so a
 seeded request produces the same tokens whatever else shares its batch. Order per row (as in
-transformers): repetition penalty -> temperature -> top-k -> top-p -> sample. Logprobs are those of
+transformers): repetition penalty -> grammar mask (constrained rows only) -> temperature -> top-k
+-> top-p -> sample. Logprobs are those of
 the model's raw distribution (log_softmax of the unprocessed logits).
 """
 
@@ -14,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from .guided import mask_constrained_rows
 from .request import Request, TokenLogprob
 
 
@@ -69,12 +71,18 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: list[Request]) -> SampleResult:
-        """logits [N, V] for the N requests in ``rows`` (one row each)."""
+        """logits [N, V] for the N requests in ``rows`` (one row each). Constrained rows of
+        ``logits`` may be masked in place when no row asks for logprobs."""
         logits = logits.float()
         raw = logits
         if any(r.sampling.repetition_penalty != 1.0 for r in rows):
             logits = logits.clone()
             apply_repetition_penalty(logits, rows)
+        constrained = [i for i, r in enumerate(rows) if r.guide is not None]
+        if constrained:  # structured outputs: those rows keep only what their grammar allows
+            if logits is raw and any(r.sampling.logprobs > 0 for r in rows):
+                logits = logits.clone()  # logprobs are of the raw distribution; else mask in place
+            mask_constrained_rows(logits, rows, constrained)
         tokens = self._argmax(logits)  # [N] greedy choice for every row
         sampled = [i for i, r in enumerate(rows) if not r.sampling.greedy]
         if sampled:

@@ -2,7 +2,8 @@
 
 Each step packs running requests first (decodes and unfinished prefill chunks, oldest first), then
 admits waiting requests in arrival order (FCFS; across tenants, optionally by Virtual Token
-Counter, see fairness.py) while the token budget, the running-sequence cap,
+Counter, see fairness.py; a request whose adapter is loading or whose grammar is compiling is
+passed over and keeps its place) while the token budget, the running-sequence cap,
 the KV blocks and the ``max_loras`` distinct-adapter cap allow. Admission stops at the first
 waiting request that does not fit, so nothing behind it can starve it, with one bounded exception
 (adapter affinity): a request kept out only by the ``max_loras`` cap may be passed over by later
@@ -111,6 +112,8 @@ class Scheduler:
         for request in self.fairness.candidates(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
+            if not request.guide_ready:  # its grammar is still compiling: keeps its place
+                continue
             key = request.adapter_key
             if key and key not in adapters:
                 if len(adapters | reserved | {key}) > self.max_loras:
