@@ -122,3 +122,17 @@ def test_rope_matches_apply_rotary_pos_emb(kernels):
         kernels.rope_(torch.randn(2, 3, 5), torch.randn(2, 5), torch.randn(2, 5))
     with pytest.raises(ValueError, match="cos/sin"):
         kernels.rope_(torch.randn(2, 3, 4), torch.randn(3, 4), torch.randn(3, 4))
+
+
+def test_fake_tensors_take_the_modules_own_forward(kernels):
+    """Under FakeTensorMode (tracing, the captured-step check) there is no data for a kernel to
+    read: the fused modules run their own maths instead of crashing the process."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    norm, mlp = LlamaRMSNorm(96), _mlp(torch.float32)
+    assert install_fused_ops(nn.ModuleList([norm, mlp]), kernels) == 2
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.randn(1, 5, 96)
+        assert mlp(norm(x)).shape == (1, 5, 96)
+        with pytest.raises(ValueError, match="CPU tensors"):
+            kernels.rms_norm(x, norm.weight, 1e-6)

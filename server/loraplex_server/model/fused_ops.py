@@ -16,12 +16,18 @@ import inspect
 import types
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch import nn
 from transformers.activations import SiLUActivation
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, eager_attention_forward
 
 from .native import NativeKernels
+
+
+def _traced(t: torch.Tensor) -> bool:
+    """A fake tensor (FakeTensorMode, tracing): it has no data for a native kernel to read."""
+    return isinstance(t, FakeTensor)
 
 
 def _same_code(fn_a, fn_b) -> bool:
@@ -53,7 +59,8 @@ def _attention_forward(kernels: NativeKernels):
         cos, sin = position_embeddings if position_embeddings is not None else (None, None)
         if (hidden_states.dim() != 3 or hidden_states.shape[0] != 1 or kwargs.get("cache") is not None
                 or kwargs.get("past_key_values") is not None or cos is None
-                or not kernels.supports(hidden_states.dtype) or cos.dtype != hidden_states.dtype):
+                or not kernels.supports(hidden_states.dtype) or cos.dtype != hidden_states.dtype
+                or _traced(hidden_states)):
             return type(self).forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
         tokens = hidden_states.shape[1]
         q = self.q_proj(hidden_states).view(tokens, -1, self.head_dim)  # [T, H, D]
@@ -88,7 +95,7 @@ def install_fused_ops(model: nn.Module, kernels: NativeKernels) -> int:
 
 def _rms_norm_forward(kernels: NativeKernels):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if hidden_states.dtype != self.weight.dtype:  # mixed dtypes: the module's own promotion rules
+        if hidden_states.dtype != self.weight.dtype or _traced(hidden_states):  # the module's own maths
             return type(self).forward(self, hidden_states)
         return kernels.rms_norm(hidden_states, self.weight, self.variance_epsilon)
     return forward
@@ -97,7 +104,7 @@ def _rms_norm_forward(kernels: NativeKernels):
 def _gated_mlp_forward(kernels: NativeKernels):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if gate.dtype != up.dtype or not kernels.supports(gate.dtype):  # fp16: the module's own maths
+        if gate.dtype != up.dtype or not kernels.supports(gate.dtype) or _traced(gate):  # the module's own maths
             return self.down_proj(self.act_fn(gate) * up)
         return self.down_proj(kernels.silu_mul(gate, up))
     return forward

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +249,7 @@ class NativeKernels:
 
 def _rows(t: torch.Tensor, other_dtype: torch.dtype, op: str) -> torch.Tensor:
     """``t`` as [rows, last dim] with a unit last stride (a view when possible), checked for the op."""
-    if t.dtype != other_dtype or t.dtype not in _ELEMENT or t.device.type != "cpu":
+    if t.dtype != other_dtype or t.dtype not in _ELEMENT or t.device.type != "cpu" or isinstance(t, FakeTensor):
         raise ValueError(f"{op} needs CPU tensors of one dtype among {list(_ELEMENT)}, got {t.dtype}/{other_dtype}")
     rows = t.reshape(-1, t.shape[-1])
     return rows if rows.stride(1) == 1 else rows.contiguous()
