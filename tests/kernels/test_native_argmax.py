@@ -41,8 +41,9 @@ def test_sampler_uses_it_for_greedy_and_sampled_rows(native_kernels):
     calls = []
     sampler = Sampler(torch.device("cpu"))
     sampler.fast_argmax = lambda logits: calls.append(logits.shape) or native_kernels.argmax(logits)
-    greedy = SimpleNamespace(request_id="g", sampling=SimpleNamespace(greedy=True, repetition_penalty=1.0,
-                                                                       logprobs=0))
+    greedy = SimpleNamespace(request_id="g", guide=None,
+                             sampling=SimpleNamespace(greedy=True, repetition_penalty=1.0,
+                                                      logprobs=0))
     logits = torch.randn(1, 100)
     assert sampler(logits, [greedy]).token_ids == [int(logits.argmax())]
     assert calls == [(1, 100)]
