@@ -93,15 +93,20 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        self.add_delta(y.view(-1, self.out_features), x)
+        return y
+
+    def add_delta(self, y2d: torch.Tensor, x: torch.Tensor) -> None:
+        """``y2d`` [T, out] (unit-stride rows; a column view of a merged projection's output
+        is fine) += this step's LoRA delta of each token of ``x`` [..., in]."""
         mapping = self.state.mapping
         if mapping is None or not mapping.has_lora:
-            return y
-        apply, y2d = self.state.apply, y.view(-1, self.out_features)  # [T, out]
+            return
+        apply = self.state.apply
         if self.group is not None and hasattr(apply, "shrink"):  # a split apply: one shrink per group
             self.group.apply(self, y2d, x, mapping, apply)
         else:
             apply(y2d, x.reshape(-1, self.in_features), self.lora_a, self.lora_bt, self.slot_ranks, mapping)
-        return y
 
     @torch.no_grad()
     def set_slot(self, slot: int, weights: LoraModuleWeights | None) -> None:

@@ -4,7 +4,8 @@ transformers' ``LlamaRMSNorm`` runs 8 torch kernels per call (casts, pow, mean, 
 muls), ``apply_rotary_pos_emb`` ~10 for q and k, and the gated MLP two (``act_fn(gate) * up``);
 on a CPU decode step of a small model those launches cost more than the maths.
 ``install_fused_ops`` gives each matching module instance a forward through the native kernels
-(model/csrc/elementwise.cpp), which keep the modules' roundings. A module matches only when its
+(model/csrc/elementwise.cpp), which keep the modules' roundings, and computes q/k/v and gate/up
+by one merged matmul each (merged_linear.py; the LoRA deltas land in the members' columns). A module matches only when its
 class's forward is, bytecode for bytecode, Llama's (norms and MLPs: Mistral, Qwen2/3, Phi-3 and
 others copy them; attention: Llama's own), and for the MLP when its activation is SiLU: anything
 else (Gemma's ``1 + weight`` norm, GELU MLPs, sliding-window attention code) keeps its forward.
@@ -22,7 +23,11 @@ from transformers.activations import SiLUActivation
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, eager_attention_forward
 
+from .merged_linear import MergedMember, merge_projections
 from .native import NativeKernels
+
+QKV = ("q_proj", "k_proj", "v_proj")
+GATE_UP = ("gate_proj", "up_proj")
 
 
 def _traced(t: torch.Tensor) -> bool:
@@ -52,6 +57,30 @@ def _is_llama_attention(module: nn.Module) -> bool:
     return _same_code(type(module).forward, LlamaAttention.forward) and hasattr(module, "head_dim")
 
 
+def _project(module: nn.Module, x: torch.Tensor, names: tuple[str, ...]) -> list[torch.Tensor]:
+    """Each projection ``names`` of ``module`` applied to ``x`` [1, T, in] as [T, out_p]: one
+    matmul and column views when ``install_fused_ops`` merged them (merged_linear.py), else one
+    call per projection."""
+    merged: tuple[MergedMember, ...] | None = vars(module).get(f"_merged_{names[0]}")
+    tokens = x.shape[1]
+    if merged is None:
+        return [getattr(module, name)(x).view(tokens, -1) for name in names]
+    y = getattr(module, _merged_name(names))(x).view(tokens, -1)  # [T, sum of out_p]
+    for member in merged:
+        member.add_delta(y, x)
+    return [y[:, m.lo:m.hi] for m in merged]
+
+
+def _merged_name(names: tuple[str, ...]) -> str:
+    return "merged_" + "_".join(n.removesuffix("_proj") for n in names)
+
+
+def _merge(module: nn.Module, names: tuple[str, ...]) -> None:
+    merged = merge_projections(module, names, _merged_name(names))
+    if merged is not None:
+        vars(module)[f"_merged_{names[0]}"] = merged  # a plain attribute: not a submodule
+
+
 def _attention_forward(kernels: NativeKernels):
     """Llama's attention forward with the rotary embedding applied in place by one native call per
     projection (transformers' ``apply_rotary_pos_emb`` is ~10 torch kernels for q and k)."""
@@ -63,9 +92,9 @@ def _attention_forward(kernels: NativeKernels):
                 or _traced(hidden_states)):
             return type(self).forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
         tokens = hidden_states.shape[1]
-        q = self.q_proj(hidden_states).view(tokens, -1, self.head_dim)  # [T, H, D]
-        k = self.k_proj(hidden_states).view(tokens, -1, self.head_dim)
-        v = self.v_proj(hidden_states).view(1, tokens, -1, self.head_dim).transpose(1, 2)
+        q, k, v = _project(self, hidden_states, QKV)  # [T, H * D] each (column views when merged)
+        q, k = q.view(tokens, -1, self.head_dim), k.view(tokens, -1, self.head_dim)  # [T, H, D]
+        v = v.view(1, tokens, -1, self.head_dim).transpose(1, 2)
         kernels.rope_(q, cos[0], sin[0])
         kernels.rope_(k, cos[0], sin[0])
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
@@ -76,18 +105,22 @@ def _attention_forward(kernels: NativeKernels):
 
 
 def install_fused_ops(model: nn.Module, kernels: NativeKernels) -> int:
-    """Route every matching RMSNorm and gated-SiLU MLP of ``model`` through ``kernels`` (norms
-    whose weights are in a dtype the kernels lack keep their forward; MLPs check the activations'
-    dtype per call); returns how many."""
+    """Route every matching RMSNorm, gated-SiLU MLP and Llama attention of ``model`` through
+    ``kernels`` (norms whose weights are in a dtype the kernels lack keep their forward; MLPs check
+    the activations' dtype per call), merging each MLP's gate/up and each attention's q/k/v into
+    one linear where they are plain linears of one input (merged_linear.py); returns how many
+    modules. Call before ``pack_linears``, so the merged linears are the ones packed."""
     installed = 0
-    for module in model.modules():
+    for module in list(model.modules()):  # merging adds modules
         if _is_llama_rms_norm(module) and kernels.supports(module.weight.dtype):
             module.forward = types.MethodType(_rms_norm_forward(kernels), module)
             installed += 1
         elif _is_gated_silu_mlp(module):
+            _merge(module, GATE_UP)
             module.forward = types.MethodType(_gated_mlp_forward(kernels), module)
             installed += 1
         elif _is_llama_attention(module):
+            _merge(module, QKV)
             module.forward = types.MethodType(_attention_forward(kernels), module)
             installed += 1
     return installed
@@ -103,7 +136,10 @@ def _rms_norm_forward(kernels: NativeKernels):
 
 def _gated_mlp_forward(kernels: NativeKernels):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        if x.dim() == 3 and x.shape[0] == 1:
+            gate, up = (t.view(x.shape[:-1] + (-1,)) for t in _project(self, x, GATE_UP))
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         if gate.dtype != up.dtype or not kernels.supports(gate.dtype) or _traced(gate):  # the module's own maths
             return self.down_proj(self.act_fn(gate) * up)
         return self.down_proj(kernels.silu_mul(gate, up))
