@@ -40,7 +40,7 @@ class LoraplexService:
         except BaseException:
             ticket.release()
             raise
-        return Generation(stream, ticket, call, self.state.metrics, loop.abort)
+        return Generation(stream, ticket, call, self.state.metrics, lambda request_id: loop.abort(request_id))
 
     async def generate(self, call: Call, prompt: Prompt, sampling: SamplingParams,
                        adapter_id: str | None) -> AsyncIterator[RequestOutput]:
