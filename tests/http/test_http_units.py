@@ -88,3 +88,18 @@ def test_error_statuses_follow_the_grpc_table(exc, status, kind, retry):
         assert body["param"] == "top_p" and body["message"].startswith("top_p:")
     if isinstance(exc, AdapterNotFoundError):
         assert body["code"] == "model_not_found"
+
+
+def test_http_port_and_host_from_flags_file_and_env(tmp_path):
+    from loraplex_server.cli import build_parser, flag_values
+    from loraplex_server.config import load_config
+
+    assert load_config(environ={}).server.http_port == 8000
+    toml = tmp_path / "c.toml"
+    toml.write_text('[server]\nhttp_port = 8100\nhost = "10.0.0.1"\n')
+    cfg = load_config(config_file=toml, environ={})
+    assert (cfg.server.http_port, cfg.server.resolved_http_host) == (8100, "10.0.0.1")  # --http-host defaults to --host
+    assert load_config(config_file=toml, environ={"LORAPLEX_HTTP_PORT": "-1"}).server.http_port == -1
+    args = build_parser().parse_args(["--http-port", "0", "--http-host", "127.0.0.1"])
+    cfg = load_config(flag_values(args), toml, environ={"LORAPLEX_HTTP_PORT": "-1"})
+    assert (cfg.server.http_port, cfg.server.resolved_http_host) == (0, "127.0.0.1")

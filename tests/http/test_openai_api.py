@@ -254,3 +254,15 @@ def test_disconnect_mid_stream_frees_kv_and_metrics_carry_the_frontend(srv):
     assert ok >= 1 and cancelled >= 1
     assert urllib.request.urlopen(srv.url("/health")).status == 200
     assert urllib.request.urlopen(srv.url("/ready")).status == 200
+
+
+def test_bench_openai_backend_drives_the_http_api(srv):
+    from loraplex.bench import BenchConfig, run_bench
+
+    config = dict(api_key=KEYS["admin"], concurrency=2, num_requests=4, warmup=0, adapters=["", "upper"],
+                  prompt_len="fixed:8", output_len="fixed:3")
+    http = run_bench(BenchConfig(target=f"127.0.0.1:{srv.server.http_port}", backend="openai", **config))
+    grpc = run_bench(BenchConfig(target=f"127.0.0.1:{srv.server.port}", backend="grpc", **config))
+    for result in (http, grpc):
+        assert (result.completed, result.output_tokens, result.short_outputs) == (4, 12, 0)
+        assert result.ttft.p50 is not None and result.ttft.p50 > 0

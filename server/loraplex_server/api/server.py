@@ -26,6 +26,7 @@ from ..config import Config, EngineConfig
 from ..engine.engine import LLMEngine
 from ..engine.loop import EngineLoop
 from ..engine.request import Prompt, SamplingParams
+from ..errors import LoraplexError
 from ..metrics import Metrics
 from .access import owner_of
 from .adapter_store import AdapterStore, restore_adapters
@@ -78,16 +79,23 @@ class LoraplexServer:
         await server.start()
         self._grpc = server
         if cfg.http_port >= 0:
-            self._http = HttpFrontEnd(build_app(self.state, lambda: self.serving), cfg.resolved_http_host,
-                                      cfg.http_port)
-            await self._http.start()
-            self.http_port = self._http.port
+            await self._start_http(cfg)
         if cfg.metrics_port >= 0:
             self._metrics_http, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=self.state.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
         log.info("listening", extra={"fields": {"port": self.port, "metrics_port": self.metrics_port,
                                                 "http_port": self.http_port}})
         self._ready = asyncio.create_task(self._bring_up())
+
+    async def _start_http(self, cfg) -> None:
+        self._http = HttpFrontEnd(build_app(self.state, lambda: self.serving), cfg.resolved_http_host, cfg.http_port)
+        try:
+            await self._http.start()
+        except OSError as exc:  # e.g. the port is taken: fail start-up cleanly (exit code 1)
+            self._http = None
+            await self._grpc.stop(0)
+            raise LoraplexError(f"cannot serve HTTP on {cfg.resolved_http_host}:{cfg.http_port}: {exc}") from exc
+        self.http_port = self._http.port
 
     async def _set_health(self, status) -> None:
         self.serving = status == health_pb2.HealthCheckResponse.SERVING
