@@ -103,3 +103,21 @@ def test_http_port_and_host_from_flags_file_and_env(tmp_path):
     args = build_parser().parse_args(["--http-port", "0", "--http-host", "127.0.0.1"])
     cfg = load_config(flag_values(args), toml, environ={"LORAPLEX_HTTP_PORT": "-1"})
     assert (cfg.server.http_port, cfg.server.resolved_http_host) == (0, "127.0.0.1")
+
+
+def test_a_taken_http_port_fails_start_up_with_a_loraplex_error():
+    import asyncio
+    import socket
+
+    from loraplex_server.api.server import LoraplexServer
+    from loraplex_server.config import Config, ServerConfig
+    from loraplex_server.errors import LoraplexError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = Config(server=ServerConfig(host="127.0.0.1", port=0, metrics_port=-1,
+                                            http_port=taken.getsockname()[1]))
+        server = LoraplexServer(config, engine_factory=lambda cfg: pytest.fail("no model load"))
+        with pytest.raises(LoraplexError, match="cannot serve HTTP"):
+            asyncio.run(server.start())
