@@ -1,5 +1,6 @@
 PYTHON ?= python3
 PORT ?= 50051
+HTTP_PORT ?= 8000
 METRICS_PORT ?= 9090
 
 .PHONY: install test test-fast serve protos bench bench-smoke bench-decode vllm-venv bench-vllm soak bench-structured
@@ -19,7 +20,7 @@ test-fast:
 
 # Set up and start the server on the embedded default model with the two demo adapters.
 serve: install
-	loraplex-server --port $(PORT) --metrics-port $(METRICS_PORT) \
+	loraplex-server --port $(PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) \
 		--adapter-root tests/assets/adapters --adapter upper=upper --adapter json=json
 
 protos:

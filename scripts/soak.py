@@ -159,7 +159,7 @@ def run(args) -> dict:
                PYTHONPATH=os.pathsep.join([str(ROOT / "server"), str(ROOT / "client"), os.environ.get("PYTHONPATH", "")]))
     log_file = open(tmp / "server.log", "w")  # a pipe nobody reads would fill up and block the server
     proc = subprocess.Popen([sys.executable, "-m", "loraplex_server", "--host", "127.0.0.1", "--port", str(port),
-                             "--metrics-port", str(metrics_port), "--adapter-root", str(root), "--keys-file",
+                             "--metrics-port", str(metrics_port), "--http-port", "-1", "--adapter-root", str(root), "--keys-file",
                              str(tmp / "keys.toml"), "--adapter", "upper=upper", "--adapter", "json=json",
                              "--adapter", "hot=upper", "--grace-period", "30"],
                             env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True)

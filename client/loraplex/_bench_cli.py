@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any, TextIO
 
-from loraplex.bench import POPULARITIES, BenchConfig, LengthDist, run_bench
+from loraplex.bench import BACKENDS, POPULARITIES, BenchConfig, LengthDist, run_bench
 
 def _length_spec(text: str) -> str:
     try:
@@ -65,6 +65,9 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=_length_spec, default="fixed:64", metavar="DIST",
                    help="same forms (default %(default)s)")
     p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--backend", choices=BACKENDS, default="grpc",
+                   help="grpc (GenerateStream) or openai (the HTTP API's streamed /v1/completions; --target "
+                        "is then the HTTP address, e.g. localhost:8000; needs aiohttp)")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
     p.add_argument("--include-requests", action="store_true",
                    help="with --json: add one entry per request")
@@ -81,7 +84,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         duration_s=args.duration, adapters=args.adapters, popularity=args.popularity,
         zipf_alpha=args.zipf_alpha, prompt_len=args.prompt_len, output_len=args.output_len,
         seed=args.seed, timeout_s=args.timeout if args.timeout is not None else 300.0,
-        warmup=args.warmup)
+        warmup=args.warmup, backend=args.backend)
 
 
 def cmd_bench(client: Any, args: argparse.Namespace, io: Any) -> int:

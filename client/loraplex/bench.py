@@ -9,7 +9,9 @@
 
 or from the shell: ``loraplex bench --concurrency 8 --num-requests 64 --adapters a,b,c``.
 
-Every request goes through :class:`loraplex.AsyncClient.generate_stream` on one shared channel.
+Every request goes through :class:`loraplex.AsyncClient.generate_stream` on one shared channel, or
+with ``backend="openai"`` (``--backend openai --target localhost:8000``) through the OpenAI-compatible
+HTTP API: streamed ``/v1/completions`` on one aiohttp session (``loraplex._bench_openai``).
 Prompts are random token ids (in ``[100, 20000)``) so the prompt length is exact, and outputs use
 ``max_new_tokens`` with ``ignore_eos`` and greedy decoding so the output length is exact too.
 
@@ -73,6 +75,7 @@ __all__ = [
 TOKEN_ID_RANGE = (100, 20000)  # prompt token ids are drawn from [100, 20000)
 MODES = ("closed", "open")
 POPULARITIES = ("uniform", "zipf")
+BACKENDS = ("grpc", "openai")
 
 
 # ---------------------------------------------------------------- configuration
@@ -97,6 +100,7 @@ class BenchConfig:
     seed: int = 0
     timeout_s: float | None = 300.0       # deadline of each request (None: none)
     warmup: int = 2                       # requests sent first, one at a time, not measured
+    backend: str = "grpc"                 # "grpc" (GenerateStream) or "openai" (HTTP /v1/completions, SSE)
 
     def __post_init__(self) -> None:
         if isinstance(self.adapters, str):
@@ -118,6 +122,8 @@ class BenchConfig:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         popularity_weights(len(self.adapters), self.popularity, self.zipf_alpha)
         LengthDist.parse(self.prompt_len)
         LengthDist.parse(self.output_len)
@@ -221,11 +227,16 @@ class RequestRecord:
         return self.end_s - self.start_s
 
 
-async def _send(client: AsyncClient, plan: RequestPlan, config: BenchConfig,
+async def _send(client: Any, plan: RequestPlan, config: BenchConfig,
                 t0: float) -> RequestRecord:
+    """One request through ``client``: an AsyncClient (gRPC) or an ``OpenAISender`` (HTTP)."""
     record = RequestRecord(plan.index, plan.adapter_id, len(plan.token_ids), plan.max_new_tokens,
                            start_s=time.perf_counter() - t0, scheduled_s=plan.arrival_s)
     try:
+        if not isinstance(client, AsyncClient):
+            await client.send(plan, record, t0)
+            record.end_s = time.perf_counter() - t0
+            return record
         stream = client.generate_stream(
             token_ids=plan.token_ids, adapter_id=plan.adapter_id,
             max_new_tokens=plan.max_new_tokens, ignore_eos=True, temperature=0.0,
@@ -416,7 +427,12 @@ def _ms(seconds: float | None) -> str:
 async def run_bench_async(config: BenchConfig) -> BenchResult:
     """Run the benchmark on the current event loop (see the module docstring)."""
     warmups, plans = plan_requests(config, warmup=True), plan_requests(config)
-    async with AsyncClient(config.target, api_key=config.api_key) as client:
+    if config.backend == "openai":
+        from loraplex._bench_openai import OpenAISender
+        connection: Any = OpenAISender(config.target, config.api_key, config.timeout_s)
+    else:
+        connection = AsyncClient(config.target, api_key=config.api_key)
+    async with connection as client:
         warm_t0 = time.perf_counter()
         warm_records = [await _send(client, plan, config, warm_t0) for plan in warmups]
         records: list[RequestRecord] = []

@@ -42,6 +42,8 @@ FLAGS = [
     ("--host", "server", "host", str, "address to bind"),
     ("--port", "server", "port", int, "gRPC port (default 50051)"),
     ("--metrics-port", "server", "metrics_port", int, "Prometheus /metrics port (default 9090; -1 = off)"),
+    ("--http-port", "server", "http_port", int, "OpenAI-compatible HTTP API port (default 8000; -1 = off)"),
+    ("--http-host", "server", "http_host", str, "address the HTTP API binds (default: --host)"),
     ("--grace-period", "server", "grace_period_s", float, "seconds in-flight requests get on SIGTERM"),
     ("--keys-file", "server", "keys_file", Path, "API keys (TOML, sha256-hashed; reloaded on change); "
                                                   "without it the server runs open"),
@@ -60,7 +62,7 @@ FLAGS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="loraplex-server", description="Loraplex multi-LoRA gRPC server.")
+    p = argparse.ArgumentParser(prog="loraplex-server", description="Loraplex multi-LoRA server (gRPC and OpenAI-compatible HTTP).")
     p.add_argument("--config", type=Path, default=None, help="TOML config file (also $LORAPLEX_CONFIG)")
     for flag, _section, field, kind, doc in FLAGS:
         p.add_argument(flag, dest=field, type=kind, default=None, help=doc)

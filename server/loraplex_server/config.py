@@ -116,12 +116,18 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int = 9090  # 0 = any free port, -1 = no metrics endpoint
+    http_port: int = 8000  # OpenAI-compatible HTTP API; 0 = any free port, -1 = off
+    http_host: str | None = None  # None = ``host``
     grace_period_s: float = 10.0  # SIGTERM: in-flight requests get this long to finish
     log_level: str = "INFO"
     adapters: tuple[tuple[str, str], ...] = ()  # (name, path inside the adapter root) loaded at start
     keys_file: Path | None = None  # API keys (TOML, sha256-hashed); None = open development mode
     adapter_discovery: bool = False  # register every adapter directory under the adapter root
     state_dir: Path | None = None  # SQLite registry of LoadAdapter'd adapters; None = not persisted
+
+    @property
+    def resolved_http_host(self) -> str:
+        return self.http_host if self.http_host else self.host
 
 
 @dataclass(frozen=True)

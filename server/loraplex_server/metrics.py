@@ -90,8 +90,9 @@ class Metrics:
         return Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=self.registry)
 
     def _define_request_metrics(self) -> None:
-        self.requests = self._counter("requests_total", "Finished RPCs by gRPC status and adapter",
-                                      ("method", "status", "adapter"))
+        self.requests = self._counter("requests_total", "Finished calls by gRPC status (HTTP calls by the status "
+                                      "of the same table), adapter and front end (grpc / http)",
+                                      ("method", "status", "adapter", "frontend"))
         self.ttft = self._histogram("time_to_first_token_seconds", "Arrival to first token", LATENCY_BUCKETS)
         self.tpot = self._histogram("time_per_output_token_seconds", "Mean decode time per output token after "
                                     "the first", LATENCY_BUCKETS)
@@ -102,8 +103,8 @@ class Metrics:
         self.adapter_load_seconds = self._histogram("adapter_load_seconds", "Reading and validating an adapter",
                                                     LATENCY_BUCKETS)
         self.adapter_load_failures = self._counter("adapter_load_failures_total", "Adapters refused at load")
-        self.tenant_requests = self._counter("tenant_requests_total", "Finished generation RPCs by tenant and "
-                                             "gRPC status", ("tenant", "status"))
+        self.tenant_requests = self._counter("tenant_requests_total", "Finished generation calls by tenant, "
+                                             "gRPC status and front end", ("tenant", "status", "frontend"))
         self.tenant_tokens = self._counter("tenant_generated_tokens_total", "Generated tokens by tenant", ("tenant",))
         self.tenant_queue_wait = self._histogram("tenant_queue_wait_seconds", "Arrival to first scheduled step, "
                                                  "by tenant", LATENCY_BUCKETS, ("tenant",))
@@ -132,10 +133,12 @@ class Metrics:
                                              "adapter", ("adapter",))
 
     # ---- recording --------------------------------------------------------------------
-    def record_rpc(self, method: str, status: str, adapter_id: str | None, tenant: str | None = None) -> None:
-        self.requests.labels(method, status, self.adapter_label(adapter_id)).inc()
+    def record_rpc(self, method: str, status: str, adapter_id: str | None, tenant: str | None = None,
+                   frontend: str = "grpc") -> None:
+        """One finished call; ``frontend`` is ``grpc`` or ``http`` (both use the gRPC status names)."""
+        self.requests.labels(method, status, self.adapter_label(adapter_id), frontend).inc()
         if tenant is not None and method.startswith("Generate"):
-            self.tenant_requests.labels(self._tenant(tenant), status).inc()
+            self.tenant_requests.labels(self._tenant(tenant), status, frontend).inc()
 
     def _tenant(self, tenant: str) -> str:
         return self.tenant_label(tenant) if tenant else "none"

@@ -48,7 +48,8 @@ class ServerThread:
 def make_config(adapter_root, adapters=(), server_overrides=None, **engine_kwargs) -> Config:
     engine = engine_config(**engine_kwargs)
     engine = replace(engine, lora=replace(engine.lora, adapter_root=adapter_root))
-    server = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, grace_period_s=5, adapters=tuple(adapters))
+    server = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, http_port=-1, grace_period_s=5,
+                          adapters=tuple(adapters))
     return Config(engine=engine, server=replace(server, **(server_overrides or {})))
 
 

@@ -32,7 +32,8 @@ def launch(*args: str) -> subprocess.Popen:
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_stream_then_exits_cleanly():
     port = free_port()
-    proc = launch("--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1", "--grace-period", "30",
+    proc = launch("--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1", "--http-port", "0",
+                  "--grace-period", "30",
                   "--adapter-root", str(ASSETS / "adapters"), "--adapter", "upper=upper")
     try:
         with Client(f"127.0.0.1:{port}", timeout=5) as c:
@@ -67,7 +68,7 @@ def test_sigterm_drains_in_flight_stream_then_exits_cleanly():
 
 
 def test_bad_model_fails_start_up_with_exit_code_1(tmp_path):
-    proc = launch("--model", str(tmp_path / "missing"), "--port", "0", "--metrics-port", "-1")
+    proc = launch("--model", str(tmp_path / "missing"), "--port", "0", "--metrics-port", "-1", "--http-port", "-1")
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "does not exist" in out
 

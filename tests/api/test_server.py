@@ -230,8 +230,8 @@ def test_metrics_parse_and_move(server, client):
     def delta(name, **labels):
         key = (name, tuple(sorted(labels.items())))
         return after.get(key, 0) - before.get(key, 0)
-    assert delta("loraplex_requests_total", method="Generate", status="OK", adapter="upper") == 1
-    assert delta("loraplex_requests_total", method="Generate", status="NOT_FOUND", adapter="other") == 1
+    assert delta("loraplex_requests_total", method="Generate", status="OK", adapter="upper", frontend="grpc") == 1
+    assert delta("loraplex_requests_total", method="Generate", status="NOT_FOUND", adapter="other", frontend="grpc") == 1
     assert delta("loraplex_generated_tokens_total", adapter="upper") == 5
     assert delta("loraplex_time_to_first_token_seconds_count") == 1
     assert delta("loraplex_request_latency_seconds_count") == 1

@@ -95,8 +95,8 @@ def _wait_serving(port: int, proc) -> None:
 def test_sigkill_mid_load_adapter_then_restart_on_the_same_state_dir(root, tmp_path):
     state = tmp_path / "state"
     port = free_port()
-    args = ("--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1", "--adapter-root", str(root),
-            "--state-dir", str(state))
+    args = ("--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1", "--http-port", "-1",
+            "--adapter-root", str(root), "--state-dir", str(state))
     proc = launch(*args)
     try:
         _wait_serving(port, proc)

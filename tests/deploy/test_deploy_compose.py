@@ -90,7 +90,7 @@ def test_server_arguments_environment_and_adapters(tmp_path):
     for item in args.adapter:
         _, path = item.split("=")
         assert (host_path("loraplex", f"{cfg.engine.lora.adapter_root}/{path}") / "adapter_config.json").is_file()
-    assert container_ports("loraplex") == {cfg.server.port, cfg.server.metrics_port}
+    assert container_ports("loraplex") == {cfg.server.port, cfg.server.http_port, cfg.server.metrics_port}
 
 
 def _prometheus_config() -> tuple[dict, Path]:

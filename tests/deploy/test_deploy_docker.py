@@ -60,7 +60,7 @@ def test_ports_and_volumes_match_the_image_settings():
     cfg = config_from_toml(DEPLOY / "docker" / "loraplex.toml")
     stage = last_stage()
     exposed = {int(p) for rest in args_of("EXPOSE", stage) for p in rest.split()}
-    assert exposed == {cfg.server.port, cfg.server.metrics_port} == {50051, 9090}
+    assert exposed == {cfg.server.port, cfg.server.http_port, cfg.server.metrics_port} == {50051, 8000, 9090}
     volumes = {v for rest in args_of("VOLUME", stage) for v in json.loads(rest)}
     assert volumes == {"/models", "/adapters"}
     assert str(cfg.engine.lora.adapter_root) == "/adapters"

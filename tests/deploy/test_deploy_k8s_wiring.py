@@ -55,7 +55,7 @@ def test_selectors_match_the_pods(target):
 def test_ports_probes_and_service_follow_the_config(target, tmp_path):
     cfg, c = server_config(target, tmp_path), container(target)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"grpc": cfg.server.port, "metrics": cfg.server.metrics_port}
+    assert ports == {"grpc": cfg.server.port, "http": cfg.server.http_port, "metrics": cfg.server.metrics_port}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"] == {"port": cfg.server.port}, f"{probe} must be a native gRPC probe"
     startup = c["startupProbe"]

@@ -32,7 +32,7 @@ def _all_exprs() -> list[tuple[str, str]]:
 
 def test_exported_series_come_from_the_registry():
     series = exported_series()
-    assert series["loraplex_requests_total"] == {"method", "status", "adapter"}
+    assert series["loraplex_requests_total"] == {"method", "status", "adapter", "frontend"}
     assert series["loraplex_queue_wait_seconds_bucket"] == {"le"}
     assert "loraplex_queue_wait_seconds_sum" in series and "loraplex_requests_waiting" in series
     assert "loraplex_requests" not in series and "loraplex_queue_wait_seconds" not in series

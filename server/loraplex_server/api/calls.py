@@ -1,5 +1,6 @@
-"""Per-RPC plumbing shared by the handlers: serving state, authentication, the status metric, one
-structured log line per RPC, and the error -> status code mapping at the edge."""
+"""Per-call plumbing shared by both front ends: serving state, authentication, the status metric, one
+structured log line per call, and the error -> status code mapping at the edge (gRPC codes are the
+table; the HTTP front end maps them to HTTP statuses in ``http/errors.py``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import grpc
 
 from ..engine.loop import EngineLoop
 from ..engine.request import FinishReason, RequestOutput
-from ..errors import AdapterUnavailableError, EngineStoppedError, InvalidRequestError, LoraplexError
+from ..errors import (AdapterUnavailableError, EngineStoppedError, InvalidRequestError, LoraplexError,
+                      QueueFullError)
 from ..metrics import Metrics
 from ..tenancy import Principal, RateLimitError
 from .adapter_store import AdapterStore, StoredAdapter
@@ -50,14 +52,29 @@ class ServingState:
         return self.loop
 
 
-class RpcCall:
-    """Bookkeeping of one RPC: who called, status metric, one structured log line, errors."""
+@dataclass(frozen=True)
+class Failure:
+    """What a front end tells the client about an error: the status of our table, the message, and
+    for rate limits and a full queue, how long to wait (seconds) before retrying."""
 
-    def __init__(self, method: str, state: ServingState, context, adapter_id: str = ""):
-        self.method, self.state = method, state
+    code: grpc.StatusCode
+    message: str
+    retry_after_s: float | None = None
+    exc: Exception | None = None
+
+
+QUEUE_FULL_RETRY_AFTER_S = 1.0
+
+
+class Call:
+    """Bookkeeping of one call from either front end: who called, the status metric (labelled with
+    ``frontend``), one structured log line, and the error -> status mapping."""
+
+    def __init__(self, method: str, state: ServingState, metadata, adapter_id: str = "", frontend: str = "grpc"):
+        self.method, self.state, self.frontend = method, state, frontend
         self.adapter_id, self.request_id = adapter_id, ""
         self.start = time.monotonic()
-        self.principal: Principal = state.keys.authenticate(context.invocation_metadata())
+        self.principal: Principal = state.keys.authenticate(metadata)
         state.metrics.tenant_label.allow(self.principal.tenant)
 
     @property
@@ -65,10 +82,10 @@ class RpcCall:
         return self.principal.tenant if self.principal else ""
 
     def _log(self, status: str, output: RequestOutput | None = None, error: str = "") -> None:
-        self.state.metrics.record_rpc(self.method, status, self.adapter_id, self.tenant or None)
+        self.state.metrics.record_rpc(self.method, status, self.adapter_id, self.tenant or None, self.frontend)
         fields = {"event": "rpc", "method": self.method, "status": status, "adapter": self.adapter_id or None,
                   "tenant": self.tenant or None, "request_id": self.request_id or None,
-                  "duration_s": round(time.monotonic() - self.start, 4)}
+                  "frontend": self.frontend, "duration_s": round(time.monotonic() - self.start, 4)}
         if output is not None:
             t = output.timings
             fields.update(prompt_tokens=output.prompt_tokens, completion_tokens=output.completion_tokens,
@@ -85,23 +102,50 @@ class RpcCall:
     def cancelled(self) -> None:
         self._log("CANCELLED")
 
-    async def fail(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    def failure(self, exc: Exception) -> Failure:
+        """Log and count ``exc``; what the client is told (internal errors only by request id)."""
         code = status_for(exc)
         if code is grpc.StatusCode.INTERNAL and not isinstance(exc, EngineFailure):
-            log.exception("internal error in %s (request id %s)", self.method, self.request_id or "-")
+            log.exception("internal error in %s (request id %s)", self.method, self.request_id or "-",
+                          exc_info=exc)
             details = f"internal error (request id {self.request_id or '-'})"
         else:
             details = str(exc)
+        self._log(code.name, error=details)
+        return Failure(code, details, retry_after(exc), exc)
+
+
+def retry_after(exc: Exception) -> float | None:
+    if isinstance(exc, RateLimitError):
+        return exc.retry_after_s
+    if isinstance(exc, QueueFullError):
+        return QUEUE_FULL_RETRY_AFTER_S
+    return None
+
+
+def open_call(method: str, state: ServingState, metadata, adapter_id: str = "", frontend: str = "grpc") -> Call:
+    """A Call for an authenticated caller; on AuthenticationError the failure is counted, then raised."""
+    try:
+        return Call(method, state, metadata, adapter_id, frontend)
+    except LoraplexError as exc:
+        state.metrics.record_rpc(method, status_for(exc).name, adapter_id, None, frontend)
+        raise
+
+
+class RpcCall(Call):
+    """A gRPC call: failures end the RPC through its context."""
+
+    async def fail(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        failure = self.failure(exc)
         if isinstance(exc, RateLimitError):
             context.set_trailing_metadata(exc.trailing_metadata())
-        self._log(code.name, error=details)
-        await context.abort(code, details)
+        await context.abort(failure.code, failure.message)
 
 
 async def start_call(method: str, state: ServingState, context, adapter_id: str = "") -> RpcCall:
     """An RpcCall for an authenticated caller, or the RPC ends with UNAUTHENTICATED."""
     try:
-        return RpcCall(method, state, context, adapter_id)
+        return RpcCall(method, state, context.invocation_metadata(), adapter_id)
     except LoraplexError as exc:
         state.metrics.record_rpc(method, status_for(exc).name, adapter_id, None)
         await context.abort(status_for(exc), str(exc))

@@ -1,9 +1,10 @@
-"""The gRPC server: grpc.aio + standard health + reflection + /metrics; graceful SIGTERM drain.
+"""The server: grpc.aio + standard health + reflection + /metrics, and the OpenAI-compatible HTTP API
+(uvicorn on the same asyncio loop, ``api/http``); graceful SIGTERM drain of both.
 
 Start-up order: the port opens at once with health NOT_SERVING; the model loads in a worker
 thread, start-up adapters are registered, adapters stored in ``--state-dir`` are restored, one
 warm-up request runs, then health turns SERVING.
-On SIGTERM: health NOT_SERVING, new requests UNAVAILABLE, in-flight ones get the grace period.
+On SIGTERM: health NOT_SERVING, new requests UNAVAILABLE (HTTP 503), in-flight ones get the grace period.
 After ``max_failed_steps`` engine steps fail in a row, health turns NOT_SERVING (the log says why).
 """
 
@@ -25,12 +26,15 @@ from ..config import Config, EngineConfig
 from ..engine.engine import LLMEngine
 from ..engine.loop import EngineLoop
 from ..engine.request import Prompt, SamplingParams
+from ..errors import LoraplexError
 from ..metrics import Metrics
 from .access import owner_of
 from .adapter_store import AdapterStore, restore_adapters
 from .discovery import AdapterDiscovery
 from .auth import KeyStore
 from .calls import ServingState
+from .http.app import build_app
+from .http.server import HttpFrontEnd
 from .servicer import LoraplexServicer
 
 log = logging.getLogger(__name__)
@@ -51,6 +55,9 @@ class LoraplexServer:
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None  # the OpenAI-compatible HTTP API's bound port (None: off)
+        self.serving = False  # what the health service says (SERVING); /health reports it too
+        self._http: HttpFrontEnd | None = None
         self._grpc: grpc.aio.Server | None = None
         self._metrics_http = None
         self._ready: asyncio.Task | None = None
@@ -71,13 +78,27 @@ class LoraplexServer:
         self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         await server.start()
         self._grpc = server
+        if cfg.http_port >= 0:
+            await self._start_http(cfg)
         if cfg.metrics_port >= 0:
             self._metrics_http, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=self.state.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
-        log.info("listening", extra={"fields": {"port": self.port, "metrics_port": self.metrics_port}})
+        log.info("listening", extra={"fields": {"port": self.port, "metrics_port": self.metrics_port,
+                                                "http_port": self.http_port}})
         self._ready = asyncio.create_task(self._bring_up())
 
+    async def _start_http(self, cfg) -> None:
+        self._http = HttpFrontEnd(build_app(self.state, lambda: self.serving), cfg.resolved_http_host, cfg.http_port)
+        try:
+            await self._http.start()
+        except OSError as exc:  # e.g. the port is taken: fail start-up cleanly (exit code 1)
+            self._http = None
+            await self._grpc.stop(0)
+            raise LoraplexError(f"cannot serve HTTP on {cfg.resolved_http_host}:{cfg.http_port}: {exc}") from exc
+        self.http_port = self._http.port
+
     async def _set_health(self, status) -> None:
+        self.serving = status == health_pb2.HealthCheckResponse.SERVING
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
 
@@ -119,8 +140,11 @@ class LoraplexServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         grace = self.config.server.grace_period_s if grace is None else grace
         log.info("draining", extra={"fields": {"grace_s": grace}})
-        if self._grpc is not None:
-            await self._grpc.stop(await self._drain_engine(grace))
+        left = await self._drain_engine(grace)
+        stops = [self._grpc.stop(left)] if self._grpc is not None else []
+        if self._http is not None:
+            stops.append(self._http.stop(left))
+        await asyncio.gather(*stops)
         for task in (self._ready, self._discovery_task):
             if task is not None and not task.done():
                 task.cancel()
