@@ -70,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overhead-prompt-tokens", type=int, default=256)
     p.add_argument("--overhead-new-tokens", type=int, default=32)
     p.add_argument("--overhead-repeats", type=int, default=3, help="on/off pairs of the random-prompt run")
-    p.add_argument("--kv-cache-bytes", type=parse_size, default=parse_size("2G"))
+    p.add_argument("--kv-cache-bytes", type=parse_size, default=parse_size("4G"),
+                   help="room for every running sequence without sharing: caching changes compute, not admission")
     p.add_argument("--max-batch-tokens", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -80,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.adapters, args.system_tokens, args.requests, args.new_tokens = 4, 96, 16, 8
         args.overhead_requests, args.overhead_prompt_tokens, args.overhead_new_tokens = 8, 64, 4
-        args.overhead_repeats = 1
+        args.overhead_repeats, args.kv_cache_bytes = 1, parse_size("256M")
     return args
 
 

@@ -75,7 +75,7 @@ class LogitsTap:
         return getattr(self.sampler, name)
 
 
-def submit(engine, requests, max_new_tokens=6):
+def submit(engine, requests, max_new_tokens=3):
     for rid, adapter, prompt, *_ in requests:
         sampling = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, logprobs=3)
         engine.add_request(engine.make_request(Prompt(token_ids=tuple(prompt)), sampling, adapter, rid))
