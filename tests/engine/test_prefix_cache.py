@@ -81,10 +81,10 @@ def submit(engine, requests, max_new_tokens=3):
         engine.add_request(engine.make_request(Prompt(token_ids=tuple(prompt)), sampling, adapter, rid))
 
 
-def waves(engine) -> dict[str, list]:
-    submit(engine, WAVE1)
+def waves(engine, new_tokens: int) -> dict[str, list]:
+    submit(engine, WAVE1, new_tokens)
     outputs = run_to_completion(engine)
-    submit(engine, WAVE2)
+    submit(engine, WAVE2, new_tokens)
     return {**outputs, **run_to_completion(engine)}
 
 
@@ -103,15 +103,17 @@ def assert_no_block_held(engine):
     dict(),  # native CPU decode attention where it builds
     dict(cpu_kernels="off", budget=7),  # torch path; chunks of 7 cross every block boundary
     dict(cuda_graphs="on"),  # the captured decode step (run eagerly on the CPU)
-    dict(num_blocks=14),  # preemption: more sequences than blocks
+    dict(num_blocks=14, new_tokens=8),  # preemption: decodes outgrow the blocks
 ], ids=["native", "torch-chunked", "decode-graphs", "preemption"])
 def test_outputs_and_first_logits_equal_with_caching_off(files, case):
+    case = dict(case)
+    new_tokens = case.pop("new_tokens", 3)
     off, on = build(files, False, **case), build(files, True, **case)
-    expected = waves(off)
-    submit(on, WAVE1)
+    expected = waves(off, new_tokens)
+    submit(on, WAVE1, new_tokens)
     got = run_to_completion(on)
     before = on.blocks.hit_tokens
-    submit(on, WAVE2)
+    submit(on, WAVE2, new_tokens)
     got.update(run_to_completion(on))
     assert_same_generation(got, expected, atol=1e-5)
     assert_same_first_logits(on, off)
