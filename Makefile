@@ -3,7 +3,8 @@ PORT ?= 50051
 HTTP_PORT ?= 8000
 METRICS_PORT ?= 9090
 
-.PHONY: install test test-fast serve protos bench bench-smoke bench-decode vllm-venv bench-vllm soak bench-structured
+.PHONY: install test test-fast serve protos bench bench-smoke bench-decode vllm-venv bench-vllm soak bench-structured \
+	bench-prefix
 
 # torch is pinned first so pip takes the CPU build on disk instead of a multi-GB CUDA wheel.
 install:
@@ -35,6 +36,7 @@ soak:
 # scaling 1-512 adapters; JSON, Markdown and PNG plots under benchmarks/results/ (several minutes).
 bench: install
 	$(PYTHON) benchmarks/offline.py --profile --repeats 3 --out benchmarks/results
+	$(PREFIX_BENCH)
 
 bench-smoke: install
 	$(PYTHON) benchmarks/offline.py --smoke
@@ -58,3 +60,9 @@ bench-decode:
 # Structured outputs: step time with 16 of 64 rows under a 30-field JSON schema vs none; compile times.
 bench-structured: install
 	$(PYTHON) benchmarks/structured_outputs.py --json benchmarks/results/structured_outputs.json
+
+# Prefix caching: 16 adapters each with its own 1,000-token system prompt, 256 chat requests (Zipf
+# popularity, 64 output tokens), caching off vs on alternating; then the overhead on random prompts.
+PREFIX_BENCH = $(PYTHON) benchmarks/prefix_cache.py --json benchmarks/results/prefix_cache.json
+bench-prefix: install
+	$(PREFIX_BENCH)

@@ -123,6 +123,7 @@ class ServerInfo:
     version: str = ""
     max_cpu_loras: int = 0
     kv_cache_tokens: int = 0
+    prefix_caching: bool = False
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import load_config, parse_adapters, parse_size
+from .config import load_config, parse_adapters, parse_size, parse_switch
 from .errors import LoraplexError
 from .logs import setup_logging
 
@@ -31,6 +31,9 @@ FLAGS = [
                                                    "read in place; built once with the C++ compiler)"),
     ("--kv-cache-bytes", "cache", "kv_cache_bytes", parse_size, "KV cache budget, e.g. 512MiB or 8G"),
     ("--block-size", "cache", "block_size", int, "tokens per KV block"),
+    ("--prefix-caching", "cache", "prefix_caching", parse_switch, "on | off: reuse the KV blocks of prompt "
+                                                                  "prefixes already computed (per adapter version; "
+                                                                  "default on)"),
     ("--max-batch-tokens", "scheduler", "max_num_batched_tokens", int, "token budget per engine step"),
     ("--max-num-seqs", "scheduler", "max_num_seqs", int, "cap on running sequences"),
     ("--max-queued-requests", "scheduler", "max_queued_requests", int, "requests in flight before "

@@ -64,6 +64,8 @@ class CacheConfig:
     block_size: int = 16
     kv_cache_bytes: int = 512 * 1024 * 1024
     num_blocks: int | None = None  # overrides kv_cache_bytes when set (tests)
+    # reuse the K/V of full blocks whose tokens (and adapter version) a previous request computed
+    prefix_caching: bool = True
 
 
 @dataclass(frozen=True)
@@ -166,8 +168,24 @@ def parse_adapters(items) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+_SWITCHES = {"on": True, "true": True, "1": True, "yes": True, "off": False, "false": False, "0": False,
+             "no": False}
+
+
+def parse_switch(raw: str | bool) -> bool:
+    """``on``/``off`` (also true/false, 1/0, yes/no) -> bool; anything else is an error."""
+    if isinstance(raw, bool):
+        return raw
+    value = _SWITCHES.get(str(raw).strip().lower())
+    if value is None:
+        raise ValueError(f"expected on or off, got {raw!r}")
+    return value
+
+
 def _coerce(name: str, annotation: str, raw):
     """Convert a raw (string, or TOML-typed) value to a config field's type."""
+    if name == "prefix_caching":
+        return parse_switch(raw)
     if name in ("kv_cache_bytes", "max_adapter_bytes", "max_constraint_bytes"):
         return parse_size(raw)
     if name == "adapters":

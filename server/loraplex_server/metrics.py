@@ -66,6 +66,8 @@ class StepStats:
     grammar_cache_hits: int = 0  # cumulative
     grammar_cache_misses: int = 0
     grammar_compile_seconds: tuple[float, ...] = ()  # compiles finished since the previous step
+    prefix_cache_queries: int = 0  # cumulative: tokens of admitted requests looked up in the prefix cache
+    prefix_cache_hits: int = 0  # cumulative: of those, tokens found cached (not computed)
 
 
 class Metrics:
@@ -124,6 +126,10 @@ class Metrics:
         self.grammar_compile_seconds = self._histogram("grammar_compile_seconds", "Compiling one structured-"
                                                        "output constraint (off the engine thread)", LATENCY_BUCKETS)
         self.grammar_cache = self._counter("grammar_cache_total", "Compiled-grammar cache lookups", ("result",))
+        self.prefix_queries = self._counter("prefix_cache_query_tokens_total", "Tokens of admitted requests "
+                                            "looked up in the KV prefix cache")
+        self.prefix_hits = self._counter("prefix_cache_hit_tokens_total", "Tokens of admitted requests found in "
+                                         "the KV prefix cache (not computed)")
         self.adapter_info = self._gauge("adapter_info", "1 per published adapter (capped labels)",
                                         ("adapter", "tier", "version"))
         self.adapter_size = self._gauge("adapter_size_bytes", "Resident bytes of an adapter", ("adapter",))
@@ -186,7 +192,13 @@ class Metrics:
         self._advance(self.grammar_cache.labels("miss"), "grammar_misses", s.grammar_cache_misses)
         for seconds in s.grammar_compile_seconds:
             self.grammar_compile_seconds.observe(seconds)
-        self.gateway.record(s)
+        queries = self._delta("prefix_queries", s.prefix_cache_queries)
+        hits = self._delta("prefix_hits", s.prefix_cache_hits)
+        if queries > 0:
+            self.prefix_queries.inc(queries)
+        if hits > 0:
+            self.prefix_hits.inc(hits)
+        self.gateway.record(s, queries, hits)
 
     def record_adapters(self, infos) -> None:
         """Per-adapter tier, version, size, last use and load latency (labelled adapters only)."""
@@ -205,8 +217,13 @@ class Metrics:
 
     def _advance(self, counter, key: str, total: int) -> None:
         """Counters mirror cumulative engine counts: add what is new since the last step."""
+        delta = self._delta(key, total)
+        if delta > 0:
+            counter.inc(delta)
+
+    def _delta(self, key: str, total: int) -> int:
+        """How much a cumulative engine count grew since the last step."""
         with self._lock:
             delta = total - self._last.get(key, 0)
             self._last[key] = total
-        if delta > 0:
-            counter.inc(delta)
+        return delta

@@ -9,13 +9,15 @@ the same semantics, so an InferencePool of Loraplex pods works with the referenc
 - ``vllm:lora_requests_info``: gauge whose value is the unix time of the last update, labelled
   ``running_lora_adapters`` and ``waiting_lora_adapters`` (comma-separated adapter ids) and
   ``max_lora`` (device slots). Only the latest series is kept.
+- ``vllm:prefix_cache_queries`` / ``vllm:prefix_cache_hits``: counters (exposed with ``_total``),
+  tokens of admitted requests looked up in the prefix cache / found there, as vLLM counts them.
 """
 
 from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 
 class GatewayCompatMetrics:
@@ -29,9 +31,17 @@ class GatewayCompatMetrics:
         self.lora_info = Gauge("vllm:lora_requests_info", "Running and waiting LoRA adapters; value: unix time "
                                "of the update (vLLM name)",
                                ("running_lora_adapters", "waiting_lora_adapters", "max_lora"), registry=registry)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prefix cache queries, in queried tokens "
+                                      "(vLLM name)", registry=registry)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prefix cache hits, in cached tokens (vLLM name)",
+                                   registry=registry)
 
-    def record(self, stats) -> None:
-        """``stats``: the engine's StepStats."""
+    def record(self, stats, prefix_queries: int = 0, prefix_hits: int = 0) -> None:
+        """``stats``: the engine's StepStats; ``prefix_*``: prefix-cache tokens since the last step."""
+        if prefix_queries > 0:
+            self.prefix_queries.inc(prefix_queries)
+        if prefix_hits > 0:
+            self.prefix_hits.inc(prefix_hits)
         self.waiting.set(stats.waiting)
         self.running.set(stats.running)
         if stats.kv_blocks_total:

@@ -119,7 +119,7 @@ def test_adapter_admin_calls_and_their_errors(client, tmp_path):
     assert {a.adapter_id for a in client.list_adapters()} == {"upper", "json"}
     s = client.server_info()
     assert (s.max_loras, s.max_lora_rank, s.device, s.dtype) == (2, 16, "cpu", "float32")
-    assert s.context_length == 8192 and s.kv_cache_tokens == 256 * 16 and s.version
+    assert s.context_length == 8192 and s.kv_cache_tokens == 256 * 16 and s.version and s.prefix_caching
 
 
 def test_cancelled_stream_and_deadline_free_kv(server, client):
@@ -251,3 +251,22 @@ def test_metrics_parse_and_move(server, client):
                      "loraplex_batch_size_count", "loraplex_kv_blocks_used", "loraplex_adapter_load_seconds_count",
                      "loraplex_adapter_loads_total", "loraplex_adapter_evictions_total"]:
         assert required in names, required
+
+
+def test_prefix_cache_metrics_move(server, client):
+    """The same 40-token prompt twice: the second finds its 2 full blocks cached (loraplex and vLLM names)."""
+    prompt = list(range(100, 140))
+    before = metric_samples(server)
+    for _ in range(2):
+        client.generate(token_ids=prompt, max_new_tokens=1)
+    after = metric_samples(server)
+
+    def delta(name):
+        return after.get((name, ()), 0) - before.get((name, ()), 0)
+    deadline = time.monotonic() + 5
+    while delta("vllm:prefix_cache_hits_total") < 32 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = metric_samples(server)
+    assert delta("loraplex_prefix_cache_query_tokens_total") == 80
+    assert delta("loraplex_prefix_cache_hit_tokens_total") == 32
+    assert delta("vllm:prefix_cache_queries_total") == 80 and delta("vllm:prefix_cache_hits_total") == 32

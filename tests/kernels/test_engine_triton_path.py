@@ -114,3 +114,17 @@ def test_projections_sharing_an_input_share_one_shrink(make_engine, device, monk
     force_selection(monkeypatch, triton_ops.TritonLoraBackend(), triton_attention.triton_paged_attention)
     assert_same_generation(generate_mixed(make_engine()), expected)
     assert counts["expand"] > 0 and counts["shrink"] * 7 == counts["expand"] * 4
+
+
+def test_prefix_cache_hits_on_the_triton_path_generate_what_a_cold_cache_generates(make_engine, device, monkeypatch):
+    """The same mixed requests twice through one engine on the Triton kernels: the second time their
+    full prompt blocks come from the prefix cache (the varlen kernel reads them through the block
+    tables like an earlier prefill chunk), and the outputs equal the first, cold, run's."""
+    requests = [("a0", 13), ("a1", 20)]
+    force_selection(monkeypatch, triton_ops.TritonLoraBackend(), triton_attention.triton_paged_attention)
+    engine = make_engine()
+    cold = generate_mixed(engine, requests, max_new_tokens=2)
+    assert engine.blocks.hit_tokens == 0
+    warm = generate_mixed(engine, requests, max_new_tokens=2)
+    assert engine.blocks.hit_tokens == 8 + 16  # a0's 13-token prompt: 1 block of 8; a1's 20 tokens: 2
+    assert_same_generation(warm, cold, atol=1e-5)

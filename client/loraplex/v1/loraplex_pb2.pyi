@@ -252,7 +252,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("model", "dtype", "device", "max_loras", "max_lora_rank", "context_length", "version", "max_cpu_loras", "kv_cache_tokens")
+    __slots__ = ("model", "dtype", "device", "max_loras", "max_lora_rank", "context_length", "version", "max_cpu_loras", "kv_cache_tokens", "prefix_caching")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -262,6 +262,7 @@ class GetServerInfoResponse(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_CPU_LORAS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
     model: str
     dtype: str
     device: str
@@ -271,4 +272,5 @@ class GetServerInfoResponse(_message.Message):
     version: str
     max_cpu_loras: int
     kv_cache_tokens: int
-    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., context_length: _Optional[int] = ..., version: _Optional[str] = ..., max_cpu_loras: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ...) -> None: ...
+    prefix_caching: bool
+    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., context_length: _Optional[int] = ..., version: _Optional[str] = ..., max_cpu_loras: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., prefix_caching: _Optional[bool] = ...) -> None: ...

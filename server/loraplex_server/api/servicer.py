@@ -91,4 +91,4 @@ class LoraplexServicer(pb_grpc.LoraplexServiceServicer):
             device=str(engine.loaded.device), max_loras=cfg.lora.max_loras,
             max_lora_rank=cfg.lora.max_lora_rank, context_length=engine.inputs.max_model_len,
             version=__version__, max_cpu_loras=cfg.lora.max_cpu_loras,
-            kv_cache_tokens=engine.blocks.capacity_tokens)
+            kv_cache_tokens=engine.blocks.capacity_tokens, prefix_caching=engine.blocks.prefix_caching)

@@ -70,7 +70,7 @@ class LLMEngine:
         self.lora = LoraManager(model, config.lora, load_fn=adapter_load_fn, native_kernels=native)
         spec = KVCacheSpec.from_model_config(model.config, self.loaded.dtype)
         num_blocks = num_blocks_for(spec, config.cache)
-        self.blocks = BlockManager(num_blocks, config.cache.block_size)
+        self.blocks = BlockManager(num_blocks, config.cache.block_size, config.cache.prefix_caching)
         graphs = graph_mode(config.model.cuda_graphs, self.loaded.device)
         # captured decode steps park their padding rows in one extra block no sequence owns
         kv_caches = allocate_kv_cache(spec, num_blocks + (1 if graphs else 0), config.cache.block_size,
@@ -97,9 +97,9 @@ class LLMEngine:
         self.last_batch = (0, 0)  # (sequences, tokens) of the latest step
         self._retired: set[str] = set()  # adapter versions to free once unused
         self.failed_steps_in_a_row = 0  # forwards that raised (culprits isolated), reset by a clean one
-        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_loras=%d",
+        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens (prefix caching %s), max_loras=%d",
                  self.loaded.name, self.loaded.device, self.loaded.dtype, num_blocks,
-                 config.cache.block_size, config.lora.max_loras)
+                 config.cache.block_size, "on" if config.cache.prefix_caching else "off", config.lora.max_loras)
 
     def _decode_graphs(self, mode: str, kv_caches, num_blocks: int, model_len: int) -> DecodeGraphs | None:
         block_size = self.config.cache.block_size
@@ -268,6 +268,7 @@ class LLMEngine:
             device_loads=slots.num_loads, device_evictions=slots.num_evictions,
             cpu_loads=registry.num_cpu_loads, cpu_evictions=registry.num_cpu_evictions,
             preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=self.blocks.query_tokens, prefix_cache_hits=self.blocks.hit_tokens,
             grammar_cache_hits=self.grammars.hits, grammar_cache_misses=self.grammars.misses,
             grammar_compile_seconds=self.grammars.drain_compile_seconds(),
             running_adapters=_adapter_ids(self.scheduler.running), waiting_adapters=_adapter_ids(self.scheduler.waiting),
@@ -314,9 +315,10 @@ class LLMEngine:
             self.lora.release_request(request.adapter_key)
 
     def release_retired(self) -> None:
-        """Free the retired versions no request references any more (slot and CPU weights)."""
+        """Free the retired versions no request references any more (slot, CPU weights, cached KV)."""
         for key in [k for k in self._retired if not self.lora.in_use(k)]:
             self.lora.free_version(key)
+            self.blocks.drop_cached(key)  # its cached K/V must never serve anything else
             self._retired.discard(key)
 
 

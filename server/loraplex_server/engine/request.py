@@ -189,7 +189,7 @@ class RequestOutput:
 class Request:
     """A request's state inside the engine (one sequence per request).
 
-    The scheduler owns ``status``, ``num_computed_tokens`` and ``block_ids``; the output processor
+    The scheduler owns ``status``, ``num_computed_tokens`` and the block fields; the output processor
     owns the detokenizer state and the finish reason.
     """
 
@@ -203,6 +203,8 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache chain hashes of full blocks (memo)
+    num_published_blocks: int = 0  # leading blocks published in, or taken from, the prefix cache
     num_preemptions: int = 0
     slot_waits: int = 0  # steps passed over while the max_loras cap kept its adapter out
     finish_reason: FinishReason | None = None

@@ -11,6 +11,9 @@ requests whose adapters are already in the batch, for at most ``max_slot_bypass_
 then admission stops at it again until a slot frees. When a running request
 needs a KV block and none is free, the most recently admitted request is preempted: its blocks
 are freed and it returns to the head of the queue to be recomputed later (nothing is lost).
+
+With prefix caching (kv_blocks.py), a request admitted starts after its longest cached prefix:
+only the uncached tokens are computed and counted against the step's token budget.
 """
 
 from __future__ import annotations
@@ -123,8 +126,9 @@ class Scheduler:
                     continue
                 if not self.adapter_ready(key):
                     continue
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.blocks.allocate(request, n):
+            hit = self.blocks.lookup(request)  # its cached prefix is not computed, nor charged
+            n = min(request.num_tokens - hit.num_tokens, budget)
+            if not self.blocks.admit(request, n, hit):
                 break
             self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
@@ -149,9 +153,10 @@ class Scheduler:
         out.preempted.append(request)
 
     def after_step(self, out: SchedulerOutput) -> None:
-        """Record that the scheduled tokens' K/V are now in the cache."""
+        """Record that the scheduled tokens' K/V are now in the cache (full blocks: cached for reuse)."""
         for s in out.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
+            self.blocks.publish(s.request)
 
     def finish(self, request: Request) -> None:
         """Remove a finished or aborted request wherever it is and free its blocks."""
