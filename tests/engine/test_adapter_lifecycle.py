@@ -98,28 +98,36 @@ def test_hot_swap_under_load_never_mixes_versions(make_engine):
         assert len(expected) == 2
         loop.add_adapter("hot", versions[0])
         stop, results, failures = threading.Event(), [], []
+        epoch, served = [0], threading.Condition()  # swaps done; notified at each finished request
 
         def client():
             while not stop.is_set():
+                started_in = epoch[0]  # a request made now gets this swap's version or a later one
                 try:
                     deltas = list(loop.submit(prompt, params, "hot"))
-                    results.append(tuple(t for d in deltas for t in d.token_ids))
                     assert deltas[-1].finish_reason in (FinishReason.EOS, FinishReason.LENGTH)
+                    with served:
+                        results.append((started_in, tuple(t for d in deltas for t in d.token_ids)))
                 except Exception as exc:  # noqa: BLE001 - counted, must stay zero
                     failures.append(exc)
+                with served:
+                    served.notify_all()
         workers = [threading.Thread(target=client) for _ in range(4)]
         for w in workers:
             w.start()
-        for swap in range(20):
-            time.sleep(0.3)
-            loop.add_adapter("hot", versions[(swap + 1) % 2])
+        for swap in range(1, 5):  # no clock: each version serves a request made under it before the next swap
+            loop.add_adapter("hot", versions[swap % 2])
+            epoch[0] = swap
+            with served:
+                assert served.wait_for(lambda: failures or any(e == swap for e, _ in results), timeout=120)
         stop.set()
         for w in workers:
             w.join(60)
     assert failures == []
-    assert len(results) >= 12 and set(results) <= expected
-    assert set(results) == expected  # both versions really served
-    assert engine.lora.registry.current("hot").version > 20
+    outputs = {tokens for _, tokens in results}
+    assert len(results) >= 4 and outputs <= expected
+    assert outputs == expected  # both versions really served
+    assert engine.lora.registry.current("hot").version > 4
 
 
 def test_slow_load_does_not_stall_others_and_failed_load_is_a_clear_error(make_engine):

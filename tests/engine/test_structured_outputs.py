@@ -1,8 +1,8 @@
 """Structured outputs in the engine: constrained rows beside unconstrained ones and other adapters.
 
 The proof of issue 15: every constrained output parses (JSON against its schema, regex full match,
-choice exact) for 100 seeded sampled requests of each kind, spread over the base model and two
-adapters in shared batches; the unconstrained rows of that batch are token-identical to a run
+choice exact) for 50 seeded sampled requests of each kind (100 when the proof was first measured;
+halved for the suite's time budget), spread over the base model and two adapters in shared batches; the unconstrained rows of that batch are token-identical to a run
 without any constrained neighbour; seeded constrained rows are batch-invariant; a slow compile
 does not stall other requests; bad constraints are refused, never hung.
 """
@@ -32,7 +32,7 @@ KINDS = {"json": Constraint("json_schema", spec=json.dumps(SCHEMA)), "regex": Co
          "choice": Constraint("choice", choices=CHOICES)}
 PROMPTS = ["Describe a person as JSON.", "Give me a product code.", "Pick a colour.", "Say something."]
 ADAPTERS = (None, "all7-r8", "qv-r4")
-PER_KIND = 100
+PER_KIND = 50
 MAX_NEW = 64
 
 
@@ -84,7 +84,7 @@ def test_every_constrained_row_parses_in_mixed_batches_and_neighbours_are_unchan
     mixed = constrained_jobs()
     jobs = list(mixed)
     for j, job in enumerate(plain):  # spread the unconstrained rows through the queue
-        jobs.insert(j * 26, job)
+        jobs.insert(j * 13, job)
     outputs = run_jobs(engine_with_adapters(make_engine, peft_adapters), jobs)
     assert set(outputs) == {rid for rid, *_ in jobs}
     for rid, *_ in mixed:
