@@ -101,6 +101,8 @@ def test_whole_llama_forward_matches_transformers(dtype, kernels):
     with torch.no_grad():
         want = model(input_ids=ids, use_cache=False).logits
         assert install_fused_ops(model, kernels) == 2 * 4 + 1  # per layer: 2 norms, MLP, attention; final norm
+        layer = model.model.layers[0]
+        assert hasattr(layer.self_attn, "merged_q_k_v") and hasattr(layer.mlp, "merged_gate_up")  # one matmul each
         got = model(input_ids=ids, use_cache=False).logits
     atol = 1e-5 if dtype == torch.float32 else 0.1  # bf16: a 1-ulp rounding flip moves later layers
     torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=0)

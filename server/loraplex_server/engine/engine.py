@@ -86,7 +86,7 @@ class LLMEngine:
             self.runner.use_native_kernels(native)
             if native is not None:  # merges q/k/v and gate/up: before packing, after LoRA injection
                 log.info("fused native norms and activations in %d modules", install_fused_ops(model, native))
-            log.info("packed %d bf16 linear layers for oneDNN", pack_linears(model))  # after LoRA injection
+            log.info("packed %d bf16 linear layers for oneDNN", pack_linears(model))
         self.inputs = InputProcessor(self.loaded.tokenizer, model.config.vocab_size, model_len,
                                      self.blocks.capacity_tokens)
         self.outputs = OutputProcessor(self.loaded.tokenizer, eos_token_ids(self.loaded),

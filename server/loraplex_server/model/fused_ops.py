@@ -5,8 +5,8 @@ muls), ``apply_rotary_pos_emb`` ~10 for q and k, and the gated MLP two (``act_fn
 on a CPU decode step of a small model those launches cost more than the maths.
 ``install_fused_ops`` gives each matching module instance a forward through the native kernels
 (model/csrc/elementwise.cpp), which keep the modules' roundings, and computes q/k/v and gate/up
-by one merged matmul each (merged_linear.py; the LoRA deltas land in the members' columns). A module matches only when its
-class's forward is, bytecode for bytecode, Llama's (norms and MLPs: Mistral, Qwen2/3, Phi-3 and
+by one merged matmul each (merged_linear.py; the LoRA deltas land in the members' columns). A
+module matches only when its class's forward is, bytecode for bytecode, Llama's (norms and MLPs: Mistral, Qwen2/3, Phi-3 and
 others copy them; attention: Llama's own), and for the MLP when its activation is SiLU: anything
 else (Gemma's ``1 + weight`` norm, GELU MLPs, sliding-window attention code) keeps its forward.
 """
@@ -61,24 +61,27 @@ def _project(module: nn.Module, x: torch.Tensor, names: tuple[str, ...]) -> list
     """Each projection ``names`` of ``module`` applied to ``x`` [1, T, in] as [T, out_p]: one
     matmul and column views when ``install_fused_ops`` merged them (merged_linear.py), else one
     call per projection."""
-    merged: tuple[MergedMember, ...] | None = vars(module).get(f"_merged_{names[0]}")
+    name = _merged_name(names)
+    merged: tuple[MergedMember, ...] | None = vars(module).get(f"_{name}_members")
     tokens = x.shape[1]
     if merged is None:
-        return [getattr(module, name)(x).view(tokens, -1) for name in names]
-    y = getattr(module, _merged_name(names))(x).view(tokens, -1)  # [T, sum of out_p]
+        return [getattr(module, member)(x).view(tokens, -1) for member in names]
+    y = getattr(module, name)(x).view(tokens, -1)  # [T, sum of out_p]
     for member in merged:
         member.add_delta(y, x)
     return [y[:, m.lo:m.hi] for m in merged]
 
 
 def _merged_name(names: tuple[str, ...]) -> str:
+    """The merged linear's attribute name (``merged_q_k_v``); its members sit beside it."""
     return "merged_" + "_".join(n.removesuffix("_proj") for n in names)
 
 
 def _merge(module: nn.Module, names: tuple[str, ...]) -> None:
-    merged = merge_projections(module, names, _merged_name(names))
+    name = _merged_name(names)
+    merged = merge_projections(module, names, name)
     if merged is not None:
-        vars(module)[f"_merged_{names[0]}"] = merged  # a plain attribute: not a submodule
+        vars(module)[f"_{name}_members"] = merged  # a plain attribute: not a submodule
 
 
 def _attention_forward(kernels: NativeKernels):
