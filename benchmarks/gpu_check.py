@@ -77,7 +77,7 @@ def correctness(tmp: Path) -> dict:
         engine.add_request(engine.make_request(Prompt(token_ids=tuple(ids)),
                                                SamplingParams(max_new_tokens=16, ignore_eos=True), adapter, f"r{j}"))
     batch = engine.scheduler.schedule()
-    slots = engine.lora.activate(batch.adapter_ids, engine.scheduler.running_adapters())
+    slots = engine.lora.activate(batch.adapter_keys, engine.scheduler.running_adapter_keys())
     packed = engine.runner.pack(batch, slots)
     logits = engine.runner.forward_logits(packed)
     ours_first = {r.request_id: logits[k].float() for k, r in enumerate(packed.sampling_requests)}

@@ -151,7 +151,7 @@ def test_first_step_logits_match_hf(arch: str, tmp_path):
     ids = submit(engine, setup)
     batch = engine.scheduler.schedule()
     assert len(batch.scheduled) == len(ROWS)  # every prompt prefilled in this one step
-    slots = engine.lora.activate(batch.adapter_ids, engine.scheduler.running_adapters())
+    slots = engine.lora.activate(batch.adapter_keys, engine.scheduler.running_adapter_keys())
     assert slots[engine.lora.resolve("a").key] != slots[engine.lora.resolve("b").key]
     packed = engine.runner.pack(batch, slots)
     logits = engine.runner.forward_logits(packed)

@@ -87,10 +87,10 @@ def test_first_step_logits_match_peft(make_engine, peft_adapters, tokenizer, ref
     engine = engine_with_adapters(make_engine, peft_adapters)
     submit(engine, tokenizer, range(len(PROMPTS)))
     batch = engine.scheduler.schedule()
-    slots = engine.lora.activate(batch.adapter_ids, engine.scheduler.running_adapters())
+    slots = engine.lora.activate(batch.adapter_keys, engine.scheduler.running_adapter_keys())
     packed = engine.runner.pack(batch, slots)
     logits = engine.runner.forward_logits(packed)
-    assert len(batch.adapter_ids) == 4
+    assert len(batch.adapter_keys) == 4
     for row, req in enumerate(packed.sampling_requests):
         i = int(req.request_id[3:])
         diff = (logits[row] - reference[i][1]).abs().max().item()
@@ -148,7 +148,7 @@ def test_bf16_engine_stays_within_tolerance_of_fp32_peft(model_dir, tokenizer, p
         engine.lora.add_adapter(name, path)
     submit(engine, tokenizer, range(len(PROMPTS)))
     batch = engine.scheduler.schedule()
-    packed = engine.runner.pack(batch, engine.lora.activate(batch.adapter_ids, engine.scheduler.running_adapters()))
+    packed = engine.runner.pack(batch, engine.lora.activate(batch.adapter_keys, engine.scheduler.running_adapter_keys()))
     logits = engine.runner.forward_logits(packed).float()
     for row, req in enumerate(packed.sampling_requests):
         i = int(req.request_id[3:])

@@ -65,7 +65,7 @@ def test_max_loras_cap_is_fcfs_and_does_not_starve():
     s.add(req("w", adapter="A"))  # behind z: FCFS, must not overtake it
     out = step(s)
     assert set(scheduled(out)) == {"x", "y"}
-    assert out.adapter_ids == {"A", "B"}
+    assert out.adapter_keys == {"A", "B"}
     s.finish(s.running[1])  # y finishes -> B frees up
     out = step(s)
     assert set(scheduled(out)) == {"x", "z", "w"}
@@ -87,7 +87,7 @@ def test_requests_for_batched_adapters_pass_one_kept_out_by_the_cap_for_a_bounde
     assert [r.request_id for r in s.waiting] == ["z", "v", "t"]
     s.finish(next(r for r in s.running if r.request_id == "y"))  # B frees its slot
     out = step(s)
-    assert "z" in scheduled(out) and out.adapter_ids == {"A", "C"}
+    assert "z" in scheduled(out) and out.adapter_keys == {"A", "C"}
 
 
 def test_preempts_latest_when_blocks_run_out_and_requeues_at_head():
@@ -129,7 +129,7 @@ def test_finish_frees_blocks_everywhere():
 
 def test_requests_for_a_loading_adapter_wait_while_others_pass():
     loading = {"L"}
-    s, _ = make(max_loras=3, budget=64, adapter_ready=lambda key: key not in loading)
+    s, _ = make(max_loras=3, budget=64, key_ready=lambda key: key not in loading)
     s.add(req("slow", adapter="L"))
     s.add(req("fast", adapter="A"))
     s.add(req("base"))
@@ -141,7 +141,7 @@ def test_requests_for_a_loading_adapter_wait_while_others_pass():
 
 
 def test_pinned_adapters_count_against_the_cap():
-    s, _ = make(max_loras=2, budget=64, reserved_adapters=lambda: {"P"})
+    s, _ = make(max_loras=2, budget=64, reserved_keys=lambda: {"P"})
     s.add(req("a", adapter="A"))
     s.add(req("b", adapter="B"))
     s.add(req("p", adapter="P"))

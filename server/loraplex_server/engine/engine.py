@@ -14,6 +14,7 @@ import torch
 
 from ..config import EngineConfig
 from ..errors import AdapterUnavailableError, DuplicateRequestError, InvalidRequestError
+from ..lora.ids import AdapterId, VersionKey
 from ..lora.manager import LoraManager
 from ..metrics import StepStats
 from ..model.attention import register_paged_attention
@@ -76,7 +77,7 @@ class LLMEngine:
         kv_caches = allocate_kv_cache(spec, num_blocks + (1 if graphs else 0), config.cache.block_size,
                                       self.loaded.device)
         self.scheduler = Scheduler(config.scheduler, self.blocks, config.lora.max_loras,
-                                   adapter_ready=self.lora.ready, reserved_adapters=self.lora.reserved_keys,
+                                   key_ready=self.lora.ready, reserved_keys=self.lora.reserved_keys,
                                    fairness=make_fairness(config.scheduler.fairness, tenant_weight))
         self.runner = ModelRunner(model, kv_caches, config.cache.block_size, self.loaded.device, self.lora)
         model_len = config.model.max_model_len or getattr(model.config, "max_position_embeddings", 2048)
@@ -95,7 +96,7 @@ class LLMEngine:
             self.loaded.tokenizer, model.config.vocab_size, eos_token_ids(self.loaded)))
         self.requests: dict[str, Request] = {}
         self.last_batch = (0, 0)  # (sequences, tokens) of the latest step
-        self._retired: set[str] = set()  # adapter versions to free once unused
+        self._retired: set[VersionKey] = set()  # adapter versions to free once unused
         self.failed_steps_in_a_row = 0  # forwards that raised (culprits isolated), reset by a clean one
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens (prefix caching %s), max_loras=%d",
                  self.loaded.name, self.loaded.device, self.loaded.dtype, num_blocks,
@@ -110,7 +111,7 @@ class LLMEngine:
                                    trash_block=num_blocks, device=self.loaded.device)
 
     # ---- requests -------------------------------------------------------------------------
-    def make_request(self, prompt: Prompt, sampling: SamplingParams, adapter_id: str | None = None,
+    def make_request(self, prompt: Prompt, sampling: SamplingParams, adapter_id: AdapterId | None = None,
                      request_id: str | None = None, tenant: str = "") -> Request:
         """Validate and tokenize (any thread); raises a domain error for bad input.
 
@@ -170,13 +171,13 @@ class LLMEngine:
         return self.scheduler.has_work
 
     # ---- adapters -------------------------------------------------------------------------
-    def remove_adapter(self, adapter_id: str) -> None:
+    def remove_adapter(self, adapter_id: AdapterId) -> None:
         """Unpublish: new requests get NOT_FOUND; accepted ones finish on their version, whose
         device slot is freed once no request uses it."""
         self._retired.add(self.lora.remove_adapter(adapter_id).key)
         self.release_retired()
 
-    def adapter_replaced(self, old_key: str) -> None:
+    def adapter_replaced(self, old_key: VersionKey) -> None:
         """A hot-swap published a new version; the old one is freed once no request uses it."""
         self._retired.add(old_key)
         self.release_retired()
@@ -206,7 +207,7 @@ class LLMEngine:
     def _run(self, scheduled: list[ScheduledRequest]):
         """Adapters resident, then the forward and sampling of these rows of the step."""
         batch = SchedulerOutput(scheduled=list(scheduled))
-        lora_slots = self.lora.activate(batch.adapter_ids, self.scheduler.running_adapters())
+        lora_slots = self.lora.activate(batch.adapter_keys, self.scheduler.running_adapter_keys())
         return self.runner.run(batch, lora_slots)
 
     def _fail_culprits(self, culprits) -> list[RequestOutput]:
@@ -279,8 +280,8 @@ class LLMEngine:
         if isinstance(self.scheduler.fairness, VirtualTokenCounter):
             self.scheduler.fairness.weight_of = weight_of
 
-    def pin_adapter(self, adapter_id: str) -> None:
-        self.lora.pin(adapter_id, self.scheduler.running_adapters())
+    def pin_adapter(self, adapter_id: AdapterId) -> None:
+        self.lora.pin(adapter_id, self.scheduler.running_adapter_keys())
 
     def _postprocess(self, sampled, samples) -> list[RequestOutput]:
         outputs = []

@@ -24,6 +24,7 @@ from array import array
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
+from ..lora.ids import VersionKey
 from .request import Request
 
 
@@ -37,7 +38,7 @@ def cache_slot(block_ids: list[int], block_size: int, position: int) -> int:
     return block_ids[position // block_size] * block_size + position % block_size
 
 
-def chain_seed(adapter_key: str | None) -> bytes:
+def chain_seed(adapter_key: VersionKey | None) -> bytes:
     """The hash chain's start: one per adapter version key, another for the base model."""
     tag = b"adapter\0" + adapter_key.encode() if adapter_key else b"base"
     return hashlib.sha256(b"loraplex-prefix\0" + tag).digest()
@@ -71,8 +72,8 @@ class BlockManager:
         self._refs = [0] * num_blocks
         self._hash_of: dict[int, tuple[bytes, str | None]] = {}  # published block -> (hash, seed key)
         self._block_of: dict[bytes, int] = {}  # hash -> published block
-        self._by_seed: dict[str | None, set[int]] = {}  # adapter version key -> its published blocks
-        self._seeds: dict[str | None, bytes] = {}
+        self._by_seed: dict[VersionKey | None, set[int]] = {}  # adapter version key -> its published blocks
+        self._seeds: dict[VersionKey | None, bytes] = {}
         self.query_tokens = 0  # cumulative: tokens of admitted requests looked up in the cache
         self.hit_tokens = 0  # cumulative: of those, tokens found cached
 
@@ -170,7 +171,7 @@ class BlockManager:
                 self._by_seed.setdefault(key, set()).add(block)
         request.num_published_blocks = full
 
-    def drop_cached(self, adapter_key: str) -> int:
+    def drop_cached(self, adapter_key: VersionKey) -> int:
         """Forget every block published under an adapter version (it is unloaded); returns how many.
         Held blocks stay with their requests, unpublished; free ones return to the free pool."""
         blocks = self._by_seed.pop(adapter_key, set())

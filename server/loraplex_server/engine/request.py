@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..errors import InvalidRequestError
+from ..lora.ids import AdapterId, VersionKey
 
 
 CONSTRAINT_KINDS = ("json_schema", "regex", "choice", "grammar", "json_object")
@@ -196,8 +197,8 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
-    adapter_id: str | None = None
-    adapter_key: str | None = None  # the adapter version this request is bound to (id@n)
+    adapter_id: AdapterId | None = None
+    adapter_key: VersionKey | None = None  # the adapter version this request is bound to (id@n)
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

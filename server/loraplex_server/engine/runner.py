@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..lora.ids import VersionKey
 from ..lora.manager import LoraManager
 from ..lora.mapping import NO_SLOT, LoraMapping
 from ..model.attention import META_KWARG, PagedAttentionMetadata, PrefillSpan, block_slots
@@ -54,12 +55,12 @@ class ModelRunner:
         return block_slots(torch.tensor(request.block_ids, dtype=torch.long), self.block_size)[:num_tokens]
 
     @staticmethod
-    def _slot_of(lora_slots: dict[str, int]):
+    def _slot_of(lora_slots: dict[VersionKey, int]):
         def slot(s: ScheduledRequest) -> int:
             return lora_slots.get(s.request.adapter_key, NO_SLOT) if s.request.adapter_key else NO_SLOT
         return slot
 
-    def pack(self, batch: SchedulerOutput, lora_slots: dict[str, int]) -> PackedBatch:
+    def pack(self, batch: SchedulerOutput, lora_slots: dict[VersionKey, int]) -> PackedBatch:
         slot = self._slot_of(lora_slots)
         order = sorted(batch.scheduled, key=slot)
         bs = self.block_size
@@ -129,7 +130,7 @@ class ModelRunner:
                 self.lora.set_mapping(None)
         return out.logits[0]
 
-    def is_graph_decode(self, batch: SchedulerOutput, lora_slots: dict[str, int]) -> bool:
+    def is_graph_decode(self, batch: SchedulerOutput, lora_slots: dict[VersionKey, int]) -> bool:
         """A step the captured decode graphs can run: only decodes, each sampling, few enough,
         and a captured variant for it (with LoRA when any sequence has an adapter slot)."""
         graphs = self.decode_graphs
@@ -140,12 +141,12 @@ class ModelRunner:
         slot = self._slot_of(lora_slots)
         return graphs.serves(len(batch.scheduled), any(slot(s) != NO_SLOT for s in batch.scheduled))
 
-    def run(self, batch: SchedulerOutput, lora_slots: dict[str, int]) -> tuple[list[Request], SampleResult]:
+    def run(self, batch: SchedulerOutput, lora_slots: dict[VersionKey, int]) -> tuple[list[Request], SampleResult]:
         """Execute one step; returns the requests that sampled a token and their samples."""
         with on_device(self.device):  # kernels and graphs launch on the current CUDA device
             return self._run(batch, lora_slots)
 
-    def _run(self, batch: SchedulerOutput, lora_slots: dict[str, int]) -> tuple[list[Request], SampleResult]:
+    def _run(self, batch: SchedulerOutput, lora_slots: dict[VersionKey, int]) -> tuple[list[Request], SampleResult]:
         if self.is_graph_decode(batch, lora_slots):
             slot = self._slot_of(lora_slots)
             order = sorted(batch.scheduled, key=slot)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..config import SchedulerConfig
+from ..lora.ids import VersionKey
 from .fairness import FcfsOrder, VirtualTokenCounter
 from .kv_blocks import BlockManager
 from .request import Request, RequestStatus
@@ -50,20 +51,21 @@ class SchedulerOutput:
         return sum(s.num_new_tokens for s in self.scheduled)
 
     @property
-    def adapter_ids(self) -> set[str]:
+    def adapter_keys(self) -> set[VersionKey]:
         """Adapter version keys used by this step."""
         return {s.request.adapter_key for s in self.scheduled if s.request.adapter_key}
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager, max_loras: int,
-                 adapter_ready: Callable[[str], bool] = lambda _id: True,
-                 reserved_adapters: Callable[[], set[str]] = set, fairness: FcfsOrder | VirtualTokenCounter | None = None):
+                 key_ready: Callable[[VersionKey], bool] = lambda _key: True,
+                 reserved_keys: Callable[[], set[VersionKey]] = set,
+                 fairness: FcfsOrder | VirtualTokenCounter | None = None):
         self.config = config
         self.blocks = blocks
         self.max_loras = max_loras
-        self.adapter_ready = adapter_ready
-        self.reserved_adapters = reserved_adapters  # pinned: they hold device slots while idle
+        self.key_ready = key_ready  # the version's weights are in memory
+        self.reserved_keys = reserved_keys  # pinned: they hold device slots while idle
         self.fairness = fairness or FcfsOrder()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -77,8 +79,8 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def running_adapters(self) -> set[str]:
-        """Adapters held by running requests: their device slots must not be evicted."""
+    def running_adapter_keys(self) -> set[VersionKey]:
+        """Adapter versions held by running requests: their device slots must not be evicted."""
         return {r.adapter_key for r in self.running if r.adapter_key}
 
     def schedule(self) -> SchedulerOutput:
@@ -110,8 +112,8 @@ class Scheduler:
         place); one that would exceed the distinct-adapter cap is passed over for a bounded number
         of steps (only requests for adapters already in the batch can follow it), then stops
         admission (no starvation)."""
-        adapters = self.running_adapters()
-        reserved = self.reserved_adapters()
+        adapters = self.running_adapter_keys()
+        reserved = self.reserved_keys()
         for request in self.fairness.candidates(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
@@ -124,7 +126,7 @@ class Scheduler:
                     if request.slot_waits > self.config.max_slot_bypass_steps:
                         break
                     continue
-                if not self.adapter_ready(key):
+                if not self.key_ready(key):
                     continue
             hit = self.blocks.lookup(request)  # its cached prefix is not computed, nor charged
             n = min(request.num_tokens - hit.num_tokens, budget)

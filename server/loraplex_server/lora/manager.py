@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import AdapterPinError
+from .ids import AdapterId, VersionKey
 from .layers import LoraStepState
 from .mapping import LoraMapping
 from .model import find_targets, inject_lora_layers, model_device
@@ -39,45 +40,45 @@ class LoraManager:
         self.registry = AdapterRegistry(self.targets, config.max_lora_rank, config.max_cpu_loras,
                                         config.adapter_root, config.max_adapter_bytes, **extra)
         self.slots = SlotManager(self.layers, config.max_loras)
-        self.request_counts: dict[str, int] = {}
-        self.pinned_ids: set[str] = set()
+        self.request_counts: dict[AdapterId, int] = {}
+        self.pinned_ids: set[AdapterId] = set()
         # weights that ``ready`` found in the CPU cache, held until ``activate`` puts them in slots:
         # an eviction from the cache in between cannot make the engine thread read from disk
-        self._held: dict[str, LoraAdapter] = {}
+        self._held: dict[VersionKey, LoraAdapter] = {}
 
     # ---- registration (any thread) ----------------------------------------------------------
-    def add_adapter(self, adapter_id: str, source: str | Path, *, eager: bool = True,
+    def add_adapter(self, adapter_id: AdapterId, source: str | Path, *, eager: bool = True,
                     owner: str | None = None, version: int | None = None) -> AdapterVersion:
         """Validate and publish a version (eager: weights read and checked before publishing)."""
         return self.registry.register(adapter_id, source, eager=eager, owner=owner, version=version)
 
-    def has_adapter(self, adapter_id: str) -> bool:
+    def has_adapter(self, adapter_id: AdapterId) -> bool:
         return adapter_id in self.registry
 
-    def resolve(self, adapter_id: str) -> AdapterVersion:
+    def resolve(self, adapter_id: AdapterId) -> AdapterVersion:
         return self.registry.current(adapter_id)
 
-    def acquire(self, adapter_id: str) -> AdapterVersion:
+    def acquire(self, adapter_id: AdapterId) -> AdapterVersion:
         """Bind a new request to the current version (any thread); ``release_request`` undoes it."""
         return self.registry.acquire(adapter_id)
 
-    def release_request(self, key: str) -> None:
+    def release_request(self, key: VersionKey) -> None:
         self.registry.release(key)
 
-    def in_use(self, key: str) -> bool:
+    def in_use(self, key: VersionKey) -> bool:
         return self.registry.in_use(key)
 
-    def count_request(self, adapter_id: str) -> None:
+    def count_request(self, adapter_id: AdapterId) -> None:
         self.request_counts[adapter_id] = self.request_counts.get(adapter_id, 0) + 1
 
     # ---- engine thread ----------------------------------------------------------------------
-    def remove_adapter(self, adapter_id: str) -> AdapterVersion:
+    def remove_adapter(self, adapter_id: AdapterId) -> AdapterVersion:
         version = self.registry.unpublish(adapter_id)
         self.pinned_ids.discard(adapter_id)
         self.request_counts.pop(adapter_id, None)
         return version
 
-    def ready(self, key: str) -> bool:
+    def ready(self, key: VersionKey) -> bool:
         """Weights are on the device or in the CPU cache. Starts nothing: loads are the prefetcher's
         (``prefetch``, for a bounded window of the queue), so asking about a long queue cannot
         start more loads than the CPU cache holds and thrash it. Holds the cached weights it saw
@@ -89,7 +90,7 @@ class LoraManager:
             self._held[key] = weights
         return weights is not None
 
-    def prefetch(self, key: str) -> None:
+    def prefetch(self, key: VersionKey) -> None:
         """A queued request will need this version soon: start its load, or keep its cached weights
         from being the next CPU-cache eviction."""
         if self.slots.slot_of(key) is None and not self.registry.touch(key):
@@ -99,14 +100,14 @@ class LoraManager:
         """Drop weights held by the previous step's ``ready`` calls that ``activate`` did not take."""
         self._held.clear()
 
-    def failure(self, key: str) -> str | None:
+    def failure(self, key: VersionKey) -> str | None:
         return self.registry.failure(key)
 
-    def reserved_keys(self) -> set[str]:
+    def reserved_keys(self) -> set[VersionKey]:
         """Version keys of pinned adapters: they hold device slots while idle."""
         return {self.registry.current(a).key for a in self.pinned_ids if a in self.registry}
 
-    def pin(self, adapter_id: str, protected: set[str]) -> None:
+    def pin(self, adapter_id: AdapterId, protected: set[VersionKey]) -> None:
         """Keep an adapter in a device slot for good; at least one slot always stays unpinned.
         All or nothing: on AdapterPinError the adapter is not pinned."""
         key = self.registry.current(adapter_id).key
@@ -123,7 +124,7 @@ class LoraManager:
                 self.slots.pinned = self.reserved_keys()
             raise AdapterPinError(f"cannot pin {adapter_id!r} now: {exc}") from exc
 
-    def activate(self, keys: set[str], protected: set[str]) -> dict[str, int]:
+    def activate(self, keys: set[VersionKey], protected: set[VersionKey]) -> dict[VersionKey, int]:
         """Make the step's adapter versions resident in device slots; returns key -> slot.
         Weights come from memory only (held by ``ready``, or the CPU cache), never from disk."""
         self.slots.pinned = self.reserved_keys()
@@ -135,13 +136,13 @@ class LoraManager:
         finally:
             self._held.clear()
 
-    def _weights_in_memory(self, key: str) -> LoraAdapter:
+    def _weights_in_memory(self, key: VersionKey) -> LoraAdapter:
         weights = self._held.get(key) or self.registry.cached(key)
         if weights is None:
             raise WeightsNotInMemoryError(f"the weights of {key} are not in memory (still loading or evicted)")
         return weights
 
-    def free_version(self, key: str) -> None:
+    def free_version(self, key: VersionKey) -> None:
         """A retired version no request uses any more: free its slot and forget it."""
         self.slots.evict(key)
         self.registry.forget(key)
@@ -161,7 +162,7 @@ class LoraManager:
                                    load.attempts, load.retrying, v.fingerprint))
         return out
 
-    def _tier(self, key: str) -> str:
+    def _tier(self, key: VersionKey) -> str:
         if self.slots.slot_of(key) is not None:
             return "device"
         if self.registry.ready(key):

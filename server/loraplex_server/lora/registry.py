@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from ..errors import AdapterLoadError, AdapterNotFoundError, AdapterSourceUnavailableError
+from .ids import AdapterId, VersionKey, version_key
 from .loader import DEFAULT_MAX_ADAPTER_BYTES, inspect_adapter, load_adapter
 from .weights import AdapterMeta, Fingerprint, LoraAdapter, ModuleKey, TargetShape
 
@@ -84,13 +85,13 @@ class AdapterVersion:
     fingerprint: Fingerprint | None = None  # the bytes read at registration
 
     @property
-    def adapter_id(self) -> str:
-        return self.meta.adapter_id
+    def adapter_id(self) -> AdapterId:
+        return AdapterId(self.meta.adapter_id)
 
     @property
-    def key(self) -> str:
+    def key(self) -> VersionKey:
         """Unique per version: what device slots and the CPU cache are keyed by."""
-        return f"{self.meta.adapter_id}@{self.version}"
+        return version_key(self.adapter_id, self.version)
 
 
 def _check_same_bytes(version: AdapterVersion, weights: LoraAdapter) -> None:
@@ -115,44 +116,44 @@ class AdapterRegistry:
         self._load_fn = load_fn
         self.retry = retry
         self._sleep = sleep
-        self._load_states: dict[str, LoadState] = {}  # version key -> its background load
+        self._load_states: dict[VersionKey, LoadState] = {}  # version key -> its background load
         self._executor = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="loraplex-adapter-load")
-        self._current: dict[str, AdapterVersion] = {}
-        self._versions: dict[str, AdapterVersion] = {}  # key -> version, every version still known
-        self._cpu: OrderedDict[str, LoraAdapter] = OrderedDict()  # key -> weights, LRU first
-        self._loading: dict[str, Future] = {}
-        self._failed: dict[str, str] = {}
-        self._refs: dict[str, int] = {}  # version key -> requests bound to it
+        self._current: dict[AdapterId, AdapterVersion] = {}
+        self._versions: dict[VersionKey, AdapterVersion] = {}  # every version still known
+        self._cpu: OrderedDict[VersionKey, LoraAdapter] = OrderedDict()  # weights, LRU first
+        self._loading: dict[VersionKey, Future] = {}
+        self._failed: dict[VersionKey, str] = {}
+        self._refs: dict[VersionKey, int] = {}  # requests bound to each version
         self._lock = threading.Lock()
         self._next_version = 1
         self.num_cpu_loads = 0
         self.num_cpu_evictions = 0
 
     # ---- publishing ------------------------------------------------------------------------
-    def __contains__(self, adapter_id: str) -> bool:
+    def __contains__(self, adapter_id: object) -> bool:
         return adapter_id in self._current
 
     @property
-    def adapter_ids(self) -> list[str]:
+    def adapter_ids(self) -> list[AdapterId]:
         return sorted(self._current)
 
-    def current(self, adapter_id: str) -> AdapterVersion:
+    def current(self, adapter_id: AdapterId) -> AdapterVersion:
         try:
             return self._current[adapter_id]
         except KeyError:
             raise AdapterNotFoundError(adapter_id) from None
 
-    def version(self, key: str) -> AdapterVersion:
+    def version(self, key: VersionKey) -> AdapterVersion:
         return self._versions[key]
 
-    def acquire(self, adapter_id: str) -> AdapterVersion:
+    def acquire(self, adapter_id: AdapterId) -> AdapterVersion:
         """The current version, with one more request reference on it (atomic with unpublishing)."""
         with self._lock:
             version = self.current(adapter_id)
             self._refs[version.key] = self._refs.get(version.key, 0) + 1
         return version
 
-    def release(self, key: str) -> None:
+    def release(self, key: VersionKey) -> None:
         """Give back one request reference taken by ``acquire``."""
         with self._lock:
             count = self._refs.get(key, 0) - 1
@@ -161,11 +162,11 @@ class AdapterRegistry:
             else:
                 self._refs.pop(key, None)
 
-    def in_use(self, key: str) -> bool:
+    def in_use(self, key: VersionKey) -> bool:
         """Some request still references this version."""
         return key in self._refs
 
-    def register(self, adapter_id: str, source: str | Path, *, eager: bool = False,
+    def register(self, adapter_id: AdapterId, source: str | Path, *, eager: bool = False,
                  owner: str | None = None, version: int | None = None) -> AdapterVersion:
         """Validate and publish a new version (raises AdapterLoadError and changes nothing on failure).
 
@@ -194,7 +195,7 @@ class AdapterRegistry:
                 self._put_cpu(version.key, weights[0])
         return version
 
-    def unpublish(self, adapter_id: str) -> AdapterVersion:
+    def unpublish(self, adapter_id: AdapterId) -> AdapterVersion:
         """New requests get NOT_FOUND; requests bound to the version keep it."""
         with self._lock:
             version = self._current.pop(adapter_id, None)
@@ -202,7 +203,7 @@ class AdapterRegistry:
             raise AdapterNotFoundError(adapter_id)
         return version
 
-    def forget(self, key: str) -> None:
+    def forget(self, key: VersionKey) -> None:
         """Drop a retired version nobody uses any more (its CPU weights too)."""
         with self._lock:
             version = self._versions.get(key)
@@ -214,11 +215,11 @@ class AdapterRegistry:
                 self._load_states.pop(key, None)
 
     # ---- the CPU tier ----------------------------------------------------------------------
-    def ready(self, key: str) -> bool:
+    def ready(self, key: VersionKey) -> bool:
         """The version's weights are in the CPU cache."""
         return key in self._cpu
 
-    def touch(self, key: str) -> bool:
+    def touch(self, key: VersionKey) -> bool:
         """Mark cached weights most recently used; False if they are not cached."""
         with self._lock:
             if key not in self._cpu:
@@ -226,16 +227,16 @@ class AdapterRegistry:
             self._cpu.move_to_end(key)
             return True
 
-    def failure(self, key: str) -> str | None:
+    def failure(self, key: VersionKey) -> str | None:
         return self._failed.get(key)
 
-    def load_state(self, key: str) -> LoadState:
+    def load_state(self, key: VersionKey) -> LoadState:
         """Attempts, last error and retry state of the version's latest background load."""
         with self._lock:
             state = self._load_states.get(key)
             return LoadState(state.attempts, state.retrying, state.last_error) if state else LoadState()
 
-    def ensure_loading(self, key: str) -> None:
+    def ensure_loading(self, key: VersionKey) -> None:
         """Start a background load of a version's weights unless cached, loading or failed."""
         with self._lock:
             if key in self._cpu or key in self._loading or key in self._failed:
@@ -243,12 +244,12 @@ class AdapterRegistry:
             version = self._versions[key]
             self._loading[key] = self._executor.submit(self._load_version, version)
 
-    def _timed_load(self, adapter_id: str, path: Path) -> tuple[LoraAdapter, float]:
+    def _timed_load(self, adapter_id: AdapterId, path: Path) -> tuple[LoraAdapter, float]:
         start = time.perf_counter()
         weights = self._load_fn(adapter_id, path, self.targets, self.max_rank, self.max_adapter_bytes)
         return weights, time.perf_counter() - start
 
-    def _with_retry(self, adapter_id: str, read: Callable[[], T], state: LoadState | None = None) -> T:
+    def _with_retry(self, adapter_id: AdapterId, read: Callable[[], T], state: LoadState | None = None) -> T:
         """``read()``, retried on transient errors with backoff; validation errors pass through at once."""
         for attempt in range(1, self.retry.attempts + 1):
             if state is not None:
@@ -273,7 +274,7 @@ class AdapterRegistry:
             self._sleep(self.retry.delay(attempt))
         raise AssertionError("unreachable")
 
-    def _load_with_retry(self, adapter_id: str, path: Path, state: LoadState | None = None):
+    def _load_with_retry(self, adapter_id: AdapterId, path: Path, state: LoadState | None = None):
         return self._with_retry(adapter_id, lambda: self._timed_load(adapter_id, path), state)
 
     def _load_version(self, version: AdapterVersion) -> None:
@@ -297,7 +298,7 @@ class AdapterRegistry:
             self._put_cpu(version.key, weights)
             self._loading.pop(version.key, None)
 
-    def cached(self, key: str) -> LoraAdapter | None:
+    def cached(self, key: VersionKey) -> LoraAdapter | None:
         """The version's weights if the CPU cache holds them (marked most recently used), else None.
         Never reads from disk: the engine thread calls this."""
         with self._lock:
@@ -306,14 +307,14 @@ class AdapterRegistry:
                 self._cpu.move_to_end(key)
             return weights
 
-    def is_loading(self, key: str) -> bool:
+    def is_loading(self, key: VersionKey) -> bool:
         return key in self._loading
 
     @property
     def num_in_cpu_cache(self) -> int:
         return len(self._cpu)
 
-    def _put_cpu(self, key: str, weights: LoraAdapter) -> None:
+    def _put_cpu(self, key: VersionKey, weights: LoraAdapter) -> None:
         self._cpu[key] = weights
         self._cpu.move_to_end(key)
         self.num_cpu_loads += 1

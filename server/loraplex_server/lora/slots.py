@@ -1,4 +1,7 @@
-"""Device slots: which adapter occupies which row of the stacked LoRA buffers (LRU, pinning).
+"""Device slots: which adapter version occupies which row of the stacked LoRA buffers (LRU, pinning).
+
+Everything here is keyed by ``VersionKey`` (``id@n``), never by adapter id: two versions of one
+adapter (a hot-swap while requests run on the old one) hold two slots.
 
 A slot held by a running request is never evicted: callers pass those adapters as ``protected``.
 Placement keeps equal ranks side by side: new adapters are placed in rank order, each in the free
@@ -11,6 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Callable
 
+from .ids import VersionKey
 from .layers import LoraLinear
 from .weights import LoraAdapter, ModuleKey
 
@@ -23,37 +27,37 @@ class SlotManager:
     def __init__(self, layers: dict[ModuleKey, LoraLinear], max_loras: int):
         self.layers = layers
         self.max_loras = max_loras
-        self._slot_of: OrderedDict[str, int] = OrderedDict()  # adapter id -> slot, LRU first
+        self._slot_of: OrderedDict[VersionKey, int] = OrderedDict()  # version key -> slot, LRU first
         self._rank_at: dict[int, int] = {}  # occupied slot -> its adapter's rank
         self._free = list(range(max_loras))
-        self.pinned: set[str] = set()
+        self.pinned: set[VersionKey] = set()
         self.num_loads = 0
         self.num_evictions = 0
 
-    def slot_of(self, adapter_id: str) -> int | None:
-        return self._slot_of.get(adapter_id)
+    def slot_of(self, key: VersionKey) -> int | None:
+        return self._slot_of.get(key)
 
     @property
-    def resident(self) -> list[str]:
+    def resident(self) -> list[VersionKey]:
         return list(self._slot_of)
 
-    def activate(self, adapter_ids: set[str], fetch: Callable[[str], LoraAdapter],
-                 protected: set[str] = frozenset()) -> dict[str, int]:
-        """Make every adapter in ``adapter_ids`` resident, fetching weights of missing ones.
+    def activate(self, keys: set[VersionKey], fetch: Callable[[VersionKey], LoraAdapter],
+                 protected: set[VersionKey] = frozenset()) -> dict[VersionKey, int]:
+        """Make every version in ``keys`` resident, fetching weights of missing ones.
 
-        Evicts least recently used slots outside ``adapter_ids | protected | pinned``.
-        Returns adapter id -> slot.
+        Evicts least recently used slots outside ``keys | protected | pinned``.
+        Returns version key -> slot.
         """
-        keep = set(adapter_ids) | set(protected) | self.pinned
-        for adapter_id in adapter_ids:
-            if adapter_id in self._slot_of:
-                self._slot_of.move_to_end(adapter_id)
-        missing = [(a, fetch(a)) for a in sorted(adapter_ids) if a not in self._slot_of]
-        for adapter_id, adapter in sorted(missing, key=lambda item: item[1].rank):
-            self._load(adapter_id, adapter, self._take_slot(keep, adapter.rank))
-        return {a: self._slot_of[a] for a in adapter_ids}
+        keep = set(keys) | set(protected) | self.pinned
+        for key in keys:
+            if key in self._slot_of:
+                self._slot_of.move_to_end(key)
+        missing = [(k, fetch(k)) for k in sorted(keys) if k not in self._slot_of]
+        for key, adapter in sorted(missing, key=lambda item: item[1].rank):
+            self._load(key, adapter, self._take_slot(keep, adapter.rank))
+        return {k: self._slot_of[k] for k in keys}
 
-    def _take_slot(self, keep: set[str], rank: int) -> int:
+    def _take_slot(self, keep: set[VersionKey], rank: int) -> int:
         """A free slot (beside one of the same rank if possible), else the LRU evictable one."""
         if self._free:
             slot = max(self._free, key=lambda s: (self._same_rank_neighbours(s, rank), -s))
@@ -70,18 +74,18 @@ class SlotManager:
     def _same_rank_neighbours(self, slot: int, rank: int) -> int:
         return sum(self._rank_at.get(n) == rank for n in (slot - 1, slot + 1))
 
-    def _load(self, adapter_id: str, adapter: LoraAdapter, slot: int) -> None:
-        for key, layer in self.layers.items():
-            layer.set_slot(slot, adapter.modules.get(key))
-        self._slot_of[adapter_id] = slot
+    def _load(self, key: VersionKey, adapter: LoraAdapter, slot: int) -> None:
+        for module, layer in self.layers.items():
+            layer.set_slot(slot, adapter.modules.get(module))
+        self._slot_of[key] = slot
         self._rank_at[slot] = adapter.rank
         self.num_loads += 1
 
-    def evict(self, adapter_id: str) -> None:
-        slot = self._slot_of.pop(adapter_id, None)
+    def evict(self, key: VersionKey) -> None:
+        slot = self._slot_of.pop(key, None)
         if slot is not None:
             del self._rank_at[slot]
             for layer in self.layers.values():
                 layer.set_slot(slot, None)
             self._free.append(slot)
-        self.pinned.discard(adapter_id)
+        self.pinned.discard(key)
