@@ -16,6 +16,7 @@ class InvalidRequestError(LoraplexError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
 
 
 class PromptTooLongError(InvalidRequestError):
@@ -73,6 +74,11 @@ class AdapterUnavailableError(LoraplexError):
     def __init__(self, adapter_id: str, reason: str):
         super().__init__(f"adapter {adapter_id!r} could not be loaded: {reason}")
         self.adapter_id = adapter_id
+
+
+class EngineFailure(LoraplexError):
+    """The engine ended a request with an internal error (a failed step, a broken grammar matcher);
+    the message names the request, so it is shown to the client as it is."""
 
 
 class GuidedDecodingUnavailableError(LoraplexError):

@@ -19,7 +19,7 @@ import pytest
 
 from helpers import run_to_completion, tokens_of
 from loraplex_server.engine.request import ChatMessage, Constraint, FinishReason, Prompt, SamplingParams
-from loraplex_server.errors import InvalidRequestError
+from loraplex_server.errors import EngineFailure, InvalidRequestError
 
 SCHEMA = {"type": "object",
           "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 12},
@@ -158,8 +158,9 @@ def test_a_compile_that_overruns_its_time_is_refused_not_left_hanging(make_engin
     finally:
         release.set()
     final = outputs["stuck"][-1]
-    assert final.finish_reason is FinishReason.ERROR and final.error_kind == "invalid_constraint"
-    assert final.error == "sampling.regex: too complex: did not compile within 0.2 s" and not engine.requests
+    assert final.finish_reason is FinishReason.ERROR and isinstance(final.error, InvalidRequestError)
+    assert final.error.field == "sampling.regex"
+    assert str(final.error) == "sampling.regex: too complex: did not compile within 0.2 s" and not engine.requests
 
 
 def test_a_grammar_that_fails_to_compile_ends_its_request_and_is_then_refused_at_once(make_engine):
@@ -169,8 +170,8 @@ def test_a_grammar_that_fails_to_compile_ends_its_request_and_is_then_refused_at
     engine.add_request(engine.make_request(chat(1), SamplingParams(max_new_tokens=4), None, "ok"))
     outputs = run_to_completion(engine, timeout_s=60)
     final = outputs["bad"][-1]
-    assert final.finish_reason is FinishReason.ERROR and final.error_kind == "invalid_constraint"
-    assert final.error.startswith("sampling.json_schema: does not compile") and "frobnicate" in final.error
+    assert final.finish_reason is FinishReason.ERROR and isinstance(final.error, InvalidRequestError)
+    assert str(final.error).startswith("sampling.json_schema: does not compile") and "frobnicate" in str(final.error)
     assert outputs["ok"][-1].finish_reason is FinishReason.LENGTH and not engine.requests
     with pytest.raises(InvalidRequestError, match="sampling.json_schema: does not compile.*frobnicate"):
         engine.make_request(chat(0), SamplingParams(constraint=bad), None, "again")  # cached failure
@@ -188,7 +189,7 @@ def test_a_token_the_grammar_rejects_fails_only_that_request(make_engine, monkey
         time.sleep(0.01)
     monkeypatch.setattr(constrained.guide, "accept", lambda token: False)
     outputs = run_to_completion(engine, timeout_s=60)
-    assert outputs["c"][-1].finish_reason is FinishReason.ERROR and outputs["c"][-1].error_kind == "internal"
+    assert outputs["c"][-1].finish_reason is FinishReason.ERROR and isinstance(outputs["c"][-1].error, EngineFailure)
     assert outputs["plain"][-1].finish_reason is FinishReason.LENGTH and not engine.requests
 
 
@@ -244,6 +245,6 @@ def test_a_grammar_engine_error_while_masking_fails_only_that_request(make_engin
         raise RuntimeError("matcher exploded")
     monkeypatch.setattr(broken.guide, "ensure_matcher", failing_matcher)
     outputs = run_to_completion(engine, timeout_s=60)
-    assert outputs["broken"][-1].error_kind == "internal" and broken.guide.failure == "RuntimeError: matcher exploded"
+    assert isinstance(outputs["broken"][-1].error, EngineFailure) and broken.guide.failure == "RuntimeError: matcher exploded"
     assert re.fullmatch("[0-9]+", "".join(d.text for d in outputs["fine"]))
     assert outputs["plain"][-1].finish_reason is FinishReason.LENGTH and not engine.requests

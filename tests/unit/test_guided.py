@@ -218,11 +218,11 @@ def test_constraint_oneof_converts_to_the_engine_type(fields, expected):
 
 def test_a_compile_failure_from_the_queue_is_invalid_argument_naming_the_field():
     out = RequestOutput("r", (), "", finished=True, finish_reason=FinishReason.ERROR,
-                        error="sampling.regex: does not compile: Unclosed '['", error_kind="invalid_constraint")
+                        error=InvalidRequestError("sampling.regex", "does not compile: Unclosed '['"))
     with pytest.raises(InvalidRequestError) as exc:
         check_final(out)
     assert exc.value.field == "sampling.regex" and status_for(exc.value) is grpc.StatusCode.INVALID_ARGUMENT
-    assert str(exc.value) == out.error
+    assert str(exc.value) == "sampling.regex: does not compile: Unclosed '['"
 
 
 def test_grammar_metrics_record_compiles_and_cache_lookups():

@@ -13,8 +13,7 @@ import grpc
 
 from ..engine.loop import EngineLoop
 from ..engine.request import FinishReason, RequestOutput
-from ..errors import (AdapterUnavailableError, EngineStoppedError, InvalidRequestError, LoraplexError,
-                      QueueFullError)
+from ..errors import EngineFailure, EngineStoppedError, LoraplexError, QueueFullError
 from ..metrics import Metrics
 from ..tenancy import Principal, RateLimitError
 from .adapter_store import AdapterStore, StoredAdapter
@@ -23,10 +22,6 @@ from .errors import status_for
 from .limits import TenantLimiter
 
 log = logging.getLogger("loraplex.requests")
-
-
-class EngineFailure(LoraplexError):
-    """The engine ended a request with an internal error."""
 
 
 @dataclass
@@ -167,12 +162,8 @@ def admin_rpc(body):
 
 
 def check_final(out: RequestOutput) -> None:
+    """Raise the domain error a request's last delta ended with (mapped to a status by ``Call.failure``)."""
     if out.finish_reason is FinishReason.ERROR:
-        if out.error_kind == "adapter_unavailable":
-            raise AdapterUnavailableError(out.adapter_id or "", out.error or "load failed")
-        if out.error_kind == "invalid_constraint":  # the grammar did not compile (error names the field)
-            field, _, message = (out.error or "sampling.constraint: refused").partition(": ")
-            raise InvalidRequestError(field, message)
-        raise EngineFailure(out.error or "the engine failed this request")
+        raise out.error or EngineFailure("the engine failed this request")
     if out.finish_reason is FinishReason.ABORT:
         raise EngineStoppedError("the request was aborted by the server")

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from ..config import EngineConfig
-from ..errors import AdapterUnavailableError, DuplicateRequestError, InvalidRequestError
+from ..errors import AdapterUnavailableError, DuplicateRequestError, EngineFailure
 from ..lora.ids import AdapterId, VersionKey
 from ..lora.manager import LoraManager
 from ..metrics import StepStats
@@ -139,9 +139,9 @@ class LLMEngine:
             return None
         guide = Guide(sampling.constraint, self.grammars.get(sampling.constraint),
                       self.config.guided.grammar_compile_timeout_s)
-        if guide.error is not None:
-            raise InvalidRequestError(sampling.constraint.field, guide.error.removeprefix(
-                sampling.constraint.field + ": "))
+        refusal = guide.refusal()
+        if refusal is not None:
+            raise refusal
         return guide
 
     def discard_request(self, request: Request) -> None:
@@ -216,8 +216,9 @@ class LLMEngine:
             request = s.request
             log.error("request %s fails the engine step on its own: %s: %s", request.request_id,
                       type(exc).__name__, exc)
-            message = f"internal error in the engine step (request id {request.request_id}): {type(exc).__name__}: {exc}"
-            outputs.append(self.outputs.final(request, FinishReason.ERROR, message, "internal"))
+            failure = EngineFailure(f"internal error in the engine step (request id {request.request_id}): "
+                                    f"{type(exc).__name__}: {exc}")
+            outputs.append(self.outputs.final(request, FinishReason.ERROR, failure))
             self._finish(request)
         return outputs
 
@@ -234,7 +235,7 @@ class LLMEngine:
             reason = self.lora.failure(key)
             if reason is not None:
                 err = AdapterUnavailableError(request.adapter_id, reason)
-                outputs.append(self.outputs.final(request, FinishReason.ERROR, str(err), "adapter_unavailable"))
+                outputs.append(self.outputs.final(request, FinishReason.ERROR, err))
                 self._finish(request)
             elif len(seen) < window:
                 seen.add(key)
@@ -245,9 +246,9 @@ class LLMEngine:
         """End the queued requests whose grammar failed to compile (INVALID_ARGUMENT at the edge)."""
         outputs = []
         for request in list(self.scheduler.waiting):
-            error = request.guide.error if request.guide is not None else None
-            if error is not None:
-                outputs.append(self.outputs.final(request, FinishReason.ERROR, error, "invalid_constraint"))
+            refusal = request.guide.refusal() if request.guide is not None else None
+            if refusal is not None:
+                outputs.append(self.outputs.final(request, FinishReason.ERROR, refusal))
                 self._finish(request)
         return outputs
 
@@ -289,8 +290,8 @@ class LLMEngine:
             if request.guide is not None and not request.guide.accept(token):
                 log.error("grammar rejected sampled token %d of request %s (%s)", token, request.request_id,
                           request.guide.failure or "not allowed")
-                outputs.append(self.outputs.final(request, FinishReason.ERROR, "the grammar engine failed on "
-                                                  "this request", "internal"))
+                outputs.append(self.outputs.final(request, FinishReason.ERROR,
+                                                  EngineFailure("the grammar engine failed on this request")))
                 self._finish(request)
                 continue
             out = self.outputs.append(request, token, logprob)
@@ -303,7 +304,7 @@ class LLMEngine:
 
     def fail_running(self, message: str) -> list[RequestOutput]:
         """After an unexpected step failure: end every scheduled request with an error."""
-        outputs = [self.outputs.final(r, FinishReason.ERROR, message, "internal") for r in list(self.scheduler.running)]
+        outputs = [self.outputs.final(r, FinishReason.ERROR, EngineFailure(message)) for r in list(self.scheduler.running)]
         for request in list(self.scheduler.running):
             self._finish(request)
         return outputs

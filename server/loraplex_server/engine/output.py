@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from ..errors import LoraplexError
 from .detokenizer import IncrementalDetokenizer, StreamDetokenizer, make_detokenizer
 from .request import FinishReason, Request, RequestOutput, TokenLogprob
 
@@ -91,8 +92,7 @@ class OutputProcessor:
         state.pending_logprobs = []
         return out
 
-    def final(self, request: Request, reason: FinishReason, error: str | None = None,
-              error_kind: str | None = None) -> RequestOutput:
+    def final(self, request: Request, reason: FinishReason, error: LoraplexError | None = None) -> RequestOutput:
         """The closing delta of a request that ends outside ``append`` (abort, error)."""
         request.finish_reason = reason
         state = self._states.get(request.request_id)
@@ -100,4 +100,4 @@ class OutputProcessor:
         return RequestOutput(request_id=request.request_id, token_ids=(), text=text, finished=True,
                              finish_reason=reason, prompt_tokens=request.num_prompt_tokens,
                              completion_tokens=len(request.output_token_ids), error=error,
-                             error_kind=error_kind if error else None, adapter_id=request.adapter_id, timings=request.timings())
+                             adapter_id=request.adapter_id, timings=request.timings())

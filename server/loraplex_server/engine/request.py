@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, LoraplexError
 from ..lora.ids import AdapterId, VersionKey
 
 
@@ -180,8 +180,9 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()
-    error: str | None = None
-    error_kind: str | None = None  # "adapter_unavailable" | "invalid_constraint" | "internal"
+    # why a request ended with FinishReason.ERROR, as the domain error the API maps to a status:
+    # AdapterUnavailableError, InvalidRequestError (a grammar that did not compile), EngineFailure
+    error: LoraplexError | None = None
     adapter_id: str | None = None
     timings: RequestTimings | None = None  # on the final delta only
 

@@ -33,19 +33,25 @@ class Guide:
 
     @property
     def error(self) -> str | None:
-        """Why the constraint was refused, once its compile failed or overran its time."""
+        """Why the constraint was refused (``field: message``), once its compile failed or overran its time."""
+        refusal = self.refusal()
+        return None if refusal is None else str(refusal)
+
+    def refusal(self) -> InvalidRequestError | None:
+        """The error refusing the constraint (a new one per call), once its compile failed or overran its time."""
+        field = self.constraint.field
         if not self._compiled.done():
             if time.monotonic() > self._deadline:
-                return f"{self.constraint.field}: too complex: did not compile within {self._timeout_s:g} s"
+                return InvalidRequestError(field, f"too complex: did not compile within {self._timeout_s:g} s")
             return None
         if self._compiled.cancelled():
-            return f"{self.constraint.field}: compile cancelled (server shutting down)"
+            return InvalidRequestError(field, "compile cancelled (server shutting down)")
         exc = self._compiled.exception()
         if exc is None:
             return None
         if isinstance(exc, InvalidRequestError):
-            return str(exc)
-        return f"{self.constraint.field}: does not compile: {type(exc).__name__}: {exc}"
+            return InvalidRequestError(exc.field, exc.message)
+        return InvalidRequestError(field, f"does not compile: {type(exc).__name__}: {exc}")
 
     def compiled_result(self) -> tuple[GrammarBackend, object]:
         """(backend, compiled grammar); only once ``ready``."""
