@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from helpers import run_to_completion, tokens_of
+from loraplex_server.engine.info import ServerInfo
 from loraplex_server.engine.loop import EngineLoop
 from loraplex_server.engine.request import ChatMessage, FinishReason, Prompt, SamplingParams
 from loraplex_server.errors import (AdapterNotFoundError, InvalidRequestError, PromptTooLongError,
@@ -152,3 +153,26 @@ def test_kv_capacity_bounds_a_sequence_with_length(make_engine):
     engine.add_request(req)
     out = run_to_completion(engine)[req.request_id]
     assert out[-1].finish_reason is FinishReason.LENGTH and len(tokens_of(out)) == 3
+
+
+def test_server_info_is_a_plain_value_of_the_model_and_its_capacities(loop):
+    info, engine = loop.server_info(), loop.engine
+    assert isinstance(info, ServerInfo)
+    assert (info.model, info.device, info.dtype) == (engine.loaded.name, "cpu",
+                                                     str(engine.loaded.dtype).removeprefix("torch."))
+    assert (info.max_loras, info.max_lora_rank, info.max_cpu_loras) == (4, 32, 16)
+    assert info.context_length == engine.inputs.max_model_len
+    assert info.kv_cache_tokens == 128 * 16 and info.prefix_caching is engine.config.cache.prefix_caching
+
+
+def test_the_adapter_questions_of_the_api_are_answered_by_the_loop(loop, tokenizer):
+    assert loop.has_adapter("a") and not loop.has_adapter("b")
+    assert loop.adapter_owner("a") is None
+    with pytest.raises(AdapterNotFoundError):
+        loop.adapter_owner("b")
+    [info] = loop.adapter_infos().result(30)
+    assert info.meta.adapter_id == "a" and not info.pinned
+    loop.pin_adapter("a").result(30)
+    assert loop.adapter_infos().result(30)[0].pinned
+    ids = tokenizer.encode("Hello world")
+    assert loop.decode(ids) == tokenizer.decode(ids)

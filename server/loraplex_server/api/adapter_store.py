@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LoraplexError
+from ..lora.ids import AdapterId
 
 log = logging.getLogger(__name__)
 DB_FILE = "adapters.sqlite3"
@@ -32,7 +33,7 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS adapters (
 
 @dataclass(frozen=True)
 class StoredAdapter:
-    adapter_id: str
+    adapter_id: AdapterId
     source: str
     version: int
     pinned: bool
@@ -67,7 +68,7 @@ class AdapterStore:
         with self._lock:
             rows = self._db.execute("SELECT adapter_id, source, version, pinned, owner FROM adapters "
                                     "ORDER BY version, adapter_id").fetchall()
-        return [StoredAdapter(a, s, v, bool(p), o) for a, s, v, p, o in rows]
+        return [StoredAdapter(AdapterId(a), s, v, bool(p), o) for a, s, v, p, o in rows]
 
     def close(self) -> None:
         with self._lock:
@@ -84,7 +85,7 @@ def restore_adapters(loop, store: AdapterStore) -> dict[str, tuple[StoredAdapter
         try:
             loop.add_adapter(entry.adapter_id, entry.source, owner=entry.owner, version=entry.version)
             if entry.pinned:
-                loop.call(lambda e, name=entry.adapter_id: e.pin_adapter(name)).result()
+                loop.pin_adapter(entry.adapter_id).result()
         except LoraplexError as exc:
             log.warning("stored adapter %s (%s) not restored: %s", entry.adapter_id, entry.source, exc)
             failures[entry.adapter_id] = (entry, str(exc))

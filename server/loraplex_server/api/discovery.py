@@ -41,7 +41,7 @@ class AdapterDiscovery:
             if adapter_id in self._seen:
                 continue
             self._seen.add(adapter_id)
-            if self.loop.engine.lora.has_adapter(adapter_id):
+            if self.loop.has_adapter(adapter_id):
                 continue
             try:
                 self.loop.add_adapter(adapter_id, directory, eager=False, owner=owner_of(adapter_id))

@@ -11,9 +11,10 @@ After ``max_failed_steps`` engine steps fail in a row, health turns NOT_SERVING 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
-from typing import Callable
+import threading
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,20 +23,15 @@ from loraplex.v1 import loraplex_pb2 as pb
 from loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 from prometheus_client import start_http_server
 
-from ..config import Config, EngineConfig
+from ..config import Config
 from ..engine.engine import LLMEngine
-from ..engine.loop import EngineLoop
-from ..engine.request import Prompt, SamplingParams
 from ..errors import LoraplexError
 from ..metrics import Metrics
-from .access import owner_of
-from .adapter_store import AdapterStore, restore_adapters
 from .discovery import AdapterDiscovery
-from .auth import KeyStore
-from .calls import ServingState
 from .http.app import build_app
 from .http.server import HttpFrontEnd
 from .servicer import LoraplexServicer
+from .startup import EngineFactory, bring_up_engine, load_startup_adapters, serving_state
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LoraplexService"].full_name
@@ -44,14 +40,10 @@ DRAIN_POLL_S = 0.02
 
 
 class LoraplexServer:
-    def __init__(self, config: Config, engine_factory: Callable[[EngineConfig], LLMEngine] = LLMEngine,
-                 metrics: Metrics | None = None):
+    def __init__(self, config: Config, engine_factory: EngineFactory = LLMEngine, metrics: Metrics | None = None):
         self.config = config
         self.engine_factory = engine_factory
-        keys = KeyStore(config.server.keys_file)
-        if keys.open_mode:
-            log.warning("no keys file: running OPEN (development mode), every caller is an admin")
-        self.state = ServingState(metrics=metrics or Metrics(), keys=keys)
+        self.state = serving_state(config, metrics)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -103,29 +95,26 @@ class LoraplexServer:
             await self.health.set(service, status)
 
     async def _bring_up(self) -> None:
-        engine = await asyncio.to_thread(self.engine_factory, self.config.engine)
-        engine.set_tenant_weights(lambda tenant: self.state.keys.limits_for(tenant).weight)
         aio = asyncio.get_running_loop()
-        loop = EngineLoop(engine, self.state.metrics, on_unhealthy=lambda reason: asyncio.run_coroutine_threadsafe(
-            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING), aio)).start()
+        startup = aio.run_in_executor(None, functools.partial(
+            bring_up_engine, self.config, self.state, self.engine_factory,
+            on_unhealthy=lambda reason: asyncio.run_coroutine_threadsafe(
+                self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING), aio),
+            prepare=functools.partial(load_startup_adapters, config=self.config, state=self.state)))
         try:
-            for name, path in self.config.server.adapters:
-                await asyncio.to_thread(loop.add_adapter, name, path, owner=owner_of(name))
-            if self.config.server.state_dir is not None:
-                self.state.store = AdapterStore(self.config.server.state_dir)
-                self.state.restore_failures = await asyncio.to_thread(restore_adapters, loop, self.state.store)
-            await asyncio.to_thread(loop.generate, Prompt(token_ids=(0,)), SamplingParams(max_new_tokens=2))
-        except BaseException:
-            loop.stop()
+            loop = await asyncio.shield(startup)
+            if self.config.server.adapter_discovery and self.config.engine.lora.adapter_root is not None:
+                self.discovery = AdapterDiscovery(loop, self.config.engine.lora.adapter_root)
+                await asyncio.to_thread(self.discovery.sweep)
+                self._discovery_task = asyncio.create_task(self.discovery.run())
+        except asyncio.CancelledError:  # stopped while starting: stop the loop once start-up is over
+            startup.add_done_callback(_stop_started_loop)
             raise
-        if self.config.server.adapter_discovery and self.config.engine.lora.adapter_root is not None:
-            self.discovery = AdapterDiscovery(loop, self.config.engine.lora.adapter_root)
-            await asyncio.to_thread(self.discovery.sweep)
-            self._discovery_task = asyncio.create_task(self.discovery.run())
         self.state.loop = loop
         if not self.state.draining and loop.healthy:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-            log.info("serving", extra={"fields": {"model": engine.loaded.name, "device": str(engine.loaded.device),
+            info = loop.server_info()
+            log.info("serving", extra={"fields": {"model": info.model, "device": info.device,
                                                   "adapters": [n for n, _ in self.config.server.adapters]}})
 
     async def wait_ready(self) -> None:
@@ -169,7 +158,13 @@ class LoraplexServer:
         return max(0.0, deadline - clock())
 
 
-async def serve(config: Config, engine_factory: Callable[[EngineConfig], LLMEngine] = LLMEngine) -> None:
+def _stop_started_loop(startup: asyncio.Future) -> None:
+    """Start-up finished after its task was cancelled: stop the loop it started (off the event loop)."""
+    if not startup.cancelled() and startup.exception() is None:
+        threading.Thread(target=startup.result().stop, name="loraplex-stop-engine", daemon=True).start()
+
+
+async def serve(config: Config, engine_factory: EngineFactory = LLMEngine) -> None:
     """Run until SIGTERM/SIGINT, then drain gracefully. Raises if start-up fails."""
     server = LoraplexServer(config, engine_factory)
     stop = asyncio.Event()

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from ..engine.loop import EngineLoop
 from ..engine.request import Prompt, RequestOutput, SamplingParams
 from ..errors import AdapterLoadError, AdapterNotFoundError
+from ..lora.ids import AdapterId
 from ..lora.weights import AdapterInfo
 from . import access
 from .adapter_store import StoredAdapter
@@ -26,7 +27,7 @@ class LoraplexService:
         self.state = state
 
     # ---- generation -------------------------------------------------------------------------
-    async def open(self, call: Call, prompt: Prompt, sampling: SamplingParams, adapter_id: str | None,
+    async def open(self, call: Call, prompt: Prompt, sampling: SamplingParams, adapter_id: AdapterId | None,
                    request_id: str | None = None) -> "Generation":
         """Check access and tenant limits, then submit (``request_id``, default ``call.request_id``).
 
@@ -43,26 +44,26 @@ class LoraplexService:
         return Generation(stream, ticket, call, self.state.metrics, lambda request_id: loop.abort(request_id))
 
     async def generate(self, call: Call, prompt: Prompt, sampling: SamplingParams,
-                       adapter_id: str | None) -> AsyncIterator[RequestOutput]:
+                       adapter_id: AdapterId | None) -> AsyncIterator[RequestOutput]:
         """Open, then the deltas; closing the iterator early aborts the request (KV freed)."""
         generation = await self.open(call, prompt, sampling, adapter_id)
         async for out in generation:
             yield out
 
-    def check_model(self, call: Call, adapter_id: str | None) -> None:
+    def check_model(self, call: Call, adapter_id: AdapterId | None) -> None:
         """NOT_FOUND unless ``adapter_id`` (None: the base model) is loaded and visible to the caller."""
         loop = self.state.engine_loop()
         if adapter_id:
-            access.check_visible(call.principal, adapter_id, loop.engine.lora.resolve(adapter_id).owner)
+            access.check_visible(call.principal, adapter_id, loop.adapter_owner(adapter_id))
 
     # ---- adapters ---------------------------------------------------------------------------
-    async def load_adapter(self, call: Call, adapter_id: str, source: str, pin: bool = False) -> AdapterInfo:
+    async def load_adapter(self, call: Call, adapter_id: AdapterId, source: str, pin: bool = False) -> AdapterInfo:
         """Load (or hot-swap) an adapter inside the caller's namespace; persisted with --state-dir."""
         access.check_may_manage(call.principal, adapter_id)
         loop = self.state.engine_loop()
         await self._load(loop, adapter_id, source)
         if pin:
-            await asyncio.wrap_future(loop.call(lambda e: e.pin_adapter(adapter_id)))
+            await asyncio.wrap_future(loop.pin_adapter(adapter_id))
         info = await self.adapter_info(loop, adapter_id)
         await self._persist(StoredAdapter(adapter_id, source, info.version, info.pinned, info.owner))
         return info
@@ -76,7 +77,7 @@ class LoraplexService:
             else:
                 await asyncio.to_thread(self.state.store.remove, remove)
 
-    async def _load(self, loop: EngineLoop, adapter_id: str, source: str) -> None:
+    async def _load(self, loop: EngineLoop, adapter_id: AdapterId, source: str) -> None:
         start = time.perf_counter()
         try:
             await asyncio.to_thread(loop.add_adapter, adapter_id, source, owner=access.owner_of(adapter_id))
@@ -86,9 +87,9 @@ class LoraplexService:
         self.state.metrics.adapter_load_seconds.observe(time.perf_counter() - start)
 
     @staticmethod
-    async def adapter_info(loop: EngineLoop, adapter_id: str | None = None):
+    async def adapter_info(loop: EngineLoop, adapter_id: AdapterId | None = None):
         """All adapters' AdapterInfo (engine thread), or the one of ``adapter_id``."""
-        infos = await asyncio.wrap_future(loop.call(lambda e: e.lora.info()))
+        infos = await asyncio.wrap_future(loop.adapter_infos())
         if adapter_id is None:
             return infos
         for info in infos:
@@ -96,10 +97,10 @@ class LoraplexService:
                 return info
         raise AdapterNotFoundError(adapter_id)  # unloaded by a concurrent UnloadAdapter
 
-    async def unload_adapter(self, call: Call, adapter_id: str) -> None:
+    async def unload_adapter(self, call: Call, adapter_id: AdapterId) -> None:
         access.check_may_manage(call.principal, adapter_id)
         loop = self.state.engine_loop()
-        if adapter_id not in self.state.restore_failures or loop.engine.lora.has_adapter(adapter_id):
+        if adapter_id not in self.state.restore_failures or loop.has_adapter(adapter_id):
             await asyncio.wrap_future(loop.remove_adapter(adapter_id))
         await self._persist(None, remove=adapter_id)
 
@@ -112,10 +113,11 @@ class LoraplexService:
         return visible, unrestored
 
     def model_name(self) -> str:
-        return self.state.engine_loop().engine.loaded.name
+        return self.state.engine_loop().server_info().model
 
-    def tokenizer(self):
-        return self.state.engine_loop().engine.loaded.tokenizer
+    def decoder(self) -> Callable[[list[int]], str]:
+        """Token ids -> text, usable until the request ends (even once the server drains)."""
+        return self.state.engine_loop().decode
 
 
 class Generation:

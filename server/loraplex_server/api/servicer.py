@@ -14,6 +14,7 @@ from loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 from .. import __version__
 from ..engine.loop import merge_outputs
 from ..errors import InvalidRequestError
+from ..lora.ids import AdapterId
 from . import convert
 from .calls import RpcCall, ServingState, admin_rpc, check_final, start_call
 from .service import LoraplexService
@@ -28,7 +29,7 @@ class LoraplexServicer(pb_grpc.LoraplexServiceServicer):
     def _deltas(self, request: pb.GenerateRequest, call: RpcCall):
         self.state.engine_loop()  # UNAVAILABLE while loading or draining, before anything else
         call.request_id = convert.request_id_of(request)
-        adapter_id = request.adapter_id or None
+        adapter_id = AdapterId(request.adapter_id) if request.adapter_id else None
         self.service.check_model(call, adapter_id)  # NOT_FOUND before the prompt's own errors
         prompt = convert.prompt_from_proto(request)
         sampling = convert.sampling_from_proto(request.sampling)
@@ -64,7 +65,7 @@ class LoraplexServicer(pb_grpc.LoraplexServiceServicer):
     # ---- adapters ---------------------------------------------------------------------------
     @admin_rpc
     async def LoadAdapter(self, request, call):
-        adapter_id = convert.check_id("adapter_id", request.adapter_id)
+        adapter_id = AdapterId(convert.check_id("adapter_id", request.adapter_id))
         if not request.source:
             raise InvalidRequestError("source", "is required")
         info = await self.service.load_adapter(call, adapter_id, request.source, request.pin)
@@ -72,7 +73,7 @@ class LoraplexServicer(pb_grpc.LoraplexServiceServicer):
 
     @admin_rpc
     async def UnloadAdapter(self, request, call):
-        adapter_id = convert.check_id("adapter_id", request.adapter_id)
+        adapter_id = AdapterId(convert.check_id("adapter_id", request.adapter_id))
         await self.service.unload_adapter(call, adapter_id)
         return pb.UnloadAdapterResponse()
 
@@ -84,11 +85,9 @@ class LoraplexServicer(pb_grpc.LoraplexServiceServicer):
 
     @admin_rpc
     async def GetServerInfo(self, request, call):
-        engine = self.state.engine_loop().engine
-        cfg = engine.config
+        info = self.state.engine_loop().server_info()
         return pb.GetServerInfoResponse(
-            model=engine.loaded.name, dtype=str(engine.loaded.dtype).removeprefix("torch."),
-            device=str(engine.loaded.device), max_loras=cfg.lora.max_loras,
-            max_lora_rank=cfg.lora.max_lora_rank, context_length=engine.inputs.max_model_len,
-            version=__version__, max_cpu_loras=cfg.lora.max_cpu_loras,
-            kv_cache_tokens=engine.blocks.capacity_tokens, prefix_caching=engine.blocks.prefix_caching)
+            model=info.model, dtype=info.dtype, device=info.device, max_loras=info.max_loras,
+            max_lora_rank=info.max_lora_rank, context_length=info.context_length, version=__version__,
+            max_cpu_loras=info.max_cpu_loras, kv_cache_tokens=info.kv_cache_tokens,
+            prefix_caching=info.prefix_caching)

@@ -26,6 +26,7 @@ from ..model.triton_attention import select_attention_function
 from .decode_graphs import DecodeGraphs, build_decode_graphs, graph_mode
 from .fairness import FcfsOrder, VirtualTokenCounter
 from .guided import GrammarBackend, GrammarCache, Guide
+from .info import ServerInfo
 from .inputs import InputProcessor
 from .kv_blocks import BlockManager, blocks_for
 from .kv_cache import KVCacheSpec, allocate_kv_cache, num_blocks_for
@@ -275,6 +276,13 @@ class LLMEngine:
             grammar_compile_seconds=self.grammars.drain_compile_seconds(),
             running_adapters=_adapter_ids(self.scheduler.running), waiting_adapters=_adapter_ids(self.scheduler.waiting),
             max_loras=slots.max_loras)
+
+    def server_info(self) -> ServerInfo:
+        lora = self.config.lora
+        return ServerInfo(model=self.loaded.name, dtype=str(self.loaded.dtype).removeprefix("torch."),
+                          device=str(self.loaded.device), max_loras=lora.max_loras, max_lora_rank=lora.max_lora_rank,
+                          max_cpu_loras=lora.max_cpu_loras, context_length=self.inputs.max_model_len,
+                          kv_cache_tokens=self.blocks.capacity_tokens, prefix_caching=self.blocks.prefix_caching)
 
     def set_tenant_weights(self, weight_of: Callable[[str], float]) -> None:
         """Tenant share weights for fair scheduling (no effect under FCFS)."""

@@ -4,6 +4,10 @@ Thread-safe public API (any thread, or an asyncio loop without blocking it):
 ``submit()`` returns a ``RequestStream`` that is both a blocking iterator and an async iterator of
 ``RequestOutput`` deltas; ``abort()`` ends a request at the next step boundary (KV blocks freed).
 Validation and tokenization run on the caller's thread, so bad input raises at ``submit()``.
+
+This is the API's whole view of the engine: submit/abort, adapter registration, and plain values
+(``server_info()``, ``adapter_infos()``, ``adapter_owner()``, ``decode()``). ``engine`` itself is
+for the engine package and tests.
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ from typing import Callable, Iterator, TypeVar
 
 from ..errors import (AdapterNotFoundError, DuplicateRequestError, EngineStoppedError, LoraplexError,
                       QueueFullError)
+from ..lora.ids import AdapterId
+from ..lora.weights import AdapterInfo
 from ..metrics import Metrics
 from .engine import LLMEngine
+from .info import ServerInfo
 from .request import Prompt, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -105,10 +112,14 @@ def merge_outputs(deltas: list[RequestOutput]) -> RequestOutput:
 
 class EngineLoop:
     def __init__(self, engine: LLMEngine, metrics: Metrics | None = None, idle_wait_s: float = 0.05,
-                 on_unhealthy: Callable[[str], None] | None = None):
+                 on_unhealthy: Callable[[str], None] | None = None,
+                 tenant_weight: Callable[[str], float] | None = None):
         """``on_unhealthy(reason)`` is called once (on the engine thread) when
-        ``scheduler.max_failed_steps`` steps have failed in a row."""
+        ``scheduler.max_failed_steps`` steps have failed in a row; ``tenant_weight(tenant)`` is each
+        tenant's share weight for fair scheduling (default 1)."""
         self.engine = engine
+        if tenant_weight is not None:
+            engine.set_tenant_weights(tenant_weight)
         self.on_unhealthy = on_unhealthy
         self.unhealthy_reason: str | None = None
         self.metrics = metrics
@@ -141,7 +152,7 @@ class EngineLoop:
         self.stop()
 
     # ---- caller API (any thread) ----------------------------------------------------------
-    def submit(self, prompt: Prompt, sampling: SamplingParams, adapter_id: str | None = None,
+    def submit(self, prompt: Prompt, sampling: SamplingParams, adapter_id: AdapterId | None = None,
                request_id: str | None = None, tenant: str = "") -> RequestStream:
         if self._stopping:
             raise EngineStoppedError("the engine is shutting down")
@@ -167,7 +178,7 @@ class EngineLoop:
         if request_id in self._streams:
             raise DuplicateRequestError(request_id)
 
-    def generate(self, prompt: Prompt, sampling: SamplingParams, adapter_id: str | None = None) -> RequestOutput:
+    def generate(self, prompt: Prompt, sampling: SamplingParams, adapter_id: AdapterId | None = None) -> RequestOutput:
         return self.submit(prompt, sampling, adapter_id).result()
 
     def abort(self, request_id: str) -> None:
@@ -182,7 +193,7 @@ class EngineLoop:
             self._send(("call", (fn, future)))
         return future
 
-    def add_adapter(self, adapter_id: str, source, *, eager: bool = True, owner: str | None = None,
+    def add_adapter(self, adapter_id: AdapterId, source, *, eager: bool = True, owner: str | None = None,
                     version: int | None = None):
         """Validate (and with ``eager`` read) on the caller's thread, then publish a new version.
 
@@ -198,10 +209,34 @@ class EngineLoop:
             self.call(lambda e: e.adapter_replaced(old.key))
         return published
 
-    def remove_adapter(self, adapter_id: str) -> Future:
+    def remove_adapter(self, adapter_id: AdapterId) -> Future:
         if not self.engine.lora.has_adapter(adapter_id):
             raise AdapterNotFoundError(adapter_id)
         return self.call(lambda e: e.remove_adapter(adapter_id))
+
+    def pin_adapter(self, adapter_id: AdapterId) -> Future:
+        """Keep the adapter in a device slot (engine thread); AdapterPinError lands in the Future."""
+        return self.call(lambda e: e.pin_adapter(adapter_id))
+
+    # ---- plain values for the API (any thread) ------------------------------------------------
+    def server_info(self) -> ServerInfo:
+        return self.engine.server_info()
+
+    def has_adapter(self, adapter_id: AdapterId) -> bool:
+        """A version of ``adapter_id`` is published (new requests may name it)."""
+        return self.engine.lora.has_adapter(adapter_id)
+
+    def adapter_owner(self, adapter_id: AdapterId) -> str | None:
+        """The tenant owning the current version (None: public); AdapterNotFoundError if none."""
+        return self.engine.lora.resolve(adapter_id).owner
+
+    def adapter_infos(self) -> "Future[list[AdapterInfo]]":
+        """Every published adapter with its tier and load state, read on the engine thread."""
+        return self.call(lambda e: e.lora.info())
+
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of ``token_ids`` (the tokenizer only reads: any thread)."""
+        return self.engine.loaded.tokenizer.decode(token_ids)
 
     # ---- the engine thread ----------------------------------------------------------------
     def _send(self, command) -> None:

@@ -16,15 +16,13 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from loraplex.v1 import loraplex_pb2 as pb
 
 from ..api import access
-from ..api.auth import KeyStore
-from ..api.calls import ServingState, start_call
+from ..api.calls import start_call
 from ..api.servicer import LoraplexServicer
-from ..config import Config, EngineConfig
+from ..api.startup import EngineFactory, bring_up_engine, serving_state
+from ..config import Config
 from ..engine.engine import LLMEngine
-from ..engine.loop import EngineLoop
-from ..engine.request import Prompt, SamplingParams
 from ..errors import LoraplexError
-from ..metrics import Metrics
+from ..lora.ids import AdapterId
 from .adapters import AdapterCatalog, LoadedAdapter, ReplicaAdapters
 from .status import ForwardedContext, Metadata, ReplicaStatusError
 
@@ -35,14 +33,9 @@ AdapterCache = Callable[[AdapterLoader], AdapterLoader]
 
 
 class ReplicaService:
-    def __init__(self, config: Config, adapter_cache: AdapterCache,
-                 engine_factory: Callable[[EngineConfig], LLMEngine] = LLMEngine):
-        keys = KeyStore(config.server.keys_file)
-        self.state = ServingState(metrics=Metrics(), keys=keys)
-        engine = engine_factory(config.engine)
-        engine.set_tenant_weights(lambda tenant: keys.limits_for(tenant).weight)
-        self.loop = EngineLoop(engine, self.state.metrics).start()
-        self.loop.generate(Prompt(token_ids=(0,)), SamplingParams(max_new_tokens=2))  # warm-up
+    def __init__(self, config: Config, adapter_cache: AdapterCache, engine_factory: EngineFactory = LLMEngine):
+        self.state = serving_state(config)
+        self.loop = bring_up_engine(config, self.state, engine_factory)  # adapters load on first use
         self.state.loop = self.loop
         self.servicer = LoraplexServicer(self.state)
         self.catalog = AdapterCatalog(config.server.adapters, config.engine.lora.adapter_root)
@@ -63,14 +56,14 @@ class ReplicaService:
             if removal is not None:  # evicted a moment ago: let that finish, or it would remove this load
                 await asyncio.wrap_future(removal)
             owner = access.owner_of(adapter_id)
-            await asyncio.to_thread(self.loop.add_adapter, adapter_id, source, owner=owner)
+            await asyncio.to_thread(self.loop.add_adapter, AdapterId(adapter_id), source, owner=owner)
             self.adapters.added(adapter_id)
             log.info("adapter loaded on this replica", extra={"fields": {"adapter": adapter_id}})
         return LoadedAdapter(adapter_id, self.adapters)
 
     def _unpublish(self, adapter_id: str) -> None:
         try:
-            removal = self.loop.remove_adapter(adapter_id)  # accepted requests finish on it first
+            removal = self.loop.remove_adapter(AdapterId(adapter_id))  # accepted requests finish on it first
         except LoraplexError as exc:
             log.warning("could not unload adapter %s: %s", adapter_id, exc)
             return
@@ -129,7 +122,7 @@ class ReplicaService:
 
     def routing_stats(self) -> dict[str, Any]:
         """Adapters published here and requests in flight on this replica's engine."""
-        return {"adapters": self.adapters.published(), "requests": len(self.loop.engine.requests)}
+        return {"adapters": self.adapters.published(), "requests": self.loop.num_in_flight}
 
     def close(self) -> None:
         """Refuse new requests, abort what is in flight, stop the engine thread."""

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from ...errors import InvalidRequestError, LoraplexError
+from ...lora.ids import AdapterId
 from .. import convert
 from ..calls import Call, ServingState, open_call
 from ..service import LoraplexService
@@ -114,7 +115,7 @@ async def _admin(state: ServingState, service: LoraplexService, request: Request
         return call
     try:
         body = _admin_body(await request.body(), required, optional)
-        call.adapter_id = adapter_id = convert.check_id("lora_name", body["lora_name"])
+        call.adapter_id = adapter_id = AdapterId(convert.check_id("lora_name", body["lora_name"]))
         if method == "LoadAdapter":
             await service.load_adapter(call, adapter_id, body["lora_path"], pin=body.get("pin") is True)
             message = f"Success: LoRA adapter '{adapter_id}' added successfully."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ...engine.request import FinishReason, RequestOutput, TokenLogprob
 
@@ -17,13 +18,13 @@ def finish_reason(out: RequestOutput) -> str | None:
 class TokenText:
     """Token id -> its text (for logprobs), cached per request."""
 
-    tokenizer: object
+    decode: Callable[[list[int]], str]  # token ids -> text
     cache: dict[int, str] = field(default_factory=dict)
 
     def __call__(self, token_id: int) -> str:
         text = self.cache.get(token_id)
         if text is None:
-            text = self.cache[token_id] = self.tokenizer.decode([token_id])
+            text = self.cache[token_id] = self.decode([token_id])
         return text
 
 

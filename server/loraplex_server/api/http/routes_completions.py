@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from ...engine.loop import merge_outputs
 from ...engine.request import RequestOutput
+from ...lora.ids import AdapterId
 from .. import convert
 from ..calls import Call, check_final
 from ..service import Generation, LoraplexService
@@ -82,7 +83,7 @@ async def _open(request: Request, service: LoraplexService, call: Call, raw: byt
     call.method = "GenerateStream" if body.stream else "Generate"
     call.request_id = (convert.check_id("request_id", body.request_id or request.headers.get("x-request-id", ""),
                                         required=False) or uuid.uuid4().hex)
-    adapter_id = None if body.model == service.model_name() else body.model
+    adapter_id = None if body.model == service.model_name() else AdapterId(body.model)
     call.adapter_id = adapter_id or ""
     service.check_model(call, adapter_id)
     body.sampling.validate()
@@ -99,7 +100,7 @@ async def _open(request: Request, service: LoraplexService, call: Call, raw: byt
         for generation in generations:
             generation.cancel()
         raise
-    return Job(chat, body, call, generations, r.TokenText(service.tokenizer()))
+    return Job(chat, body, call, generations, r.TokenText(service.decoder()))
 
 
 async def _collect(job: Job) -> list[RequestOutput]:

@@ -1,0 +1,20 @@
+"""What the API may read of the engine: plain values, no engine objects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """The model and capacities being served; fixed once the engine is built."""
+
+    model: str  # the model's name (a path, a preset or a hub id)
+    dtype: str  # e.g. "bfloat16"
+    device: str  # e.g. "cpu", "cuda:0"
+    max_loras: int  # device slots: distinct adapters per step
+    max_lora_rank: int
+    max_cpu_loras: int  # adapters kept in host memory
+    context_length: int  # the longest prompt plus output, in tokens
+    kv_cache_tokens: int  # tokens the KV cache holds
+    prefix_caching: bool
