@@ -11,22 +11,10 @@ from pathlib import Path
 
 from ..engine.loop import EngineLoop
 from ..errors import LoraplexError
+from ..lora.adapter_root import find_adapters as scan
 from .access import owner_of
 
 log = logging.getLogger(__name__)
-CONFIG_FILE = "adapter_config.json"
-
-
-def scan(root: Path) -> dict[str, Path]:
-    """Adapter id -> directory, for every directory under ``root`` holding an adapter config."""
-    root = root.resolve()
-    found = {}
-    for config in sorted(root.rglob(CONFIG_FILE)):
-        directory = config.parent
-        if directory == root or root not in directory.resolve().parents:
-            continue  # the root itself, or a symlink leading outside the root
-        found[directory.relative_to(root).as_posix()] = directory
-    return found
 
 
 class AdapterDiscovery:

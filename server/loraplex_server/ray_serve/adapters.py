@@ -13,13 +13,13 @@ import logging
 import threading
 from collections import Counter
 from contextlib import contextmanager
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import AdapterNotFoundError
+from ..lora.adapter_root import adapter_dir
 
 log = logging.getLogger(__name__)
-ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 
 class AdapterCatalog:
@@ -32,11 +32,8 @@ class AdapterCatalog:
     def source_of(self, adapter_id: str) -> str | Path:
         if adapter_id in self.named:
             return self.named[adapter_id]  # the engine resolves it inside the adapter root
-        parts = PurePosixPath(adapter_id).parts
-        if self.root is None or not parts or ".." in parts or PurePosixPath(adapter_id).is_absolute():
-            raise AdapterNotFoundError(adapter_id)
-        directory = self.root / adapter_id
-        if not (directory / ADAPTER_CONFIG_FILE).is_file():
+        directory = adapter_dir(self.root, adapter_id) if self.root is not None else None
+        if directory is None:
             raise AdapterNotFoundError(adapter_id)
         return directory  # the engine refuses a symlink out of the root (AdapterLoadError)
 
