@@ -7,12 +7,11 @@ import uuid
 
 from loraplex.v1 import loraplex_pb2 as pb
 
-from ..engine.request import (ChatMessage, Constraint, FinishReason, Prompt, RequestOutput, SamplingParams,
-                              TokenLogprob)
+from ..engine.request import (DEFAULT_MAX_NEW_TOKENS, ChatMessage, Constraint, FinishReason, Prompt, RequestOutput,
+                              SamplingParams, TokenLogprob)
 from ..errors import InvalidRequestError
 from ..lora.weights import AdapterInfo
 
-DEFAULT_MAX_NEW_TOKENS = 64
 MAX_REQUEST_ID_LEN = 128
 _ID = re.compile(r"^[A-Za-z0-9._:@/-]+$")
 _FINISH = {

@@ -16,6 +16,7 @@ from ..lora.ids import AdapterId, VersionKey
 
 
 CONSTRAINT_KINDS = ("json_schema", "regex", "choice", "grammar", "json_object")
+DEFAULT_MAX_NEW_TOKENS = 64  # the documented default of both APIs (unset / zero max_new_tokens, max_tokens)
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class Constraint:
 class SamplingParams:
     """Per-request decoding parameters. ``temperature == 0`` means greedy."""
 
-    max_new_tokens: int = 16
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0

@@ -12,10 +12,9 @@ import json
 import math
 from dataclasses import dataclass
 
-from ...engine.request import ChatMessage, Constraint, Prompt, SamplingParams
+from ...engine.request import DEFAULT_MAX_NEW_TOKENS, ChatMessage, Constraint, Prompt, SamplingParams
 from ...errors import InvalidRequestError
 
-DEFAULT_MAX_TOKENS = 64  # as the gRPC API's default
 MAX_N = 16
 MAX_PROMPTS = 64
 MAX_STOP = 16
@@ -153,7 +152,7 @@ def sampling_of(body: dict, max_tokens_field: str, logprobs: int | None) -> Samp
     seed = _number(body, "seed", None, 0, 2**63 - 1, integer=True)
     return SamplingParams(
         max_new_tokens=_number(body, max_tokens_field, None, 1, integer=True)
-        or _number(body, "max_tokens", DEFAULT_MAX_TOKENS, 1, integer=True),
+        or _number(body, "max_tokens", DEFAULT_MAX_NEW_TOKENS, 1, integer=True),
         temperature=float(_number(body, "temperature", 1.0, 0, 2)),  # OpenAI's default (gRPC's is 0)
         top_p=float(_number(body, "top_p", 1.0, 0, 1)),
         top_k=max(0, _number(body, "top_k", 0, -1, integer=True)),
