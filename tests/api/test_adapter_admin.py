@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 
 import pytest
 
@@ -68,6 +69,19 @@ def test_discovery_registers_lazily_and_picks_up_new_adapters(start_server, root
         shutil.copytree(root / "upper", root / "late")
         assert srv.server.discovery.sweep() == ["late"]  # what the periodic task does
         assert "late" in {a.adapter_id for a in c.list_adapters()}
+
+
+def test_shutdown_ends_the_adapter_loader_threads(start_server, root):
+    before = set(threading.enumerate())
+    srv = start_server(root, max_rank=16, server_overrides=dict(adapter_discovery=True))
+    with Client(srv.target, timeout=30) as c:  # registered lazily: the weights load on a loader thread
+        c.generate(messages=[("user", "Hi")], adapter_id="upper", max_new_tokens=2)
+    loaders = [t for t in threading.enumerate() if t not in before and t.name.startswith("loraplex-adapter-load")]
+    assert loaders
+    srv.stop()
+    for thread in loaders:
+        thread.join(10)
+    assert not [t.name for t in loaders if t.is_alive()]
 
 
 def test_hot_swap_bumps_the_version_and_changes_outputs(start_server, root):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -153,6 +154,19 @@ def test_kv_capacity_bounds_a_sequence_with_length(make_engine):
     engine.add_request(req)
     out = run_to_completion(engine)[req.request_id]
     assert out[-1].finish_reason is FinishReason.LENGTH and len(tokens_of(out)) == 3
+
+
+def test_stop_ends_the_adapter_loader_threads(make_engine, peft_adapters):
+    before = set(threading.enumerate())
+    engine = make_engine()
+    engine.lora.add_adapter("a", peft_adapters["qv-r4"], eager=False)  # weights read on a loader thread
+    with EngineLoop(engine) as loop:
+        assert loop.generate(Prompt(text="Hi"), greedy(2), "a").completion_tokens == 2
+        loaders = [t for t in threading.enumerate() if t not in before and t.name.startswith("loraplex-adapter-load")]
+        assert loaders
+    for thread in loaders:
+        thread.join(10)
+    assert not [t.name for t in loaders if t.is_alive()]
 
 
 def test_server_info_is_a_plain_value_of_the_model_and_its_capacities(loop):

@@ -324,6 +324,11 @@ class LLMEngine:
         if self.requests.pop(request.request_id, None) is not None and request.adapter_key:
             self.lora.release_request(request.adapter_key)
 
+    def close(self) -> None:
+        """At shutdown, once no step runs any more: end the adapter loader and grammar compile threads."""
+        self.lora.close()
+        self.grammars.close()
+
     def release_retired(self) -> None:
         """Free the retired versions no request references any more (slot, CPU weights, cached KV)."""
         for key in [k for k in self._retired if not self.lora.in_use(k)]:

@@ -139,11 +139,13 @@ class EngineLoop:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Abort whatever is still in flight and end the thread."""
+        """Abort whatever is still in flight, end the thread, then the engine's worker threads."""
         with self._lock:  # a submit registers its stream before this, or is refused after it
             self._stopping = True
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.engine.close()
 
     def __enter__(self) -> "EngineLoop":
         return self.start()

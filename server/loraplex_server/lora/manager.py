@@ -147,6 +147,10 @@ class LoraManager:
         self.slots.evict(key)
         self.registry.forget(key)
 
+    def close(self) -> None:
+        """End the registry's loader threads (at shutdown; nothing loads afterwards)."""
+        self.registry.close()
+
     def set_mapping(self, mapping: LoraMapping | None) -> None:
         self.state.mapping = mapping
 

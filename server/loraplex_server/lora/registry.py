@@ -323,4 +323,5 @@ class AdapterRegistry:
             self.num_cpu_evictions += 1
 
     def close(self) -> None:
+        """End the loader threads: queued loads are cancelled, a load under way finishes first."""
         self._executor.shutdown(wait=False, cancel_futures=True)
