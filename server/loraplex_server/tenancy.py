@@ -95,8 +95,3 @@ class RateLimitError(LoraplexError):
         """The gRPC trailing metadata to send with the error: ``(("retry-after-s", "1.500"),)``."""
         return ((RETRY_AFTER_METADATA_KEY, f"{self.retry_after_s:.3f}"),)
 
-
-def require_admin(principal: Principal, action: str) -> None:
-    """Raise :class:`PermissionDeniedError` unless ``principal`` is an admin; ``action`` names the call."""
-    if not principal.is_admin:
-        raise PermissionDeniedError(f"{action} requires an admin API key (tenant {principal.tenant!r} is not admin)")

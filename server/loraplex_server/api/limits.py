@@ -140,13 +140,6 @@ class TenantLimiter:
             self._tenants[tenant] = state
         return Ticket(self, tenant)
 
-    def check_queue(self, tenant: str, queued_now: int) -> None:
-        """Raise RateLimitError when ``queued_now`` (the tenant's queued requests) >= ``max_queued``."""
-        max_queued = self._limits_for(tenant).max_queued
-        if max_queued is not None and queued_now >= max_queued:
-            raise RateLimitError(
-                f"tenant {tenant!r} has {queued_now} requests queued (limit {max_queued})", QUEUE_RETRY_AFTER_S)
-
     def record_tokens(self, tenant: str, n: int) -> None:
         """Count ``n`` generated tokens for ``tenant`` at the current time."""
         if n < 0:
