@@ -12,6 +12,7 @@ from pathlib import Path
 from ..engine.loop import EngineLoop
 from ..errors import LoraplexError
 from ..lora.adapter_root import find_adapters as scan
+from ..lora.ids import AdapterId
 from .access import owner_of
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ class AdapterDiscovery:
         self.loop, self.root, self.interval_s = loop, Path(root), interval_s
         self._seen: set[str] = set()
 
-    def sweep(self) -> list[str]:
+    def sweep(self) -> list[AdapterId]:
         """Register directories not seen before; returns the ids registered now."""
         added = []
         for adapter_id, directory in scan(self.root).items():

@@ -96,10 +96,11 @@ class LoraplexServer:
 
     async def _bring_up(self) -> None:
         aio = asyncio.get_running_loop()
+
+        def unhealthy(reason: str) -> None:  # on the engine thread
+            asyncio.run_coroutine_threadsafe(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING), aio)
         startup = aio.run_in_executor(None, functools.partial(
-            bring_up_engine, self.config, self.state, self.engine_factory,
-            on_unhealthy=lambda reason: asyncio.run_coroutine_threadsafe(
-                self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING), aio),
+            bring_up_engine, self.config, self.state, self.engine_factory, on_unhealthy=unhealthy,
             prepare=functools.partial(load_startup_adapters, config=self.config, state=self.state)))
         try:
             loop = await asyncio.shield(startup)

@@ -11,6 +11,7 @@ import logging
 import time
 
 from ..config import engine_config_from_env
+from ..lora.ids import AdapterId
 from .engine import LLMEngine
 from .loop import EngineLoop
 from .request import ChatMessage, Prompt, SamplingParams
@@ -39,11 +40,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     engine = LLMEngine(config_from_args(args))
-    adapters: list[str | None] = [None]
+    adapters: list[AdapterId | None] = [None]
     for spec in args.adapter:
         name, _, path = spec.partition("=")
-        engine.lora.add_adapter(name, path)
-        adapters.append(name)
+        adapter_id = AdapterId(name)
+        engine.lora.add_adapter(adapter_id, path)
+        adapters.append(adapter_id)
     prompts = args.prompt or ["Name three colours of the rainbow.", "What is the capital of Italy?"]
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
     with EngineLoop(engine) as loop:

@@ -70,7 +70,7 @@ class BlockManager:
         self._free: deque[int] = deque(range(num_blocks))  # free, holding nothing cached
         self._evictable: OrderedDict[int, None] = OrderedDict()  # free but cached, least recent first
         self._refs = [0] * num_blocks
-        self._hash_of: dict[int, tuple[bytes, str | None]] = {}  # published block -> (hash, seed key)
+        self._hash_of: dict[int, tuple[bytes, VersionKey | None]] = {}  # published block -> (hash, seed key)
         self._block_of: dict[bytes, int] = {}  # hash -> published block
         self._by_seed: dict[VersionKey | None, set[int]] = {}  # adapter version key -> its published blocks
         self._seeds: dict[VersionKey | None, bytes] = {}

@@ -12,7 +12,7 @@ neighbouring adapters with one matmul pair.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from typing import AbstractSet, Callable
 
 from .ids import VersionKey
 from .layers import LoraLinear
@@ -42,7 +42,7 @@ class SlotManager:
         return list(self._slot_of)
 
     def activate(self, keys: set[VersionKey], fetch: Callable[[VersionKey], LoraAdapter],
-                 protected: set[VersionKey] = frozenset()) -> dict[VersionKey, int]:
+                 protected: AbstractSet[VersionKey] = frozenset()) -> dict[VersionKey, int]:
         """Make every version in ``keys`` resident, fetching weights of missing ones.
 
         Evicts least recently used slots outside ``keys | protected | pinned``.
