@@ -156,14 +156,17 @@ def test_kv_capacity_bounds_a_sequence_with_length(make_engine):
     assert out[-1].finish_reason is FinishReason.LENGTH and len(tokens_of(out)) == 3
 
 
-def test_stop_ends_the_adapter_loader_threads(make_engine, peft_adapters):
+def test_shutdown_ends_the_adapter_loader_threads_stop_alone_does_not(make_engine, peft_adapters):
     before = set(threading.enumerate())
     engine = make_engine()
     engine.lora.add_adapter("a", peft_adapters["qv-r4"], eager=False)  # weights read on a loader thread
-    with EngineLoop(engine) as loop:
-        assert loop.generate(Prompt(text="Hi"), greedy(2), "a").completion_tokens == 2
-        loaders = [t for t in threading.enumerate() if t not in before and t.name.startswith("loraplex-adapter-load")]
-        assert loaders
+    loop = EngineLoop(engine).start()
+    assert loop.generate(Prompt(text="Hi"), greedy(2), "a").completion_tokens == 2
+    loaders = [t for t in threading.enumerate() if t not in before and t.name.startswith("loraplex-adapter-load")]
+    assert loaders
+    loop.stop()  # the engine may serve another loop: its loaders stay
+    assert all(t.is_alive() for t in loaders)
+    loop.shutdown()
     for thread in loaders:
         thread.join(10)
     assert not [t.name for t in loaders if t.is_alive()]

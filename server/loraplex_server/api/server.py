@@ -139,7 +139,7 @@ class LoraplexServer:
             if task is not None and not task.done():
                 task.cancel()
         if self.state.loop is not None:
-            await asyncio.to_thread(self.state.loop.stop)
+            await asyncio.to_thread(self.state.loop.shutdown)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         if self.state.store is not None:
@@ -162,7 +162,7 @@ class LoraplexServer:
 def _stop_started_loop(startup: asyncio.Future) -> None:
     """Start-up finished after its task was cancelled: stop the loop it started (off the event loop)."""
     if not startup.cancelled() and startup.exception() is None:
-        threading.Thread(target=startup.result().stop, name="loraplex-stop-engine", daemon=True).start()
+        threading.Thread(target=startup.result().shutdown, name="loraplex-stop-engine", daemon=True).start()
 
 
 async def serve(config: Config, engine_factory: EngineFactory = LLMEngine) -> None:

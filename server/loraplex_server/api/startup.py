@@ -3,7 +3,7 @@ store and serving state, then the model, its engine loop with the tenants' share
 front end's own start-up adapters, and one warm-up request.
 
 ``bring_up_engine`` blocks (the model loads, adapters are read): a server runs it in a worker
-thread, a replica in its constructor. Whatever fails, the loop is stopped before the error rises.
+thread, a replica in its constructor. Whatever fails, the loop is shut down before the error rises.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def bring_up_engine(config: Config, state: ServingState, engine_factory: EngineF
         prepare(loop)
         warm_up(loop)
     except BaseException:
-        loop.stop()
+        loop.shutdown()
         raise
     return loop
 

@@ -139,12 +139,16 @@ class EngineLoop:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Abort whatever is still in flight, end the thread, then the engine's worker threads."""
+        """Abort whatever is still in flight and end the thread (the engine may run in another loop)."""
         with self._lock:  # a submit registers its stream before this, or is refused after it
             self._stopping = True
         self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        self._thread.join(timeout)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """``stop()``, then end the engine's own worker threads (adapter loads, grammar compiles):
+        for the engine's owner (a server, a replica); the engine is not used afterwards."""
+        self.stop(timeout)
         self.engine.close()
 
     def __enter__(self) -> "EngineLoop":

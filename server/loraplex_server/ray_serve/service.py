@@ -125,6 +125,6 @@ class ReplicaService:
         return {"adapters": self.adapters.published(), "requests": self.loop.num_in_flight}
 
     def close(self) -> None:
-        """Refuse new requests, abort what is in flight, stop the engine thread."""
+        """Refuse new requests, abort what is in flight, stop the engine thread and its workers."""
         self.state.draining = True
-        self.loop.stop()
+        self.loop.shutdown()
