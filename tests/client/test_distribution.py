@@ -95,6 +95,14 @@ def test_server_distribution_requires_the_client_at_its_version():
     assert "loraplex" not in meta.get("scripts", {}), "the `loraplex` command belongs to the client"
 
 
+def test_server_package_data_ships_every_native_source():
+    """A non-editable install (the Docker image) compiles csrc/ at first start: every file must ship."""
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    model = ROOT / "server" / "loraplex_server" / "model"
+    shipped = {p for pattern in patterns["loraplex_server.model"] for p in model.glob(pattern)}
+    assert set((model / "csrc").iterdir()) <= shipped
+
+
 def test_client_modules_import_without_server_packages():
     """Every client module imports, and `loraplex --help` runs, with the server's packages hidden."""
     blocked = "; ".join(f"sys.modules[{name!r}] = None" for name in NOT_IMPORTED)
