@@ -3,7 +3,8 @@
 Each request is a streamed ``POST /v1/completions`` (prompt = the planned token ids, greedy,
 ``ignore_eos``, ``stream_options.include_usage``) on one shared aiohttp session, as ``vllm bench
 serve`` does. TTFT = first SSE chunk with a choice; output tokens from the usage chunk. aiohttp is
-imported only here (``pip install aiohttp``; the gRPC backend does not need it).
+imported only here, when a run starts (the ``bench`` extra: ``pip install 'loraplex[bench]'``; the
+gRPC backend does not need it).
 """
 
 from __future__ import annotations
@@ -14,6 +15,16 @@ from typing import Any
 
 HTTP_CODES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
               409: "ALREADY_EXISTS", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}
+
+
+def import_aiohttp() -> Any:
+    """The aiohttp module, or an ImportError that says how to install it."""
+    try:
+        import aiohttp
+    except ImportError as exc:
+        raise ImportError("`loraplex bench --backend openai` needs aiohttp: "
+                          "pip install 'loraplex[bench]' (or pip install aiohttp)") from exc
+    return aiohttp
 
 
 def base_url(target: str) -> str:
@@ -33,8 +44,7 @@ class OpenAISender:
         self.base_model = ""
 
     async def __aenter__(self) -> "OpenAISender":
-        import aiohttp
-
+        aiohttp = import_aiohttp()
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                              timeout=aiohttp.ClientTimeout(total=self.timeout_s))
         try:

@@ -10,6 +10,7 @@ import json
 import math
 import random
 import statistics
+import sys
 import time
 from collections import Counter
 
@@ -468,3 +469,11 @@ def test_cli_bench_unreachable_exits_3(dead_target, capsys):
     captured = capsys.readouterr()
     assert code == 3
     assert "UNAVAILABLE: 2" in captured.out and "no request completed" in captured.err
+
+
+def test_cli_bench_openai_without_aiohttp_names_the_extra(dead_target, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "aiohttp", None)  # as in a client installed without [bench]
+    code = main(["--target", dead_target, "bench", "--backend", "openai", "--num-requests", "1"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert "needs aiohttp: pip install 'loraplex[bench]'" in captured.err
