@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 HTTP_CODES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
@@ -36,8 +37,10 @@ def base_url(target: str) -> str:
 class OpenAISender:
     """Async context manager: ``await sender.send(plan, record)`` fills ``record`` in."""
 
-    def __init__(self, target: str, api_key: str | None, timeout_s: float | None):
+    def __init__(self, target: str, api_key: str | None, timeout_s: float | None,
+                 now: Callable[[], float] = time.perf_counter):
         self.url = base_url(target)
+        self.now = now  # the bench's clock: chunk times are ``now() - t0``
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout_s = timeout_s
         self.session: Any = None
@@ -75,13 +78,12 @@ class OpenAISender:
                     break
                 self._chunk(json.loads(data), record, t0)
 
-    @staticmethod
-    def _chunk(chunk: dict, record, t0: float) -> None:
+    def _chunk(self, chunk: dict, record, t0: float) -> None:
         if "error" in chunk:
             record.error, record.error_code = "StreamError", chunk["error"].get("code", "").upper() or "INTERNAL"
             return
         if chunk.get("choices"):
-            now = time.perf_counter() - t0
+            now = self.now() - t0
             if record.first_token_s is None:
                 record.first_token_s = now
             record.chunk_times_s.append(now)
