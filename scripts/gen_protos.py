@@ -9,7 +9,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from grpc_tools import protoc
+try:
+    from grpc_tools import protoc
+except ImportError:  # not a runtime dependency: the `protos` (or `test`) extra of loraplex-server
+    sys.exit("gen_protos needs grpcio-tools: pip install grpcio-tools (or -e '.[protos]')")
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"

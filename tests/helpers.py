@@ -35,6 +35,16 @@ def fresh_loaded(model_dir: Path, tokenizer, name: str = "SmolLM2-135M-Instruct"
     return LoadedModel(load_fresh(model_dir), tokenizer, name, torch.device("cpu"), torch.float32)
 
 
+class FakeClock:
+    """A clock for ``clock=`` parameters: reads ``t``, which moves only when a test moves it."""
+
+    def __init__(self, t: float = 100.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
 def key_entry(key: str, tenant: str, role: str = "tenant") -> str:
     """One ``[[keys]]`` entry of an API keys file (the key stored as its sha256)."""
     return f'[[keys]]\nsha256 = "{hash_key(key)}"\ntenant = "{tenant}"\nrole = "{role}"\n\n'

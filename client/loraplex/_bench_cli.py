@@ -98,6 +98,14 @@ def cmd_bench(client: Any, args: argparse.Namespace, io: Any) -> int:
     except ValueError as exc:
         err.write(f"error: {exc}\n")
         return 2
+    if config.backend == "openai":
+        from loraplex._bench_openai import import_aiohttp
+
+        try:
+            import_aiohttp()
+        except ImportError as exc:
+            err.write(f"error: {exc}\n")
+            return 2
     load = (f"{config.concurrency} concurrent" if config.mode == "closed"
             else f"{config.rate:g} req/s Poisson")
     err.write(f"bench: {config.num_requests} requests ({load}, {config.warmup} warm-up) "

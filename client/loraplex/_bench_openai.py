@@ -3,17 +3,29 @@
 Each request is a streamed ``POST /v1/completions`` (prompt = the planned token ids, greedy,
 ``ignore_eos``, ``stream_options.include_usage``) on one shared aiohttp session, as ``vllm bench
 serve`` does. TTFT = first SSE chunk with a choice; output tokens from the usage chunk. aiohttp is
-imported only here (``pip install aiohttp``; the gRPC backend does not need it).
+imported only here, when a run starts (the ``bench`` extra: ``pip install 'loraplex[bench]'``; the
+gRPC backend does not need it).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 HTTP_CODES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
               409: "ALREADY_EXISTS", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}
+
+
+def import_aiohttp() -> Any:
+    """The aiohttp module, or an ImportError that says how to install it."""
+    try:
+        import aiohttp
+    except ImportError as exc:
+        raise ImportError("`loraplex bench --backend openai` needs aiohttp: "
+                          "pip install 'loraplex[bench]' (or pip install aiohttp)") from exc
+    return aiohttp
 
 
 def base_url(target: str) -> str:
@@ -25,16 +37,17 @@ def base_url(target: str) -> str:
 class OpenAISender:
     """Async context manager: ``await sender.send(plan, record)`` fills ``record`` in."""
 
-    def __init__(self, target: str, api_key: str | None, timeout_s: float | None):
+    def __init__(self, target: str, api_key: str | None, timeout_s: float | None,
+                 now: Callable[[], float] = time.perf_counter):
         self.url = base_url(target)
+        self.now = now  # the bench's clock: chunk times are ``now() - t0``
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout_s = timeout_s
         self.session: Any = None
         self.base_model = ""
 
     async def __aenter__(self) -> "OpenAISender":
-        import aiohttp
-
+        aiohttp = import_aiohttp()
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                              timeout=aiohttp.ClientTimeout(total=self.timeout_s))
         try:
@@ -65,13 +78,12 @@ class OpenAISender:
                     break
                 self._chunk(json.loads(data), record, t0)
 
-    @staticmethod
-    def _chunk(chunk: dict, record, t0: float) -> None:
+    def _chunk(self, chunk: dict, record, t0: float) -> None:
         if "error" in chunk:
             record.error, record.error_code = "StreamError", chunk["error"].get("code", "").upper() or "INTERNAL"
             return
         if chunk.get("choices"):
-            now = time.perf_counter() - t0
+            now = self.now() - t0
             if record.first_token_s is None:
                 record.first_token_s = now
             record.chunk_times_s.append(now)

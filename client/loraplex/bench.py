@@ -42,7 +42,7 @@ import dataclasses
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +59,7 @@ from loraplex.client import DEFAULT_TARGET, AsyncClient
 from loraplex.errors import LoraplexError
 
 __all__ = [
+    "BenchClock",
     "BenchConfig",
     "BenchResult",
     "LatencyStats",
@@ -184,6 +185,24 @@ def plan_requests(config: BenchConfig, *, warmup: bool = False) -> list[RequestP
     return plans
 
 
+# ---------------------------------------------------------------- time
+
+
+@dataclass(frozen=True)
+class BenchClock:
+    """Where the bench reads the time (seconds, monotonic) and how it waits for an arrival.
+
+    The default is the real one; tests pass a virtual clock to check the open loop's schedule and
+    lateness exactly, without depending on how busy the machine is.
+    """
+
+    now: Callable[[], float] = time.perf_counter
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep
+
+
+REAL_CLOCK = BenchClock()
+
+
 # ---------------------------------------------------------------- one request
 
 
@@ -228,14 +247,14 @@ class RequestRecord:
 
 
 async def _send(client: Any, plan: RequestPlan, config: BenchConfig,
-                t0: float) -> RequestRecord:
+                t0: float, clock: BenchClock = REAL_CLOCK) -> RequestRecord:
     """One request through ``client``: an AsyncClient (gRPC) or an ``OpenAISender`` (HTTP)."""
     record = RequestRecord(plan.index, plan.adapter_id, len(plan.token_ids), plan.max_new_tokens,
-                           start_s=time.perf_counter() - t0, scheduled_s=plan.arrival_s)
+                           start_s=clock.now() - t0, scheduled_s=plan.arrival_s)
     try:
         if not isinstance(client, AsyncClient):
             await client.send(plan, record, t0)
-            record.end_s = time.perf_counter() - t0
+            record.end_s = clock.now() - t0
             return record
         stream = client.generate_stream(
             token_ids=plan.token_ids, adapter_id=plan.adapter_id,
@@ -243,7 +262,7 @@ async def _send(client: Any, plan: RequestPlan, config: BenchConfig,
             timeout=config.timeout_s)
         async for chunk in stream:
             if chunk.token_ids:
-                now = time.perf_counter() - t0
+                now = clock.now() - t0
                 if record.first_token_s is None:
                     record.first_token_s = now
                 record.chunk_times_s.append(now)
@@ -252,7 +271,7 @@ async def _send(client: Any, plan: RequestPlan, config: BenchConfig,
         record.error, record.error_code = type(exc).__name__, exc.code.name
     except Exception as exc:  # noqa: BLE001 - a benchmark counts failures, it does not stop
         record.error = record.error_code = type(exc).__name__
-    record.end_s = time.perf_counter() - t0
+    record.end_s = clock.now() - t0
     return record
 
 
@@ -260,32 +279,32 @@ async def _send(client: Any, plan: RequestPlan, config: BenchConfig,
 
 
 async def _closed_loop(client: AsyncClient, plans: list[RequestPlan], config: BenchConfig,
-                       t0: float, records: list[RequestRecord]) -> None:
+                       t0: float, records: list[RequestRecord], clock: BenchClock = REAL_CLOCK) -> None:
     queue = iter(plans)  # shared by the workers; next() never interleaves on one event loop
 
     async def worker() -> None:
         for plan in queue:
-            if config.duration_s is not None and time.perf_counter() - t0 >= config.duration_s:
+            if config.duration_s is not None and clock.now() - t0 >= config.duration_s:
                 return
-            records.append(await _send(client, plan, config, t0))
+            records.append(await _send(client, plan, config, t0, clock))
 
     await asyncio.gather(*(worker() for _ in range(min(config.concurrency, len(plans)))))
 
 
 async def _open_loop(client: AsyncClient, plans: list[RequestPlan], config: BenchConfig,
-                     t0: float, records: list[RequestRecord]) -> float:
-    """Start each request at its planned arrival; return the largest start lag behind plan."""
+                     t0: float, records: list[RequestRecord], clock: BenchClock = REAL_CLOCK) -> float:
+    """Start each request at its planned arrival (never before it, even when a sleep ends early);
+    return the largest start lag behind plan."""
     tasks = []
     max_lag = 0.0
     for plan in plans:
         arrival = plan.arrival_s or 0.0
         if config.duration_s is not None and arrival >= config.duration_s:
             break
-        wait = arrival - (time.perf_counter() - t0)
-        if wait > 0:
-            await asyncio.sleep(wait)
-        max_lag = max(max_lag, time.perf_counter() - t0 - arrival)
-        tasks.append(asyncio.create_task(_send(client, plan, config, t0)))
+        while (wait := arrival - (clock.now() - t0)) > 0:
+            await clock.sleep(wait)
+        max_lag = max(max_lag, -wait)
+        tasks.append(asyncio.create_task(_send(client, plan, config, t0, clock)))
     records.extend(await asyncio.gather(*tasks))
     return max_lag
 
@@ -424,33 +443,34 @@ def _ms(seconds: float | None) -> str:
 # ---------------------------------------------------------------- running
 
 
-async def run_bench_async(config: BenchConfig) -> BenchResult:
-    """Run the benchmark on the current event loop (see the module docstring)."""
+async def run_bench_async(config: BenchConfig, clock: BenchClock = REAL_CLOCK) -> BenchResult:
+    """Run the benchmark on the current event loop (see the module docstring); every time it
+    records or waits on comes from ``clock``."""
     warmups, plans = plan_requests(config, warmup=True), plan_requests(config)
     if config.backend == "openai":
         from loraplex._bench_openai import OpenAISender
-        connection: Any = OpenAISender(config.target, config.api_key, config.timeout_s)
+        connection: Any = OpenAISender(config.target, config.api_key, config.timeout_s, now=clock.now)
     else:
         connection = AsyncClient(config.target, api_key=config.api_key)
     async with connection as client:
-        warm_t0 = time.perf_counter()
-        warm_records = [await _send(client, plan, config, warm_t0) for plan in warmups]
+        warm_t0 = clock.now()
+        warm_records = [await _send(client, plan, config, warm_t0, clock) for plan in warmups]
         records: list[RequestRecord] = []
-        t0 = time.perf_counter()
+        t0 = clock.now()
         lag = None
         if config.mode == "closed":
-            await _closed_loop(client, plans, config, t0, records)
+            await _closed_loop(client, plans, config, t0, records, clock)
         else:
-            lag = await _open_loop(client, plans, config, t0, records)
+            lag = await _open_loop(client, plans, config, t0, records, clock)
     warmup_errors = dict(Counter(r.error_code for r in warm_records if not r.ok))
     return BenchResult.from_records(config, records, warmup_errors=warmup_errors,
                                     max_arrival_lag_s=lag)
 
 
-def run_bench(config: BenchConfig) -> BenchResult:
+def run_bench(config: BenchConfig, clock: BenchClock = REAL_CLOCK) -> BenchResult:
     """Run the benchmark and return its result (blocking; starts its own event loop, so call
     :func:`run_bench_async` instead from inside a running loop)."""
-    return asyncio.run(run_bench_async(config))
+    return asyncio.run(run_bench_async(config, clock))
 
 
 # ---------------------------------------------------------------- command line

@@ -4,7 +4,7 @@
 
 ``--target`` defaults to ``$LORAPLEX_TARGET`` (else ``localhost:50051``) and ``--api-key`` to
 ``$LORAPLEX_API_KEY``. Exit codes: 0 ok, 1 health not SERVING, 2 a failed call (or bad usage),
-3 server unavailable, 130 interrupted.
+3 server unavailable, 130 interrupted. A completion that ends with no text gets a notice on stderr.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from loraplex._version import __version__
 from loraplex._bench_cli import add_bench_parser
 from loraplex.client import DEFAULT_TARGET, Client
 from loraplex.errors import LoraplexError
-from loraplex.types import AdapterInfo, ChatMessage, StreamChunk
+from loraplex.types import AdapterInfo, ChatMessage, StreamChunk, Usage
 
 EXIT_OK = 0
 EXIT_NOT_SERVING = 1
@@ -186,11 +187,15 @@ def _print_json(value: Any, out: TextIO) -> None:
     out.write(json.dumps(value, ensure_ascii=False) + "\n")
 
 
-def write_stream(chunks: Iterable[StreamChunk], out: TextIO) -> str:
-    """Write each chunk's text as it arrives (flushed), then a newline; return the whole text."""
+def write_stream(chunks: Iterable[StreamChunk], out: TextIO) -> tuple[str, StreamChunk | None]:
+    """Write each chunk's text as it arrives (flushed), then a newline; return the whole text and the
+    chunk that carried the finish reason (None if none did)."""
     parts: list[str] = []
+    final: StreamChunk | None = None
     try:
         for chunk in chunks:
+            if chunk.finish_reason is not None:
+                final = chunk
             if chunk.text:
                 out.write(chunk.text)
                 out.flush()
@@ -202,7 +207,26 @@ def write_stream(chunks: Iterable[StreamChunk], out: TextIO) -> str:
         raise
     out.write("\n")
     out.flush()
-    return "".join(parts)
+    return "".join(parts), final
+
+
+def note_ended_at_once(text: str, finish_reason: str | None, usage: Usage | None, err: TextIO,
+                       hint: str = "") -> None:
+    """Say on ``err`` that a completion ended with no text (a finish reason given, empty text), so an
+    empty answer is never silent; ``hint`` (a next step) is appended."""
+    if text or finish_reason in (None, "", "unspecified"):
+        return
+    tokens = None if usage is None else usage.completion_tokens
+    count = "" if tokens is None else f", {tokens} token{'' if tokens == 1 else 's'}"
+    err.write(f"loraplex: the completion ended at once, with no text (finish reason: {finish_reason}{count})"
+              f"{'; ' + hint if hint else ''}\n")
+
+
+def chat_hint(args: argparse.Namespace) -> str:
+    """The next step after a raw ``generate`` that ended at once: the same prompt as a chat turn."""
+    command = ["loraplex", "chat", *(["--adapter", args.adapter] if args.adapter else []), "--message"]
+    message = shlex.quote(args.prompt) if len(args.prompt) <= 60 else "..."
+    return f"an instruct model often needs chat: try {shlex.join(command)} {message}"
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -226,14 +250,20 @@ def adapter_row(info: AdapterInfo) -> tuple[str, ...]:
 
 
 def cmd_generate(client: Client, args: argparse.Namespace, io: Streams) -> int:
-    """``generate PROMPT``: stream the completion, or print it whole (``--no-stream``, ``--json``)."""
+    """``generate PROMPT``: stream the completion, or print it whole (``--no-stream``, ``--json``).
+    Without ``--json``, a completion that ended at once with no text gets a notice on stderr."""
     kwargs = _sampling_kwargs(args)
     if args.json:
         _print_json(client.generate(args.prompt, logprobs=args.logprobs, **kwargs), io.stdout)
     elif args.no_stream:
-        io.stdout.write(client.generate(args.prompt, logprobs=args.logprobs, **kwargs).text + "\n")
+        result = client.generate(args.prompt, logprobs=args.logprobs, **kwargs)
+        io.stdout.write(result.text + "\n")
+        note_ended_at_once(result.text, result.finish_reason, result.usage, io.stderr, chat_hint(args))
     else:
-        write_stream(client.generate_stream(args.prompt, logprobs=args.logprobs, **kwargs), io.stdout)
+        text, final = write_stream(client.generate_stream(args.prompt, logprobs=args.logprobs, **kwargs),
+                                   io.stdout)
+        if final is not None:
+            note_ended_at_once(text, final.finish_reason, final.usage, io.stderr, chat_hint(args))
     return EXIT_OK
 
 
@@ -260,7 +290,9 @@ def cmd_chat(client: Client, args: argparse.Namespace, io: Streams) -> int:
     kwargs = _sampling_kwargs(args)
     for text in turns:
         history.append(ChatMessage("user", text))
-        reply = write_stream(client.generate_stream(messages=list(history), **kwargs), io.stdout)
+        reply, final = write_stream(client.generate_stream(messages=list(history), **kwargs), io.stdout)
+        if final is not None:
+            note_ended_at_once(reply, final.finish_reason, final.usage, io.stderr)
         history.append(ChatMessage("assistant", reply))
     return EXIT_OK
 

@@ -203,8 +203,11 @@ def test_graceful_shutdown_lets_in_flight_requests_finish(server):
     while not server.engine.requests and time.monotonic() < deadline:
         time.sleep(0.02)
     stop = asyncio.run_coroutine_threadsafe(server.server.stop(30), server.loop)
-    time.sleep(0.2)
     with Client(server.target, timeout=5, retries=0) as c:
+        deadline = time.monotonic() + 20
+        while c.health() != "NOT_SERVING":  # the drain has begun (not: some time has passed)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         with pytest.raises(cerr.UnavailableError):
             c.generate("too late", max_new_tokens=2)
     stop.result(60)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -9,9 +10,10 @@ import time
 import grpc
 import pytest
 
-from helpers import ASSETS, key_entry
+from helpers import ASSETS, FakeClock, key_entry
 from loraplex import Client
 from loraplex import errors as cerr
+from loraplex_server.api.auth import KeyStore
 
 KEYS = {"admin": "admin-key-0123456789", "acme": "acme-key-0123456789", "beta": "beta-key-0123456789"}
 
@@ -22,7 +24,16 @@ def keys_toml(extra: str = "") -> str:
 
 
 @pytest.fixture
-def tenant_server(start_server, tmp_path):
+def keys_clock(monkeypatch) -> FakeClock:
+    """The clock of every KeyStore made while the test runs (the server's too): the keys file is
+    re-checked only when the test moves it on."""
+    clock = FakeClock()
+    monkeypatch.setattr(KeyStore, "__init__", functools.partialmethod(KeyStore.__init__, clock=clock))
+    return clock
+
+
+@pytest.fixture
+def tenant_server(start_server, tmp_path, keys_clock):
     keys_file = tmp_path / "keys.toml"
     keys_file.write_text(keys_toml())
     srv = start_server(ASSETS / "adapters", adapters=[("upper", "upper")], max_loras=3, max_rank=16,
@@ -87,7 +98,9 @@ def test_per_tenant_limits_answer_resource_exhausted_with_a_retry_hint(tenant_se
         assert 0 < exc.value.retry_after <= 61
 
 
-def test_keys_file_reloads_without_restart(tenant_server):
+def test_keys_file_reloads_without_restart(tenant_server, keys_clock):
+    """The server re-reads an edited keys file on a call once its check interval (1 s) has passed
+    on the KeyStore's clock, and not before."""
     new_key = "gamma-key-0123456789"
     extra = key_entry(new_key, "gamma")
     with client(tenant_server, key=new_key) as gamma:
@@ -96,7 +109,10 @@ def test_keys_file_reloads_without_restart(tenant_server):
         tenant_server.keys_file.write_text(keys_toml(extra))
         stat = tenant_server.keys_file.stat()
         os.utime(tenant_server.keys_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
-        time.sleep(1.2)
+        keys_clock.t += 0.9
+        with pytest.raises(cerr.PermissionDeniedError):  # checked 0.9 s ago: the old keys still rule
+            gamma.list_adapters()
+        keys_clock.t += 0.1
         assert {a.adapter_id for a in gamma.list_adapters()} == {"upper"}
 
 

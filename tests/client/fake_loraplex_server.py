@@ -101,6 +101,7 @@ class FakeLoraplex(pb_grpc.LoraplexServiceServicer):
         self.stream_abort_after: tuple[int, Failure] | None = None  # fail after n chunks
         self.stream_sent = 0
         self.stream_ended = threading.Event()  # set when a forever stream terminates
+        self.ends_at_once = False         # answer as an instruct model does a raw prompt: EOS, no text
         self.adapters = canned_adapters()
         self.info = pb.GetServerInfoResponse(
             model="SmolLM2-135M", dtype="float32", device="cpu", max_loras=4, max_lora_rank=64,
@@ -130,6 +131,9 @@ class FakeLoraplex(pb_grpc.LoraplexServiceServicer):
     def Generate(self, request, context):  # noqa: N802
         self._enter("Generate", request, context)
         response = canned_generate_response()
+        if self.ends_at_once:
+            response = pb.GenerateResponse(token_ids=[2], finish_reason=pb.FINISH_REASON_EOS,
+                                           usage=pb.Usage(prompt_tokens=4, completion_tokens=1))
         response.adapter_id = request.adapter_id
         response.request_id = request.request_id or "srv-1"
         return response
@@ -151,6 +155,11 @@ class FakeLoraplex(pb_grpc.LoraplexServiceServicer):
                 self.stream_sent += 1
                 yield self._chunk(request, f"t{self.stream_sent} ", last=False)
                 time.sleep(self.stream_interval)
+            return
+        if self.ends_at_once:  # one chunk: the EOS token, no text
+            yield pb.GenerateStreamResponse(token_ids=[2], finish_reason=pb.FINISH_REASON_EOS,
+                                            usage=pb.Usage(prompt_tokens=4, completion_tokens=1),
+                                            adapter_id=request.adapter_id, request_id="srv-1")
             return
         for i, piece in enumerate(STREAM_PIECES):
             if self.stream_abort_after and i == self.stream_abort_after[0]:

@@ -1,15 +1,20 @@
 """``loraplex.bench`` against the fake in-process server (fake_loraplex_server.py).
 
 ``BenchFake`` streams exactly ``max_new_tokens`` one-token chunks (optionally with a per-token
-delay), counts concurrent streams and records when each one arrived.
+delay), counts concurrent streams and records when each one arrived. Timing checks run the bench
+on a ``VirtualClock`` (time that moves only when the bench sleeps or the fake server spends its
+token delay), so they are exact and do not depend on how busy the machine is.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import random
 import statistics
+import sys
+import threading
 import time
 from collections import Counter
 
@@ -20,6 +25,7 @@ from fake_loraplex_server import FakeLoraplex, serve_fake
 from loraplex._bench_stats import arrival_times, popularity_weights
 from loraplex.bench import (
     TOKEN_ID_RANGE,
+    BenchClock,
     BenchConfig,
     BenchResult,
     LengthDist,
@@ -33,12 +39,57 @@ from loraplex.cli import main
 from loraplex.v1 import loraplex_pb2 as pb
 
 
+class VirtualClock:
+    """The bench's clock in virtual seconds, starting at 0.
+
+    ``sleep(s)`` first lets the event loop run (so requests just dispatched read their start time
+    at the current instant), then moves the time on by ``s``, plus ``late`` (a sleep that
+    overshoots), or minus ``early`` when ``s > 2 * early`` (a sleep that ends early). ``advance``
+    is for the fake server: its token delay spent in virtual time.
+    """
+
+    def __init__(self, late: float = 0.0, early: float = 0.0) -> None:
+        self.t = 0.0
+        self.late, self.early = late, early
+        self.sleeps: list[float] = []
+        self.lock = threading.Lock()
+
+    def now(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        with self.lock:
+            self.t += seconds
+
+    async def sleep(self, seconds: float) -> None:
+        assert seconds > 0 and len(self.sleeps) < 10_000, "the bench slept for nothing, or forever"
+        self.sleeps.append(seconds)
+        await asyncio.sleep(0)
+        self.advance(seconds + self.late - (self.early if seconds > 2 * self.early else 0.0))
+
+    @property
+    def bench(self) -> BenchClock:
+        return BenchClock(now=self.now, sleep=self.sleep)
+
+
+def expected_starts(arrivals: list[float], late: float) -> list[float]:
+    """Reference: when each request starts if every sleep overshoots by ``late`` and the bench
+    waits for each arrival on the schedule (not for the gap since the previous start)."""
+    t, starts = 0.0, []
+    for arrival in arrivals:
+        if arrival > t:
+            t = arrival + late
+        starts.append(t)
+    return starts
+
+
 class BenchFake(FakeLoraplex):
     """A fake whose GenerateStream honours ``max_new_tokens`` and counts streams in flight."""
 
     def __init__(self) -> None:
         super().__init__()
         self.token_delay = 0.0                      # seconds before each token
+        self.clock: VirtualClock | None = None      # set: the token delay is virtual, not slept
         self.abort_after_tokens: int | None = None  # then fail the stream with INTERNAL
         self.in_flight = 0
         self.max_in_flight = 0
@@ -55,7 +106,9 @@ class BenchFake(FakeLoraplex):
             for i in range(n):
                 if self.abort_after_tokens is not None and i == self.abort_after_tokens:
                     context.abort(grpc.StatusCode.INTERNAL, "boom")
-                if self.token_delay:
+                if self.token_delay and self.clock is not None:
+                    self.clock.advance(self.token_delay)
+                elif self.token_delay:
                     time.sleep(self.token_delay)
                 chunk = pb.GenerateStreamResponse(text=f"t{i} ", token_ids=[1000 + i],
                                                   adapter_id=request.adapter_id)
@@ -234,8 +287,10 @@ def test_closed_loop_never_exceeds_concurrency(bench_fake):
     assert bench_fake.max_in_flight == 3          # reached, never exceeded
     assert len(bench_fake.stream_requests()) == 13
     assert result.ttft.count == 12 and result.tpot.count == 12
-    assert result.tpot.mean == pytest.approx(0.01, abs=0.02)
-    assert result.e2e.p50 >= 0.03
+    for r in result.records:  # one time per token chunk, in order, between start and end
+        assert len(r.chunk_times_s) == 4 and r.chunk_times_s == sorted(r.chunk_times_s)
+        assert r.start_s <= r.first_token_s == r.chunk_times_s[0] and r.chunk_times_s[-1] <= r.end_s
+    assert result.e2e.p50 >= 0.03   # the server slept 4 x 10 ms in each (a lower bound cannot flake)
 
 
 def test_closed_loop_of_one_is_sequential(bench_fake):
@@ -246,33 +301,68 @@ def test_closed_loop_of_one_is_sequential(bench_fake):
     assert all(a.end_s <= b.start_s for a, b in zip(recs, recs[1:]))
 
 
-def test_open_loop_follows_poisson_schedule(bench_fake):
-    """The bench's own clock: every request starts on plan, never early, at most 0.1 s late. The
-    server's clock: no request arrives earlier, relative to the first, than the plan says (a
-    dispatcher that ignored the plan sends them all at once). Lateness seen by the server is not
-    bounded here: it is the fake server's thread scheduling, not the bench (on a loaded 2-core CI
-    machine the server-side span came out 85 ms and 230 ms longer than the plan)."""
-    rate, n = 20.0, 20
-    cfg = config(bench_fake, mode="open", rate=rate, num_requests=n, output_len="fixed:1",
-                 seed=7)
-    plans = plan_requests(cfg)
-    planned = [p.arrival_s for p in plans]
-    assert (planned[-1] - planned[0]) / (n - 1) == pytest.approx(1 / rate, rel=0.35)  # this seed vs the rate
-    result = run_bench(cfg)
-    assert result.completed == n
-    assert all(-0.005 <= r.start_s - r.scheduled_s < 0.1 for r in result.records)
-    assert result.max_arrival_lag_s is not None and result.max_arrival_lag_s < 0.1
-    plan_of = {p.token_ids: p.index for p in plans}
-    seen = {plan_of[ids]: t for t, ids in bench_fake.arrivals}
-    assert sorted(seen) == list(range(n))
-    assert all(seen[i] - seen[0] >= planned[i] - planned[0] - 0.1 for i in range(n))
-    assert max(seen.values()) - seen[0] >= planned[-1] - planned[0] - 0.1
+def open_config(fake, **kwargs) -> BenchConfig:
+    return config(fake, mode="open", rate=20.0, num_requests=20, output_len="fixed:1", seed=7,
+                  **kwargs)
+
+
+def test_open_loop_starts_each_request_at_its_planned_arrival(bench_fake):
+    """Virtual time: every request starts exactly on plan, never early, and the bench slept
+    exactly the gaps of the Poisson schedule (a dispatcher that ignored the plan sends them all at
+    0 and never sleeps)."""
+    cfg = open_config(bench_fake)
+    planned = [p.arrival_s for p in plan_requests(cfg)]
+    assert (planned[-1] - planned[0]) / 19 == pytest.approx(1 / 20.0, rel=0.35)  # this seed vs the rate
+    clock = VirtualClock()
+    result = run_bench(cfg, clock.bench)
+    assert result.completed == 20 and len(bench_fake.stream_requests()) == 20
+    records = sorted(result.records, key=lambda r: r.index)
+    assert [r.scheduled_s for r in records] == planned
+    for r in records:
+        assert r.scheduled_s <= r.start_s <= r.scheduled_s + 1e-9
+    assert result.max_arrival_lag_s == pytest.approx(0.0, abs=1e-9)
+    gaps = [b - a for a, b in zip(planned, planned[1:])]
+    assert [s for s in clock.sleeps if s > 1e-9] == pytest.approx(gaps, abs=1e-9)
+
+
+def test_open_loop_lateness_is_measured_and_does_not_accumulate(bench_fake):
+    """Every sleep overshoots by 30 ms: a request that waited starts 30 ms late, one already due
+    starts at once, and the lateness never builds up over the run (the bench waits for each
+    planned arrival, not for the gap since the previous start). max_arrival_lag_s reports it."""
+    late = 0.03
+    cfg = open_config(bench_fake)
+    planned = [p.arrival_s for p in plan_requests(cfg)]
+    assert any(b - a < late for a, b in zip(planned, planned[1:]))  # some start without sleeping
+    result = run_bench(cfg, VirtualClock(late=late).bench)
+    assert result.completed == 20
+    starts = [r.start_s for r in sorted(result.records, key=lambda r: r.index)]
+    expected = expected_starts(planned, late)
+    assert starts == pytest.approx(expected, abs=1e-9)
+    lags = [s - p for s, p in zip(starts, planned)]
+    assert max(lags) == pytest.approx(late, abs=1e-9) and min(lags) == pytest.approx(0.0, abs=1e-9)
+    assert result.max_arrival_lag_s == pytest.approx(late, abs=1e-9)
+
+
+def test_open_loop_never_starts_early_when_a_sleep_ends_early(bench_fake):
+    """Sleeps that wake 4 ms early (asyncio may wake timers early by its clock resolution): the
+    bench checks the time again and sleeps the rest, so no request starts before its arrival."""
+    cfg = open_config(bench_fake)
+    planned = [p.arrival_s for p in plan_requests(cfg)]
+    clock = VirtualClock(early=0.004)
+    result = run_bench(cfg, clock.bench)
+    assert result.completed == 20
+    for r in result.records:
+        assert r.scheduled_s <= r.start_s <= r.scheduled_s + 1e-9
+    woke_early = sum(b - a > 0.008 for a, b in zip(planned, planned[1:]))
+    assert woke_early > 5 and len(clock.sleeps) >= 19 + woke_early  # each of those slept again
 
 
 def test_open_loop_does_not_wait_for_responses(bench_fake):
-    bench_fake.token_delay = 0.05   # each request takes ~0.25 s; arrivals every ~20 ms
+    """Each request takes >= 0.25 s of real server time, while virtual arrivals are due at once:
+    a loop that awaited each response before the next arrival would never have 2 in flight."""
+    bench_fake.token_delay = 0.05
     result = run_bench(config(bench_fake, mode="open", rate=50.0, num_requests=12,
-                              output_len="fixed:5", seed=1))
+                              output_len="fixed:5", seed=1), VirtualClock().bench)
     assert result.completed == 12
     assert bench_fake.max_in_flight >= 4
 
@@ -372,15 +462,42 @@ def test_unreachable_server_counts_unavailable(dead_target):
 
 
 def test_duration_caps_the_run(bench_fake):
+    """Virtual time: the fake server spends 5 x 20 ms per request, so one at a time the closed loop
+    starts requests at 0, 0.1 and 0.2 s and none at 0.3 s, past duration_s = 0.25 s. The open loop
+    sends exactly the planned arrivals before duration_s and sleeps no further."""
+    bench_fake.clock = VirtualClock()
     bench_fake.token_delay = 0.02
     closed = run_bench(config(bench_fake, concurrency=1, num_requests=100, output_len="fixed:5",
-                              duration_s=0.3))
-    assert 1 <= closed.sent <= 5 and closed.completed == closed.sent
+                              duration_s=0.25), bench_fake.clock.bench)
+    assert closed.sent == closed.completed == 3
+    assert [r.start_s for r in sorted(closed.records, key=lambda r: r.index)] == \
+        pytest.approx([0.0, 0.1, 0.2], abs=1e-9)
+    assert closed.e2e.mean == pytest.approx(0.1, abs=1e-9)  # the 5 token delays, exactly
+    bench_fake.clock = None
+    bench_fake.token_delay = 0.0
     cfg = config(bench_fake, mode="open", rate=20.0, num_requests=100, duration_s=0.4,
                  output_len="fixed:1")
-    opened = run_bench(cfg)
-    assert opened.sent == sum(p.arrival_s < 0.4 for p in plan_requests(cfg))
-    assert opened.sent < 100
+    clock = VirtualClock()
+    opened = run_bench(cfg, clock.bench)
+    in_time = [p.arrival_s for p in plan_requests(cfg) if p.arrival_s < 0.4]
+    assert opened.sent == opened.completed == len(in_time) < 100
+    assert clock.t == pytest.approx(in_time[-1], abs=1e-9)  # no sleep towards an arrival past the cap
+
+
+def test_openai_backend_times_chunks_on_the_bench_clock():
+    """The HTTP sender reads the same clock as the rest of the bench (chunk times are ``now - t0``)."""
+    from loraplex._bench_openai import OpenAISender
+
+    clock = VirtualClock()
+    sender = OpenAISender("127.0.0.1:1", None, None, now=clock.now)
+    record = RequestRecord(0, "", 4, 2, start_s=0.0)
+    clock.advance(10.5)
+    sender._chunk({"choices": [{"text": "a"}]}, record, t0=10.0)
+    clock.advance(0.25)
+    sender._chunk({"choices": [{"text": "b"}]}, record, t0=10.0)
+    sender._chunk({"choices": [], "usage": {"completion_tokens": 2}}, record, t0=10.0)
+    assert record.first_token_s == 0.5 and record.chunk_times_s == [0.5, 0.75]
+    assert record.output_tokens == 2 and record.tpot_s == pytest.approx(0.25)
 
 
 # ---------------------------------------------------------------- output
@@ -468,3 +585,11 @@ def test_cli_bench_unreachable_exits_3(dead_target, capsys):
     captured = capsys.readouterr()
     assert code == 3
     assert "UNAVAILABLE: 2" in captured.out and "no request completed" in captured.err
+
+
+def test_cli_bench_openai_without_aiohttp_names_the_extra(dead_target, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "aiohttp", None)  # as in a client installed without [bench]
+    code = main(["--target", dead_target, "bench", "--backend", "openai", "--num-requests", "1"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert "needs aiohttp: pip install 'loraplex[bench]'" in captured.err

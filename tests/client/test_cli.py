@@ -98,6 +98,42 @@ def test_generate_json(fake, capsys):
     assert fake.calls_of("Generate")[0].request.sampling.logprobs == 2
 
 
+ENDED_AT_ONCE = "loraplex: the completion ended at once, with no text (finish reason: eos, 1 token)"
+
+
+@pytest.mark.parametrize("mode", [[], ["--no-stream"]], ids=["stream", "no-stream"])
+def test_generate_that_ends_at_once_says_so_on_stderr(fake, capsys, mode):
+    fake.ends_at_once = True  # what an instruct model does with a raw prompt: EOS first
+    assert run(fake, "generate", "Name a fruit that is red.", "--adapter", "upper", *mode) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "\n"
+    assert captured.err == (f"{ENDED_AT_ONCE}; an instruct model often needs chat: try "
+                            "loraplex chat --adapter upper --message 'Name a fruit that is red.'\n")
+
+
+def test_ended_at_once_hint_shortens_a_long_prompt_and_json_stays_quiet(fake, capsys):
+    fake.ends_at_once = True
+    assert run(fake, "generate", "x" * 61) == 0
+    assert capsys.readouterr().err.endswith("try loraplex chat --message ...\n")
+    assert run(fake, "generate", "Hi", "--json") == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["finish_reason"] == "eos" and captured.err == ""
+
+
+@pytest.mark.parametrize("mode", [[], ["--no-stream"]], ids=["stream", "no-stream"])
+def test_a_completion_with_text_gets_no_notice(fake, capsys, mode):
+    assert run(fake, "generate", "Hi", *mode) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == "Hello world" and captured.err == ""
+
+
+def test_chat_reply_that_ends_at_once_says_so_on_stderr(fake, capsys):
+    fake.ends_at_once = True
+    assert run(fake, "chat", "--message", "hello") == 0
+    captured = capsys.readouterr()
+    assert captured.out == "\n" and captured.err == ENDED_AT_ONCE + "\n"
+
+
 @pytest.mark.parametrize("argv", [["generate", "x", "--max-new-tokens", "0"],
                                   ["generate", "x", "--seed", "-1"], ["generate"], [],
                                   ["adapters"], ["--timeout", "0", "info"]])

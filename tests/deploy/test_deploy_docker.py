@@ -47,7 +47,8 @@ def test_base_image_and_torch_index_are_build_args():
     assert all(rest.startswith("${BASE_IMAGE}") for rest in args_of("FROM"))
     assert any(rest.startswith("TORCH_INDEX=") for rest in args_of("ARG"))
     assert any('--index-url "${TORCH_INDEX}"' in rest for rest in args_of("RUN"))
-    assert any(re.search(r"pip install .*--no-cache-dir \.( |$)", rest) for rest in args_of("RUN"))
+    # both distributions in one pip call: the client (./client) and the server (.), which requires it
+    assert any(re.search(r"pip install .*--no-cache-dir \./client \.( |$)", rest) for rest in args_of("RUN"))
 
 
 def test_runs_as_a_non_root_user():
@@ -73,7 +74,8 @@ def test_ports_and_volumes_match_the_image_settings():
 def test_entrypoint_and_healthcheck_use_the_installed_commands():
     from loraplex.cli import build_parser as client_parser
 
-    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    scripts = {name: target for pyproject in (REPO / "pyproject.toml", REPO / "client" / "pyproject.toml")
+               for name, target in tomllib.loads(pyproject.read_text())["project"]["scripts"].items()}
     stage = last_stage()
     (entrypoint,) = args_of("ENTRYPOINT", stage)
     assert json.loads(entrypoint) == ["loraplex-server"] and "loraplex-server" in scripts

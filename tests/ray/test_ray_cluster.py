@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-serve = pytest.importorskip("ray.serve", reason="needs the ray extra: pip install 'loraplex[ray]'")
+serve = pytest.importorskip("ray.serve", reason="needs the ray extra: pip install 'loraplex-server[ray]'")
 import ray  # noqa: E402
 from ray.serve.config import gRPCOptions  # noqa: E402
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 yaml = pytest.importorskip("yaml")
-schema = pytest.importorskip("ray.serve.schema", reason="needs the ray extra: pip install 'loraplex[ray]'")
+schema = pytest.importorskip("ray.serve.schema", reason="needs the ray extra: pip install 'loraplex-server[ray]'")
 from ray.serve import Application  # noqa: E402
 
 from loraplex_server.ray_serve import app as ray_app  # noqa: E402

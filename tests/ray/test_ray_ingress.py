@@ -8,7 +8,7 @@ import asyncio
 import grpc
 import pytest
 
-pytest.importorskip("ray.serve", reason="needs the ray extra: pip install 'loraplex[ray]'")
+pytest.importorskip("ray.serve", reason="needs the ray extra: pip install 'loraplex-server[ray]'")
 from grpc_health.v1 import health_pb2  # noqa: E402
 from loraplex.v1 import loraplex_pb2 as pb  # noqa: E402
 

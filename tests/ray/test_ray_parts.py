@@ -170,4 +170,4 @@ def test_without_ray_the_app_names_the_extra_to_install():
     code = ("import sys; sys.modules['ray'] = None\n"
             "try:\n    import loraplex_server.ray_serve.app\nexcept ImportError as exc:\n    print(exc)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert "pip install 'loraplex[ray]'" in result.stdout, result.stderr
+    assert "pip install 'loraplex-server[ray]'" in result.stdout, result.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import key_entry
+from helpers import FakeClock, key_entry
 from loraplex_server.api.auth import KeyStore, bearer_token, hash_key
 from loraplex_server.tenancy import (
     OPEN_PRINCIPAL,
@@ -24,14 +24,6 @@ ROOT = Path(__file__).resolve().parents[2]
 ACME_KEY = "acme-secret-key-0123456789"
 ADMIN_KEY = "admin-secret-key-9876543210"
 NEW_KEY = "brand-new-secret-key-55555"
-
-
-class FakeClock:
-    def __init__(self, t: float = 100.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 BASE_FILE = (key_entry(ACME_KEY, "acme") + key_entry(ADMIN_KEY, "ops", "admin")

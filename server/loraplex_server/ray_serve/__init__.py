@@ -1,6 +1,6 @@
 """Ray Serve scale-out: many replicas of the Loraplex engine behind Serve's gRPC proxy.
 
-Optional (``pip install 'loraplex[ray]'``); nothing else in Loraplex imports this package.
+Optional (``pip install 'loraplex-server[ray]'``); nothing else in Loraplex imports this package.
 
 - ``status``: gRPC statuses carried from a replica to the ingress, and the servicer context shim.
 - ``adapters``: which adapters a replica serves (catalog) and holds (evictions wait for requests).

@@ -21,7 +21,7 @@ try:
     from ray import serve
     from ray.serve import Application
 except ImportError as exc:  # the optional extra is missing
-    raise ImportError("the Ray Serve application needs Ray Serve: pip install 'loraplex[ray]'") from exc
+    raise ImportError("the Ray Serve application needs Ray Serve: pip install 'loraplex-server[ray]'") from exc
 
 from .ingress import LoraplexIngress
 from .replica import LoraplexReplica
