@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..engine.loop import EngineLoop
 from ..errors import LoraplexError
-from ..lora.adapter_root import find_adapters as scan
+from ..lora.adapter_root import find_adapters
 from ..lora.ids import AdapterId
 from .access import owner_of
 
@@ -26,7 +26,7 @@ class AdapterDiscovery:
     def sweep(self) -> list[AdapterId]:
         """Register directories not seen before; returns the ids registered now."""
         added = []
-        for adapter_id, directory in scan(self.root).items():
+        for adapter_id, directory in find_adapters(self.root).items():
             if adapter_id in self._seen:
                 continue
             self._seen.add(adapter_id)
