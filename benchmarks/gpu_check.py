@@ -24,14 +24,13 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode_throughput import measure  # noqa: E402
-from synthetic_adapters import write_adapter  # noqa: E402
+from decode_throughput import measure
+from synthetic_adapters import write_adapter
 
-from loraplex_server.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig  # noqa: E402
-from loraplex_server.engine.engine import LLMEngine  # noqa: E402
-from loraplex_server.engine.request import Prompt, SamplingParams  # noqa: E402
-from loraplex_server.model.loader import load_model  # noqa: E402
-
+from loraplex_server.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig
+from loraplex_server.engine.engine import LLMEngine
+from loraplex_server.engine.request import Prompt, SamplingParams
+from loraplex_server.model.loader import load_model
 
 DEVICE = {"device": "cuda", "dtype": "bfloat16"}
 

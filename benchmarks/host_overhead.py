@@ -23,11 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synthetic_adapters import write_adapter  # noqa: E402
+from synthetic_adapters import write_adapter
 
-from loraplex_server.config import engine_config_from_env  # noqa: E402
-from loraplex_server.engine.engine import LLMEngine  # noqa: E402
-from loraplex_server.engine.request import Prompt, SamplingParams  # noqa: E402
+from loraplex_server.config import engine_config_from_env
+from loraplex_server.engine.engine import LLMEngine
+from loraplex_server.engine.request import Prompt, SamplingParams
 
 TINY_LLAMA = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=49152, max_position_embeddings=2048,

@@ -29,9 +29,9 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loraplex_server.lora import triton_ops  # noqa: E402
-from loraplex_server.lora.mapping import LoraMapping  # noqa: E402
-from loraplex_server.lora.ops import lora_apply_reference  # noqa: E402
+from loraplex_server.lora import triton_ops
+from loraplex_server.lora.mapping import LoraMapping
+from loraplex_server.lora.ops import lora_apply_reference
 
 # Peak memory bandwidth (GB/s) by a substring of torch.cuda.get_device_name(), first match wins.
 PEAK_GBS = [

@@ -36,23 +36,35 @@ import shlex
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import plots  # noqa: E402
-import report  # noqa: E402
-import vllm_rows  # noqa: E402
-from peers import (ALL_SYSTEMS, SYSTEMS, ModelSpec, PeftPeer, RunResult, Workload, assign_adapters,  # noqa: E402
-                   free_memory, loraplex_engine, make_prompts, run_loraplex, warm_up_loraplex, warm_up_peft,
-                   write_adapter_pool)
-from phases import alternate, check_lengths, describe, log, profile_loraplex, run_scaling  # noqa: E402
+import plots
+import report
+import vllm_rows
+from peers import (
+    ALL_SYSTEMS,
+    SYSTEMS,
+    ModelSpec,
+    PeftPeer,
+    RunResult,
+    Workload,
+    assign_adapters,
+    free_memory,
+    loraplex_engine,
+    make_prompts,
+    run_loraplex,
+    warm_up_loraplex,
+    warm_up_peft,
+    write_adapter_pool,
+)
+from phases import alternate, check_lengths, describe, log, profile_loraplex, run_scaling
 
-from loraplex_server.config import default_cache_dir  # noqa: E402
-from loraplex_server.model.loader import EMBEDDED_NAME, dummy_config, embedded_model_dir  # noqa: E402
+from loraplex_server.config import default_cache_dir
+from loraplex_server.model.loader import EMBEDDED_NAME, dummy_config, embedded_model_dir
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 

@@ -26,12 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synthetic_adapters import write_adapter  # noqa: E402
+from synthetic_adapters import write_adapter
 
-from loraplex_server.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, SchedulerConfig  # noqa: E402
-from loraplex_server.engine.engine import LLMEngine  # noqa: E402
-from loraplex_server.engine.request import Prompt, SamplingParams  # noqa: E402
-from loraplex_server.model.loader import LoadedModel, load_model  # noqa: E402
+from loraplex_server.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, SchedulerConfig
+from loraplex_server.engine.engine import LLMEngine
+from loraplex_server.engine.request import Prompt, SamplingParams
+from loraplex_server.model.loader import LoadedModel, load_model
 
 SYSTEMS = ("peft_sequential", "peft_batched", "loraplex_base", "loraplex_lora")
 VLLM_SYSTEMS = ("vllm_base", "vllm_lora")  # with offline.py --vllm (vllm_rows.py)
@@ -57,7 +57,7 @@ class Workload:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def on_base(self) -> "Workload":
+    def on_base(self) -> Workload:
         return Workload(self.prompts, [None] * len(self.prompts), self.new_tokens)
 
 

@@ -4,12 +4,21 @@ scaling runs (Loraplex with 1..512 lazily registered adapters)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import report
-from peers import (ModelSpec, RunResult, Workload, assign_adapters, free_memory, loraplex_engine, make_prompts,
-                   run_loraplex, warm_up_loraplex)
+from peers import (
+    ModelSpec,
+    RunResult,
+    Workload,
+    assign_adapters,
+    free_memory,
+    loraplex_engine,
+    make_prompts,
+    run_loraplex,
+    warm_up_loraplex,
+)
 
 
 def log(message: str) -> None:

@@ -32,14 +32,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import (ModelSpec, RunResult, Workload, assign_adapters, free_memory, make_prompts,  # noqa: E402
-                   run_loraplex, warm_up_loraplex, write_adapter_pool)
+from peers import (
+    ModelSpec,
+    RunResult,
+    Workload,
+    assign_adapters,
+    free_memory,
+    make_prompts,
+    run_loraplex,
+    warm_up_loraplex,
+    write_adapter_pool,
+)
 
-from loraplex_server.config import (CacheConfig, EngineConfig, LoraConfig, SchedulerConfig,  # noqa: E402
-                                    default_cache_dir, parse_size)
-from loraplex_server.engine.engine import LLMEngine  # noqa: E402
-from loraplex_server.engine.inputs import InputProcessor  # noqa: E402
-from loraplex_server.engine.request import ChatMessage, Prompt  # noqa: E402
+from loraplex_server.config import CacheConfig, EngineConfig, LoraConfig, SchedulerConfig, default_cache_dir, parse_size
+from loraplex_server.engine.engine import LLMEngine
+from loraplex_server.engine.inputs import InputProcessor
+from loraplex_server.engine.request import ChatMessage, Prompt
 
 WORDS = ("the account support team order refund invoice shipping policy customer product warranty return "
          "delivery payment card bank transfer status tracking number address email phone hours weekend "

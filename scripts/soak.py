@@ -27,8 +27,6 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-import grpc
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "client"), str(ROOT / "server")]
 from loraplex import Client  # noqa: E402

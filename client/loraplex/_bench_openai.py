@@ -32,7 +32,7 @@ class OpenAISender:
         self.session: Any = None
         self.base_model = ""
 
-    async def __aenter__(self) -> "OpenAISender":
+    async def __aenter__(self) -> OpenAISender:
         import aiohttp
 
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),

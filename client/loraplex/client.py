@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Callable, Union
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Union
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,8 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loraplex._convert import (
     adapter_info_from_proto,
     generate_result_from_proto,
-    serving_status_name,
     server_info_from_proto,
+    serving_status_name,
     stream_chunk_from_proto,
 )
 from loraplex._request import MessageLike, build_generate_request
@@ -37,7 +37,7 @@ from loraplex.types import AdapterInfo, GenerateResult, ServerInfo, StreamChunk
 from loraplex.v1 import loraplex_pb2 as pb
 from loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 
-__all__ = ["AsyncClient", "Client", "DEFAULT_TARGET"]
+__all__ = ["DEFAULT_TARGET", "AsyncClient", "Client"]
 
 DEFAULT_TARGET = "localhost:50051"
 Metadata = Union[Mapping[str, str], Sequence[tuple[str, str]]]

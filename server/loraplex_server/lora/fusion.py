@@ -32,17 +32,17 @@ SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 class SharedInputGroup:
     """Up to 3 LoRA layers of one block that read the same input (see the module docstring)."""
 
-    def __init__(self, members: list["LoraLinear"]):
+    def __init__(self, members: list[LoraLinear]):
         self.members = members
         self._clear()
 
     def _clear(self) -> None:
         self._x: torch.Tensor | None = None
-        self._mapping: "LoraMapping | None" = None
+        self._mapping: LoraMapping | None = None
         self._h: torch.Tensor | None = None
         self._left = 0
 
-    def apply(self, member: "LoraLinear", y: torch.Tensor, x: torch.Tensor, mapping: "LoraMapping",
+    def apply(self, member: LoraLinear, y: torch.Tensor, x: torch.Tensor, mapping: LoraMapping,
               backend) -> None:
         """``y`` [T, out] += ``member``'s delta for ``x`` (the layer's input as it was called)."""
         x2d = x.reshape(-1, member.in_features)  # [T, in]
@@ -57,7 +57,7 @@ class SharedInputGroup:
             self._clear()
 
 
-def group_shared_inputs(layers: dict[ModuleKey, "LoraLinear"]) -> list[SharedInputGroup]:
+def group_shared_inputs(layers: dict[ModuleKey, LoraLinear]) -> list[SharedInputGroup]:
     """Attach a group to every set of 2+ layers of one block listed in ``SHARED_INPUTS``."""
     groups = []
     for layer in sorted({key.layer for key in layers}):

@@ -40,7 +40,7 @@ class LoraMapping:
     is_static: bool = False
 
     @classmethod
-    def from_runs(cls, runs: list[tuple[int, int]], device: torch.device | str = "cpu") -> "LoraMapping":
+    def from_runs(cls, runs: list[tuple[int, int]], device: torch.device | str = "cpu") -> LoraMapping:
         """``runs``: (slot, num_tokens) per packed sequence, in packed order."""
         segments: list[list[int]] = []
         slots: list[int] = []
@@ -59,7 +59,7 @@ class LoraMapping:
         return cls(token_slots, tuple(tuple(s) for s in segments), start)
 
     @classmethod
-    def static(cls, token_slots: torch.Tensor) -> "LoraMapping":
+    def static(cls, token_slots: torch.Tensor) -> LoraMapping:
         """A mapping over a device buffer whose contents change between graph replays."""
         return cls(token_slots, (), token_slots.shape[0], is_static=True)
 

@@ -29,7 +29,7 @@ the weights ~1.6x faster than ``bmm(x, A^T)`` then ``bmm(h, B^T)`` with B stored
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -11,8 +11,8 @@ loop they compute are in ``triton_kernels.py``. ``lora_shrink`` / ``lora_expand`
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

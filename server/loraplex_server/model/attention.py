@@ -15,8 +15,8 @@ included), query ``i`` (absolute position ``p = ctx_len - q_len + i``) attends k
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

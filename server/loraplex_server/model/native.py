@@ -61,7 +61,7 @@ def _compiler() -> str | None:
     return shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiler_flags(compiler: str) -> tuple[str, ...]:
     """FLAGS, plus OpenMP when the compiler is GNU (its libgomp is the runtime torch ships)."""
     try:
