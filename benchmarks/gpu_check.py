@@ -100,7 +100,7 @@ def correctness(tmp: Path) -> dict:
             peft.set_adapter(adapter)
         ref_tokens, gaps, first = reference_greedy(peft, ids, adapter is None, 16)
         ours = produced[f"r{j}"]
-        agree = next((k for k, (a, b) in enumerate(zip(ours, ref_tokens)) if a != b), len(ours))
+        agree = next((k for k, (a, b) in enumerate(zip(ours, ref_tokens, strict=False)) if a != b), len(ours))
         result["first_step_max_abs_diff"][f"r{j}"] = (ours_first[f"r{j}"] - first).abs().max().item()
         result["greedy_agreement"][f"r{j}"] = (f"{agree}/16 tokens equal before the first divergence; top-2 "
                                                f"logit gap there: {gaps[agree] if agree < 16 else None}")

@@ -223,7 +223,7 @@ class PeftPeer:
         records = []
         sync(self.device)
         c0, t0 = time.process_time(), time.perf_counter()
-        for prompt, adapter in zip(work.prompts, work.adapters):
+        for prompt, adapter in zip(work.prompts, work.adapters, strict=True):
             ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
             streamer = FirstTokenStreamer()
             with self._adapter(adapter):
@@ -277,7 +277,7 @@ def run_loraplex(engine: LLMEngine, work: Workload, system: str, tag: str = "") 
     sync(engine.loaded.device)
     c0, t0 = time.process_time(), time.perf_counter()
     ids = []
-    for i, (prompt, adapter) in enumerate(zip(work.prompts, work.adapters)):
+    for i, (prompt, adapter) in enumerate(zip(work.prompts, work.adapters, strict=True)):
         req = engine.make_request(Prompt(token_ids=tuple(prompt)), sampling, adapter, request_id=f"{system}{tag}-{i}")
         engine.add_request(req)
         ids.append(req.request_id)
@@ -311,7 +311,7 @@ def run_loraplex(engine: LLMEngine, work: Workload, system: str, tag: str = "") 
     records = [RequestRecord(done[rid] - t0, first[rid] - t0, tokens[rid]) for rid in ids]
     after = (slots.num_loads, slots.num_evictions, registry.num_cpu_loads, registry.num_cpu_evictions,
              engine.scheduler.num_preemptions)
-    delta = [a - b for a, b in zip(after, before)]
+    delta = [a - b for a, b in zip(after, before, strict=True)]
     extra = dict(steps=steps, idle_steps=idle_steps, idle_s=round(idle_s, 3),
                  mean_batch_seqs=round(batch_seqs / max(steps, 1), 2),
                  slot_loads=delta[0], slot_evictions=delta[1], cpu_loads=delta[2], cpu_evictions=delta[3],

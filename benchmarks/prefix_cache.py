@@ -171,7 +171,7 @@ def report(shared: dict[str, list[dict]], overhead: dict[str, list[dict]]) -> tu
                for mode, runs in shared.items()}
     summary["ttft_p50_speedup"] = round(median(off, "ttft_p50_s") / median(on, "ttft_p50_s"), 2)
     summary["throughput_gain"] = round(median(on, "output_tok_s") / median(off, "output_tok_s"), 2)
-    summary["same_tokens"] = all(a["tokens"] == b["tokens"] for a, b in zip(off, on))
+    summary["same_tokens"] = all(a["tokens"] == b["tokens"] for a, b in zip(off, on, strict=True))
     ov = {mode: {k: median(runs, k) for k in ("output_tok_s", "cpu_s_per_token")} for mode, runs in overhead.items()}
     summary["overhead"] = ov
     summary["overhead_tok_s_pct"] = round(100 * (1 - ov["on"]["output_tok_s"] / ov["off"]["output_tok_s"]), 2)

@@ -104,7 +104,7 @@ def token_agreement(runs: dict[str, RunResult], a: str, b: str) -> float | None:
     """Fraction of requests whose greedy tokens are identical in both systems."""
     if a not in runs or b not in runs:
         return None
-    pairs = list(zip(runs[a].records, runs[b].records))
+    pairs = list(zip(runs[a].records, runs[b].records, strict=False))
     return round(sum(x.tokens == y.tokens for x, y in pairs) / max(len(pairs), 1), 3)
 
 
@@ -130,7 +130,8 @@ def _vllm_lines(results: dict) -> list[str]:
     lines = [f"vLLM rows: vLLM {versions.get('vllm', '?')} CPU build (torch {versions.get('torch', '?')}, "
              f"transformers {versions.get('transformers', '?')}), env {peer.get('env', {})}, same prompts, adapter "
              f"files, dtype and threads, prefix caching off; all requests enqueued at t0 through `LLM.enqueue`, "
-             f"engine stepped to the last finish; start-up and warm-up untimed ({starts}). TTFT is not measured for vLLM.", ""]
+             f"engine stepped to the last finish; start-up and warm-up untimed ({starts}). "
+             "TTFT is not measured for vLLM.", ""]
     cpu = ", ".join(f"{name} {s['extra']['cpu_per_wall']:.2f}" for name, s in results.get("systems", {}).items()
                     if s["extra"].get("cpu_per_wall") is not None)
     if cpu:

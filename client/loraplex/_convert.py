@@ -41,7 +41,7 @@ def enum_value(enum: Any, prefix: str, label: str) -> int:
     try:
         return enum.Value(prefix + label.upper())
     except ValueError:
-        valid = ", ".join(repr(n.removeprefix(prefix).lower()) for n in enum.keys())
+        valid = ", ".join(repr(n.removeprefix(prefix).lower()) for n in enum.keys())  # noqa: SIM118 - a protobuf enum wrapper, not a dict: not iterable
         raise ValueError(f"unknown label {label!r}; expected one of {valid}") from None
 
 

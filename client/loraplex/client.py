@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Union
+from typing import Any, Self
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -40,7 +40,7 @@ from loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 __all__ = ["DEFAULT_TARGET", "AsyncClient", "Client"]
 
 DEFAULT_TARGET = "localhost:50051"
-Metadata = Union[Mapping[str, str], Sequence[tuple[str, str]]]
+Metadata = Mapping[str, str] | Sequence[tuple[str, str]]
 
 
 def _call_metadata(metadata: Metadata | None, api_key: str | None) -> tuple[tuple[str, str], ...]:
@@ -232,7 +232,7 @@ class Client:
         """Close the channel; calls in flight are cancelled."""
         self._channel.close()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -372,7 +372,7 @@ class AsyncClient:
         """Close the channel; calls in flight are cancelled."""
         await self._channel.close()
 
-    async def __aenter__(self) -> AsyncClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

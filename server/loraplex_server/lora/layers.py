@@ -39,6 +39,9 @@ class SlotRanks:
     def __eq__(self, other) -> bool:
         return list(self.host) == list(other)
 
+    # equal to a list of the same ranks, so unhashable like one (what defining __eq__ alone implies)
+    __hash__ = None  # type: ignore[assignment]
+
     def __repr__(self) -> str:
         return f"SlotRanks({self.host})"
 

@@ -97,7 +97,8 @@ def bgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.
         y[t] += (A[max(s, 0)] @ (x[t] if s >= 0 else 0)) @ Bt[max(s, 0)]
     """
     slots = mapping.token_slots.clamp(min=0)  # [T]
-    xs = torch.where((mapping.token_slots >= 0)[:, None], x, 0).to(lora_a.dtype)  # [T, in]: rows without a slot read zeros
+    # [T, in]: rows without a slot read zeros
+    xs = torch.where((mapping.token_slots >= 0)[:, None], x, 0).to(lora_a.dtype)
     h = torch.bmm(lora_a[slots], xs.unsqueeze(2))  # [T, R, 1], exact zeros on those rows
     if y.dtype == lora_bt.dtype:
         y.unsqueeze(1).baddbmm_(h.transpose(1, 2), lora_bt[slots])  # [T, 1, out], a view of y

@@ -176,7 +176,7 @@ def _output_slices(y: torch.Tensor | Sequence[torch.Tensor], outs: list[int]) ->
         ys = list(y.split(outs, dim=1))
     else:
         ys = list(y)
-    if len(ys) != len(outs) or any(t.shape[1] != n or t.stride(1) != 1 for t, n in zip(ys, outs)):
+    if len(ys) != len(outs) or any(t.shape[1] != n or t.stride(1) != 1 for t, n in zip(ys, outs, strict=True)):
         raise ValueError("each output must be [T, out_p] with contiguous columns")
     return ys
 

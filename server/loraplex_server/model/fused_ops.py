@@ -6,9 +6,10 @@ on a CPU decode step of a small model those launches cost more than the maths.
 ``install_fused_ops`` gives each matching module instance a forward through the native kernels
 (model/csrc/elementwise.cpp), which keep the modules' roundings, and computes q/k/v and gate/up
 by one merged matmul each (merged_linear.py; the LoRA deltas land in the members' columns). A
-module matches only when its class's forward is, bytecode for bytecode, Llama's (norms and MLPs: Mistral, Qwen2/3, Phi-3 and
-others copy them; attention: Llama's own), and for the MLP when its activation is SiLU: anything
-else (Gemma's ``1 + weight`` norm, GELU MLPs, sliding-window attention code) keeps its forward.
+module matches only when its class's forward is, bytecode for bytecode, Llama's (norms and MLPs:
+Mistral, Qwen2/3, Phi-3 and others copy them; attention: Llama's own), and for the MLP when its
+activation is SiLU: anything else (Gemma's ``1 + weight`` norm, GELU MLPs, sliding-window
+attention code) keeps its forward.
 """
 
 from __future__ import annotations

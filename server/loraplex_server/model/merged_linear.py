@@ -92,7 +92,7 @@ def merge_projections(parent: nn.Module, names: tuple[str, ...], merged_name: st
     merged.requires_grad_(False)
     setattr(parent, merged_name, merged)
     out, lo = [], 0
-    for name, member, base in zip(names, members, bases):
+    for name, member, base in zip(names, members, bases, strict=True):
         piece = ColumnSlice(parent, merged_name, lo, lo + base.out_features)
         if member is base:
             setattr(parent, name, piece)
