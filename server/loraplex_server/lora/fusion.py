@@ -46,7 +46,7 @@ class SharedInputGroup:
               backend) -> None:
         """``y`` [T, out] += ``member``'s delta for ``x`` (the layer's input as it was called)."""
         x2d = x.reshape(-1, member.in_features)  # [T, in]
-        if x is not self._x or mapping is not self._mapping or self._left == 0:
+        if x is not self._x or mapping is not self._mapping or self._left == 0 or self._h is None:
             ranks = torch.stack([m.slot_ranks.table for m in self.members], dim=1)  # [num_slots, P]
             self._h = backend.shrink(x2d, [m.lora_a for m in self.members], ranks, mapping)  # [T, P * R]
             self._x, self._mapping, self._left = x, mapping, len(self.members)

@@ -142,6 +142,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor | Sequence[torch.Tensor], 
     kernel = sgmv_shrink_kernel if layout == "segment" else bgmv_shrink_kernel
     tiles = _tiles(kernel, layout, x.dtype, max_rank, segments.max_len)
     del tiles["BLOCK_N"]
+    grid: tuple[int, ...]
     if layout == "segment":
         grid = (cdiv(segments.max_len, tiles["BLOCK_M"]), segments.count, num_proj)
     else:
@@ -237,13 +238,13 @@ class TritonLoraBackend:
     every layer) and device copies of the per-module rank lists, so no layer copies host to device.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._mapping: LoraMapping | None = None
         self._segments: SegmentTensors | None = None
         self._ranks: dict[tuple, torch.Tensor] = {}
 
     def segments_for(self, mapping: LoraMapping) -> SegmentTensors:
-        if mapping is not self._mapping:
+        if mapping is not self._mapping or self._segments is None:
             self._segments = SegmentTensors.from_segments(mapping.segments, mapping.token_slots.device)
             self._mapping = mapping
         return self._segments
