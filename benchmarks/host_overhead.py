@@ -49,7 +49,7 @@ class TimedForward:
 
 
 def measure(engine: LLMEngine, timer: TimedForward, seqs: int, adapters: list[str], steps: int) -> dict:
-    names = [None] * max(1, seqs // 2 if adapters else seqs)
+    names: list[str | None] = [None] * max(1, seqs // 2 if adapters else seqs)
     names += [adapters[i % len(adapters)] for i in range(seqs - len(names))] if adapters else []
     for i, name in enumerate(names[:seqs]):
         prompt = Prompt(token_ids=tuple(range(10 + i % 50, 26 + i % 50)))
@@ -94,7 +94,8 @@ def main(argv=None) -> list[dict]:
             engine.lora.add_adapter(f"a{i}", write_adapter(Path(tmp) / f"a{i}", engine.loaded.model.config,
                                                            (8, 16)[i % 2], seed=i))
             adapters.append(f"a{i}")
-        timer = engine.runner.forward_logits = TimedForward(engine.runner.forward_logits)
+        timer = TimedForward(engine.runner.forward_logits)
+        engine.runner.forward_logits = timer  # type: ignore[method-assign]  # timed, on this engine only
         measure(engine, timer, 4, adapters, 4)  # warm-up
         rows = [measure(engine, timer, seqs, adapters, args.steps) for seqs in args.seqs]
     print(f"threads={args.threads} adapters={args.adapters} (median of {args.steps} decode steps, ms)")

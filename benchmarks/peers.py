@@ -79,7 +79,7 @@ def assign_adapters(n: int, names: list[str], seed: int, dist: str = "round-robi
         return [None] * n
     rng = random.Random(seed)
     if dist == "round-robin":
-        out = [names[i % len(names)] for i in range(n)]
+        out: list[str | None] = [names[i % len(names)] for i in range(n)]
         rng.shuffle(out)
         return out
     if dist == "zipf":
@@ -230,7 +230,8 @@ class PeftPeer:
                 out = self._generate(ids, torch.ones_like(ids), work.new_tokens, streamer=streamer)
             tokens = out[0, len(prompt):].tolist()  # .tolist() syncs
             done = time.perf_counter()
-            records.append(RequestRecord(done - t0, streamer.first_token_at - t0, tokens))
+            first = streamer.first_token_at
+            records.append(RequestRecord(done - t0, None if first is None else first - t0, tokens))
         wall = time.perf_counter() - t0
         return RunResult("peft_sequential", wall, records, {"cpu_per_wall": cpu_per_wall(c0, wall)})
 

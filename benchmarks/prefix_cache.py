@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -112,6 +113,7 @@ def chat_workload(inputs: InputProcessor, args, names: list[str]) -> Workload:
     rng = random.Random(args.seed + 1)
     prompts = []
     for i, adapter in enumerate(adapters):
+        assert adapter is not None  # names is not empty
         question = f"Customer {i} asks: can I {rng.choice(WORDS)} my {rng.choice(WORDS)} {rng.randint(2, 99)} times?"
         messages = (ChatMessage("system", systems[adapter]), ChatMessage("user", question))
         prompts.append(inputs.token_ids(Prompt(messages=messages)))
@@ -142,7 +144,7 @@ def run_mode(args, spec, pool, work: Workload, caching: bool, tag: str) -> dict:
 
 
 def summarize(result: RunResult, hit_rate: float) -> dict:
-    ttfts = sorted(r.ttft for r in result.records)
+    ttfts = sorted(r.ttft for r in result.records if r.ttft is not None)  # Loraplex times every first token
     pct = lambda q: ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))]  # noqa: E731
     return dict(wall_s=round(result.wall_s, 3), output_tok_s=round(result.output_tokens / result.wall_s, 2),
                 ttft_p50_s=round(pct(0.50), 3), ttft_p99_s=round(pct(0.99), 3), hit_rate=round(hit_rate, 4),
@@ -167,8 +169,9 @@ def median(runs: list[dict], key: str) -> float:
 
 def report(shared: dict[str, list[dict]], overhead: dict[str, list[dict]]) -> tuple[dict, str]:
     off, on = shared["off"], shared["on"]
-    summary = {mode: {k: median(runs, k) for k in ("ttft_p50_s", "ttft_p99_s", "output_tok_s", "hit_rate")}
-               for mode, runs in shared.items()}
+    summary: dict[str, Any] = {
+        mode: {k: median(runs, k) for k in ("ttft_p50_s", "ttft_p99_s", "output_tok_s", "hit_rate")}
+        for mode, runs in shared.items()}
     summary["ttft_p50_speedup"] = round(median(off, "ttft_p50_s") / median(on, "ttft_p50_s"), 2)
     summary["throughput_gain"] = round(median(on, "output_tok_s") / median(off, "output_tok_s"), 2)
     summary["same_tokens"] = all(a["tokens"] == b["tokens"] for a, b in zip(off, on, strict=True))

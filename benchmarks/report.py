@@ -63,8 +63,9 @@ def summarize(run: RunResult) -> dict:
 
 def raw_latencies(run: RunResult) -> dict[str, list[float]]:
     out = {"e2e": [round(r.e2e, 4) for r in run.records]}
-    if all(r.ttft is not None for r in run.records):
-        out["ttft"] = [round(r.ttft, 4) for r in run.records]
+    ttfts = [r.ttft for r in run.records if r.ttft is not None]
+    if len(ttfts) == len(run.records):
+        out["ttft"] = [round(t, 4) for t in ttfts]
     return out
 
 
@@ -124,7 +125,7 @@ def _vllm_lines(results: dict) -> list[str]:
         return []
     if "skipped" in vllm:
         return [f"vLLM rows skipped: {vllm['skipped']}.", ""]
-    peer = next(iter((vllm.get("peers") or {}).values()), {})
+    peer: dict = next(iter((vllm.get("peers") or {}).values()), {})
     versions = peer.get("versions", {})
     starts = ", ".join(f"{s} {m['ready_s']:.0f} s" for s, m in (vllm.get("start") or {}).items())
     lines = [f"vLLM rows: vLLM {versions.get('vllm', '?')} CPU build (torch {versions.get('torch', '?')}, "

@@ -100,6 +100,8 @@ class VllmPeer:
         start = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
                                      text=True, env=env, cwd=str(ROOT))
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # both pipes
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
         ready = self._read_line()
         self.meta = {"startup_s": round(ready.get("startup_s") or 0.0, 2),
                      "warmup_s": round(ready.get("warmup_s") or 0.0, 2),
@@ -107,7 +109,7 @@ class VllmPeer:
                      "distinct_adapters": len(job["adapter_paths"])}
 
     def _read_line(self) -> dict:
-        line = self.proc.stdout.readline()
+        line = self.stdout.readline()
         if not line:
             self.proc.wait(timeout=60)
             raise RuntimeError(f"{self.system}: vLLM peer exited (rc {self.proc.returncode}); "
@@ -118,17 +120,17 @@ class VllmPeer:
         return reply
 
     def run(self) -> RunResult:
-        self.proc.stdin.write("run\n")
-        self.proc.stdin.flush()
+        self.stdin.write("run\n")
+        self.stdin.flush()
         return to_run_result(self.system, self._read_line(), self.meta)
 
     def close(self) -> dict:
         """Ends the peer; returns its summary (versions, env) without the runs."""
         if self.proc.poll() is None:
             try:
-                self.proc.stdin.write("quit\n")
-                self.proc.stdin.flush()
-                self.proc.stdin.close()
+                self.stdin.write("quit\n")
+                self.stdin.flush()
+                self.stdin.close()
                 self.proc.wait(timeout=120)
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()

@@ -26,6 +26,7 @@ import time
 import urllib.request
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "client"), str(ROOT / "server")]
@@ -97,7 +98,7 @@ class Soak:
 
     def action(self, rng: random.Random, admin: Client, small: Client) -> None:
         adapter = rng.choice(["", "upper", "json", "hot"])
-        kw = dict(prompt=rng.choice(PROMPTS), adapter_id=adapter, max_new_tokens=rng.randint(1, 24))
+        kw: dict[str, Any] = dict(prompt=rng.choice(PROMPTS), adapter_id=adapter, max_new_tokens=rng.randint(1, 24))
         kind = rng.choices(["stream", "unary", "cancel", "deadline", "swap", "churn", "tenant"],
                            [30, 25, 10, 10, 8, 7, 10])[0]
         if kind == "stream":

@@ -339,7 +339,9 @@ def main() -> None:
     answers = []
     for prompt in TRAIN_PROMPTS:
         new, stopped = greedy(base, tokenizer, prompt, GEN_TOKENS)
-        answers.append(clean_answer(tokenizer.decode(new, skip_special_tokens=True), stopped))
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        assert isinstance(text, str)  # one sequence decodes to one string
+        answers.append(clean_answer(text, stopped))
     eval_tokens = max(s.eval_tokens for s in SPECS.values())
     base_held = [greedy(base, tokenizer, p, eval_tokens) for p in HELD_OUT_PROMPTS]
     del base
