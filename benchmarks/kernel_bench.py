@@ -15,6 +15,7 @@ On CPU it runs a small correctness smoke under the Triton interpreter and says i
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -29,9 +30,9 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loraplex_server.lora import triton_ops  # noqa: E402
-from loraplex_server.lora.mapping import LoraMapping  # noqa: E402
-from loraplex_server.lora.ops import lora_apply_reference  # noqa: E402
+from loraplex_server.lora import triton_ops
+from loraplex_server.lora.mapping import LoraMapping
+from loraplex_server.lora.ops import lora_apply_reference
 
 # Peak memory bandwidth (GB/s) by a substring of torch.cuda.get_device_name(), first match wins.
 PEAK_GBS = [
@@ -83,8 +84,8 @@ def bench_kernels(dtype, peak: float | None) -> None:
                     layout = triton_ops.choose_layout(seg)
                     slots = mapping.token_slots
                     h = triton_ops.lora_shrink(x, a, ranks, slots, seg, layout)
-                    t_s = do_bench(lambda: triton_ops.lora_shrink(x, a, ranks, slots, seg, layout)) * 1e3
-                    t_e = do_bench(lambda: triton_ops.lora_expand(y, h, bt, ranks, slots, seg, layout)) * 1e3
+                    t_s = do_bench(functools.partial(triton_ops.lora_shrink, x, a, ranks, slots, seg, layout)) * 1e3
+                    t_e = do_bench(functools.partial(triton_ops.lora_expand, y, h, bt, ranks, slots, seg, layout)) * 1e3
                     b_s, b_e = moved_bytes(hidden, rank, tokens, len(mapping.active_slots), x.element_size())
                     cells = []
                     for us, nbytes in ((t_s, b_s), (t_e, b_e)):
@@ -154,7 +155,8 @@ def bench_decode(presets: list[str], batches: list[int], dtype_name: str, steps:
         with tempfile.TemporaryDirectory() as tmp:
             engine, names = decode_engine(preset, dtype_name, device, num_adapters, max(batches), Path(tmp))
             graphs = engine.runner.decode_graphs
-            print(f"<!-- {preset}: decode graphs {'captured in %.1f s' % graphs.capture_seconds if graphs else 'OFF'} -->")
+            captured = f"captured in {graphs.capture_seconds:.1f} s" if graphs else "OFF"
+            print(f"<!-- {preset}: decode graphs {captured} -->")
             for batch in batches:
                 ms = {}
                 for adapters in ([None], names):
@@ -166,8 +168,8 @@ def bench_decode(presets: list[str], batches: list[int], dtype_name: str, steps:
                            lora_eager_ms=ms[True, False], lora_graph_ms=ms[True, True],
                            capture_s=graphs.capture_seconds if graphs else None)
                 rows.append(row)
-                print(f"| {preset} | {batch} | {ms[False, False]:.2f} | {ms[False, True]:.2f} | {ms[True, False]:.2f} | "
-                      f"{ms[True, True]:.2f} | {ms[True, True] / ms[False, True]:.3f} | "
+                print(f"| {preset} | {batch} | {ms[False, False]:.2f} | {ms[False, True]:.2f} | "
+                      f"{ms[True, False]:.2f} | {ms[True, True]:.2f} | {ms[True, True] / ms[False, True]:.3f} | "
                       f"{ms[True, False] / ms[False, False]:.3f} |", flush=True)
             del engine, graphs
             if device == "cuda":

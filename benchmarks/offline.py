@@ -36,23 +36,37 @@ import shlex
 import shutil
 import sys
 import tempfile
-import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import plots  # noqa: E402
-import report  # noqa: E402
-import vllm_rows  # noqa: E402
-from peers import (ALL_SYSTEMS, SYSTEMS, ModelSpec, PeftPeer, RunResult, Workload, assign_adapters,  # noqa: E402
-                   free_memory, loraplex_engine, make_prompts, run_loraplex, warm_up_loraplex, warm_up_peft,
-                   write_adapter_pool)
-from phases import alternate, check_lengths, describe, log, profile_loraplex, run_scaling  # noqa: E402
+import plots
+import report
+import vllm_rows
+from peers import (
+    ALL_SYSTEMS,
+    SYSTEMS,
+    ModelSpec,
+    PeftPeer,
+    RunResult,
+    Workload,
+    assign_adapters,
+    free_memory,
+    loraplex_engine,
+    make_prompts,
+    run_loraplex,
+    warm_up_loraplex,
+    warm_up_peft,
+    write_adapter_pool,
+)
+from phases import alternate, check_lengths, describe, log, profile_loraplex, run_scaling
 
-from loraplex_server.config import default_cache_dir  # noqa: E402
-from loraplex_server.model.loader import EMBEDDED_NAME, dummy_config, embedded_model_dir  # noqa: E402
+from loraplex_server.config import default_cache_dir
+from loraplex_server.engine.engine import LLMEngine
+from loraplex_server.model.loader import EMBEDDED_NAME, dummy_config, embedded_model_dir
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -189,12 +203,18 @@ def run_peft(args, spec: ModelSpec, pool: dict[str, Path], names: list[str], wor
     return runs
 
 
+def _loraplex_runner(engine: LLMEngine, work: Workload, system: str, count: Iterator[int]) -> Callable[[], RunResult]:
+    """One timed run of ``system`` per call, each under a fresh request-id tag."""
+    return lambda: run_loraplex(engine, work, system, f"r{next(count)}")
+
+
 def run_loraplex_pair(args, spec: ModelSpec, pool: dict[str, Path], names: list[str], work: Workload, vocab: int,
                       peers: dict | None = None) -> tuple[dict[str, RunResult], str | None]:
     """Base-only and with-adapter runs on one engine, and the peers' rows (system -> one timed run:
     vLLM), alternating ``--repeats`` times; best kept."""
     wanted = [s for s in ("loraplex_base", "loraplex_lora") if s in args.systems]
-    runners, engine, count = {}, None, itertools.count()
+    runners: dict[str, Callable[[], RunResult]] = {}
+    engine, count = None, itertools.count()
     if wanted:
         engine = loraplex_engine(spec, max_loras=args.max_loras or len(names),
                                  max_cpu_loras=max(args.max_cpu_loras, len(names)), max_lora_rank=args.max_lora_rank,
@@ -207,7 +227,7 @@ def run_loraplex_pair(args, spec: ModelSpec, pool: dict[str, Path], names: list[
         warm_up_loraplex(engine, [None, names[0]], vocab)
         for system in wanted:
             w = work.on_base() if system == "loraplex_base" else work
-            runners[system] = lambda w=w, s=system: run_loraplex(engine, w, s, f"r{next(count)}")
+            runners[system] = _loraplex_runner(engine, w, system, count)
     runners.update(peers or {})
     best = alternate(runners, args.repeats)
     profile_text = None
@@ -276,7 +296,9 @@ def measure(args, spec: ModelSpec, pool: dict[str, Path], names: list[str], work
             runs.update(pair)
     finally:
         if peers:
-            vllm_info["peers"] = vllm_rows.close_peers(peers)
+            closed = vllm_rows.close_peers(peers)
+            if vllm_info is not None:  # (it comes with the peers)
+                vllm_info["peers"] = closed
     for r in runs.values():
         check_lengths(r, args.new_tokens)
     return runs, profile_text, vllm_info

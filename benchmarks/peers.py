@@ -26,12 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synthetic_adapters import write_adapter  # noqa: E402
+from synthetic_adapters import write_adapter
 
-from loraplex_server.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, SchedulerConfig  # noqa: E402
-from loraplex_server.engine.engine import LLMEngine  # noqa: E402
-from loraplex_server.engine.request import Prompt, SamplingParams  # noqa: E402
-from loraplex_server.model.loader import LoadedModel, load_model  # noqa: E402
+from loraplex_server.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, SchedulerConfig
+from loraplex_server.engine.engine import LLMEngine
+from loraplex_server.engine.request import Prompt, SamplingParams
+from loraplex_server.model.loader import LoadedModel, load_model
 
 SYSTEMS = ("peft_sequential", "peft_batched", "loraplex_base", "loraplex_lora")
 VLLM_SYSTEMS = ("vllm_base", "vllm_lora")  # with offline.py --vllm (vllm_rows.py)
@@ -57,7 +57,7 @@ class Workload:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def on_base(self) -> "Workload":
+    def on_base(self) -> Workload:
         return Workload(self.prompts, [None] * len(self.prompts), self.new_tokens)
 
 
@@ -79,7 +79,7 @@ def assign_adapters(n: int, names: list[str], seed: int, dist: str = "round-robi
         return [None] * n
     rng = random.Random(seed)
     if dist == "round-robin":
-        out = [names[i % len(names)] for i in range(n)]
+        out: list[str | None] = [names[i % len(names)] for i in range(n)]
         rng.shuffle(out)
         return out
     if dist == "zipf":
@@ -223,14 +223,15 @@ class PeftPeer:
         records = []
         sync(self.device)
         c0, t0 = time.process_time(), time.perf_counter()
-        for prompt, adapter in zip(work.prompts, work.adapters):
+        for prompt, adapter in zip(work.prompts, work.adapters, strict=True):
             ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
             streamer = FirstTokenStreamer()
             with self._adapter(adapter):
                 out = self._generate(ids, torch.ones_like(ids), work.new_tokens, streamer=streamer)
             tokens = out[0, len(prompt):].tolist()  # .tolist() syncs
             done = time.perf_counter()
-            records.append(RequestRecord(done - t0, streamer.first_token_at - t0, tokens))
+            first = streamer.first_token_at
+            records.append(RequestRecord(done - t0, None if first is None else first - t0, tokens))
         wall = time.perf_counter() - t0
         return RunResult("peft_sequential", wall, records, {"cpu_per_wall": cpu_per_wall(c0, wall)})
 
@@ -277,7 +278,7 @@ def run_loraplex(engine: LLMEngine, work: Workload, system: str, tag: str = "") 
     sync(engine.loaded.device)
     c0, t0 = time.process_time(), time.perf_counter()
     ids = []
-    for i, (prompt, adapter) in enumerate(zip(work.prompts, work.adapters)):
+    for i, (prompt, adapter) in enumerate(zip(work.prompts, work.adapters, strict=True)):
         req = engine.make_request(Prompt(token_ids=tuple(prompt)), sampling, adapter, request_id=f"{system}{tag}-{i}")
         engine.add_request(req)
         ids.append(req.request_id)
@@ -311,7 +312,7 @@ def run_loraplex(engine: LLMEngine, work: Workload, system: str, tag: str = "") 
     records = [RequestRecord(done[rid] - t0, first[rid] - t0, tokens[rid]) for rid in ids]
     after = (slots.num_loads, slots.num_evictions, registry.num_cpu_loads, registry.num_cpu_evictions,
              engine.scheduler.num_preemptions)
-    delta = [a - b for a, b in zip(after, before)]
+    delta = [a - b for a, b in zip(after, before, strict=True)]
     extra = dict(steps=steps, idle_steps=idle_steps, idle_s=round(idle_s, 3),
                  mean_batch_seqs=round(batch_seqs / max(steps, 1), 2),
                  slot_loads=delta[0], slot_evictions=delta[1], cpu_loads=delta[2], cpu_evictions=delta[3],

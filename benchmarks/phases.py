@@ -3,13 +3,23 @@ scaling runs (Loraplex with 1..512 lazily registered adapters)."""
 
 from __future__ import annotations
 
+import operator
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import report
-from peers import (ModelSpec, RunResult, Workload, assign_adapters, free_memory, loraplex_engine, make_prompts,
-                   run_loraplex, warm_up_loraplex)
+from peers import (
+    ModelSpec,
+    RunResult,
+    Workload,
+    assign_adapters,
+    free_memory,
+    loraplex_engine,
+    make_prompts,
+    run_loraplex,
+    warm_up_loraplex,
+)
 
 
 def log(message: str) -> None:
@@ -56,19 +66,22 @@ def profile_loraplex(engine, work: Workload, label: str) -> str:
     prof.enable()
     run = run_loraplex(engine, work, "profile")
     prof.disable()
-    stats = pstats.Stats(prof)
-    step_total = next((v[3] for k, v in stats.stats.items() if k[2] == "step" and k[0].endswith("engine.py")), None)
+    # (file, line, function) -> (primitive calls, calls, own s, cumulative s, callers); not in typeshed
+    table = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    step_total = next((v[3] for k, v in table.items() if k[2] == "step" and k[0].endswith("engine.py")), None)
+    if step_total is None:
+        raise RuntimeError("engine.step is not in the profile")
     steps = run.extra["steps"] + run.extra["idle_steps"]
     lines = [f"== {label}: {len(work)} requests, {run.output_tokens} tokens, {run.wall_s:.1f}s under the profiler, "
              f"{steps} engine steps ({run.extra['idle_steps']} with nothing scheduled), engine.step total "
              f"{step_total:.2f}s = {1e3 * step_total / max(steps, 1):.1f} ms/step; {run.extra}",
              "percentages are of the total engine.step time; ms/step = per engine step on average", ""]
     rows = [(ct, tt, nc, f"{Path(file).name}:{line}({func})")
-            for (file, line, func), (_cc, nc, tt, ct, _callers) in stats.stats.items()]
+            for (file, line, func), (_cc, nc, tt, ct, _callers) in table.items()]
     for title, key in (("by cumulative time", 0), ("by own time", 1)):
         lines.append(f"top 30 {title}")
         lines.append(f"{'cum s':>8} {'cum %':>6} {'ms/step':>8} {'own s':>8} {'own %':>6} {'calls':>9}  function")
-        for ct, tt, nc, name in sorted(rows, key=lambda r: -r[key])[:30]:
+        for ct, tt, nc, name in sorted(rows, key=operator.itemgetter(key), reverse=True)[:30]:
             lines.append(f"{ct:8.2f} {100 * ct / step_total:6.1f} {1e3 * ct / max(steps, 1):8.1f} {tt:8.2f} "
                          f"{100 * tt / step_total:6.1f} {nc:9d}  {name}")
         lines.append("")

@@ -27,19 +27,28 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import (ModelSpec, RunResult, Workload, assign_adapters, free_memory, make_prompts,  # noqa: E402
-                   run_loraplex, warm_up_loraplex, write_adapter_pool)
+from peers import (
+    ModelSpec,
+    RunResult,
+    Workload,
+    assign_adapters,
+    free_memory,
+    make_prompts,
+    run_loraplex,
+    warm_up_loraplex,
+    write_adapter_pool,
+)
 
-from loraplex_server.config import (CacheConfig, EngineConfig, LoraConfig, SchedulerConfig,  # noqa: E402
-                                    default_cache_dir, parse_size)
-from loraplex_server.engine.engine import LLMEngine  # noqa: E402
-from loraplex_server.engine.inputs import InputProcessor  # noqa: E402
-from loraplex_server.engine.request import ChatMessage, Prompt  # noqa: E402
+from loraplex_server.config import CacheConfig, EngineConfig, LoraConfig, SchedulerConfig, default_cache_dir, parse_size
+from loraplex_server.engine.engine import LLMEngine
+from loraplex_server.engine.inputs import InputProcessor
+from loraplex_server.engine.request import ChatMessage, Prompt
 
 WORDS = ("the account support team order refund invoice shipping policy customer product warranty return "
          "delivery payment card bank transfer status tracking number address email phone hours weekend "
@@ -104,6 +113,7 @@ def chat_workload(inputs: InputProcessor, args, names: list[str]) -> Workload:
     rng = random.Random(args.seed + 1)
     prompts = []
     for i, adapter in enumerate(adapters):
+        assert adapter is not None  # names is not empty
         question = f"Customer {i} asks: can I {rng.choice(WORDS)} my {rng.choice(WORDS)} {rng.randint(2, 99)} times?"
         messages = (ChatMessage("system", systems[adapter]), ChatMessage("user", question))
         prompts.append(inputs.token_ids(Prompt(messages=messages)))
@@ -134,7 +144,7 @@ def run_mode(args, spec, pool, work: Workload, caching: bool, tag: str) -> dict:
 
 
 def summarize(result: RunResult, hit_rate: float) -> dict:
-    ttfts = sorted(r.ttft for r in result.records)
+    ttfts = sorted(r.ttft for r in result.records if r.ttft is not None)  # Loraplex times every first token
     pct = lambda q: ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))]  # noqa: E731
     return dict(wall_s=round(result.wall_s, 3), output_tok_s=round(result.output_tokens / result.wall_s, 2),
                 ttft_p50_s=round(pct(0.50), 3), ttft_p99_s=round(pct(0.99), 3), hit_rate=round(hit_rate, 4),
@@ -159,11 +169,12 @@ def median(runs: list[dict], key: str) -> float:
 
 def report(shared: dict[str, list[dict]], overhead: dict[str, list[dict]]) -> tuple[dict, str]:
     off, on = shared["off"], shared["on"]
-    summary = {mode: {k: median(runs, k) for k in ("ttft_p50_s", "ttft_p99_s", "output_tok_s", "hit_rate")}
-               for mode, runs in shared.items()}
+    summary: dict[str, Any] = {
+        mode: {k: median(runs, k) for k in ("ttft_p50_s", "ttft_p99_s", "output_tok_s", "hit_rate")}
+        for mode, runs in shared.items()}
     summary["ttft_p50_speedup"] = round(median(off, "ttft_p50_s") / median(on, "ttft_p50_s"), 2)
     summary["throughput_gain"] = round(median(on, "output_tok_s") / median(off, "output_tok_s"), 2)
-    summary["same_tokens"] = all(a["tokens"] == b["tokens"] for a, b in zip(off, on))
+    summary["same_tokens"] = all(a["tokens"] == b["tokens"] for a, b in zip(off, on, strict=True))
     ov = {mode: {k: median(runs, k) for k in ("output_tok_s", "cpu_s_per_token")} for mode, runs in overhead.items()}
     summary["overhead"] = ov
     summary["overhead_tok_s_pct"] = round(100 * (1 - ov["on"]["output_tok_s"] / ov["off"]["output_tok_s"]), 2)

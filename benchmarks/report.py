@@ -63,8 +63,9 @@ def summarize(run: RunResult) -> dict:
 
 def raw_latencies(run: RunResult) -> dict[str, list[float]]:
     out = {"e2e": [round(r.e2e, 4) for r in run.records]}
-    if all(r.ttft is not None for r in run.records):
-        out["ttft"] = [round(r.ttft, 4) for r in run.records]
+    ttfts = [r.ttft for r in run.records if r.ttft is not None]
+    if len(ttfts) == len(run.records):
+        out["ttft"] = [round(t, 4) for t in ttfts]
     return out
 
 
@@ -104,7 +105,7 @@ def token_agreement(runs: dict[str, RunResult], a: str, b: str) -> float | None:
     """Fraction of requests whose greedy tokens are identical in both systems."""
     if a not in runs or b not in runs:
         return None
-    pairs = list(zip(runs[a].records, runs[b].records))
+    pairs = list(zip(runs[a].records, runs[b].records, strict=False))
     return round(sum(x.tokens == y.tokens for x, y in pairs) / max(len(pairs), 1), 3)
 
 
@@ -124,13 +125,14 @@ def _vllm_lines(results: dict) -> list[str]:
         return []
     if "skipped" in vllm:
         return [f"vLLM rows skipped: {vllm['skipped']}.", ""]
-    peer = next(iter((vllm.get("peers") or {}).values()), {})
+    peer: dict = next(iter((vllm.get("peers") or {}).values()), {})
     versions = peer.get("versions", {})
     starts = ", ".join(f"{s} {m['ready_s']:.0f} s" for s, m in (vllm.get("start") or {}).items())
     lines = [f"vLLM rows: vLLM {versions.get('vllm', '?')} CPU build (torch {versions.get('torch', '?')}, "
              f"transformers {versions.get('transformers', '?')}), env {peer.get('env', {})}, same prompts, adapter "
              f"files, dtype and threads, prefix caching off; all requests enqueued at t0 through `LLM.enqueue`, "
-             f"engine stepped to the last finish; start-up and warm-up untimed ({starts}). TTFT is not measured for vLLM.", ""]
+             f"engine stepped to the last finish; start-up and warm-up untimed ({starts}). "
+             "TTFT is not measured for vLLM.", ""]
     cpu = ", ".join(f"{name} {s['extra']['cpu_per_wall']:.2f}" for name, s in results.get("systems", {}).items()
                     if s["extra"].get("cpu_per_wall") is not None)
     if cpu:

@@ -98,7 +98,7 @@ class Runner:
         names = sorted(job["adapter_paths"]) if job["enable_lora"] else []
         self.loras = {name: LoRARequest(name, i + 1, job["adapter_paths"][name]) for i, name in enumerate(names)}
         self.runs: list[dict] = []
-        self.warmup_s = None
+        self.warmup_s: float | None = None
 
     def lora_for(self, adapter):
         if adapter is None:
@@ -129,8 +129,9 @@ class Runner:
         missing = [i for i, t in enumerate(tokens) if t is None]
         if missing:
             raise RuntimeError(f"requests {missing[:5]} never finished")
-        out_tokens = sum(len(t) for t in tokens)
-        return {"wall_s": round(wall, 4), "e2e": [round(x, 4) for x in e2e], "tokens": tokens,
+        finished = [t for t in tokens if t is not None]  # all of them
+        out_tokens = sum(len(t) for t in finished)
+        return {"wall_s": round(wall, 4), "e2e": [round(x, 4) for x in e2e if x is not None], "tokens": finished,
                 "output_tokens": out_tokens, "output_tokens_per_s": round(out_tokens / wall, 2),
                 "cpu_per_wall": round(cpu_per_wall, 3)}
 

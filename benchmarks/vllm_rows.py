@@ -70,7 +70,7 @@ def to_run_result(system: str, run: dict, meta: dict | None = None) -> RunResult
     """One timed run as the peer reports it (e2e from t0 per request; vLLM gives no TTFT here)."""
     if len(run["e2e"]) != len(run["tokens"]):
         raise ValueError(f"{system}: {len(run['e2e'])} latencies for {len(run['tokens'])} requests")
-    records = [RequestRecord(e2e, None, list(tokens)) for e2e, tokens in zip(run["e2e"], run["tokens"])]
+    records = [RequestRecord(e2e, None, list(tokens)) for e2e, tokens in zip(run["e2e"], run["tokens"], strict=True)]
     extra = dict(meta or {})
     if "cpu_per_wall" in run:  # the peer's whole process tree: vLLM's engine core polls on a core of its own
         extra["cpu_per_wall"] = run["cpu_per_wall"]
@@ -96,10 +96,12 @@ class VllmPeer:
             env["LD_PRELOAD"] = ":".join(libs + [p for p in env.get("LD_PRELOAD", "").split(":") if p])
         env.pop("PYTHONPATH", None)  # the venv's own packages, not the harness's
         cmd = [python or str(venv_python(venv)), str(script), str(self.job_path), str(self.result_path), "--serve"]
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - the peer's stderr for its whole life; close() closes it
         start = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
                                      text=True, env=env, cwd=str(ROOT))
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # both pipes
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
         ready = self._read_line()
         self.meta = {"startup_s": round(ready.get("startup_s") or 0.0, 2),
                      "warmup_s": round(ready.get("warmup_s") or 0.0, 2),
@@ -107,7 +109,7 @@ class VllmPeer:
                      "distinct_adapters": len(job["adapter_paths"])}
 
     def _read_line(self) -> dict:
-        line = self.proc.stdout.readline()
+        line = self.stdout.readline()
         if not line:
             self.proc.wait(timeout=60)
             raise RuntimeError(f"{self.system}: vLLM peer exited (rc {self.proc.returncode}); "
@@ -118,17 +120,17 @@ class VllmPeer:
         return reply
 
     def run(self) -> RunResult:
-        self.proc.stdin.write("run\n")
-        self.proc.stdin.flush()
+        self.stdin.write("run\n")
+        self.stdin.flush()
         return to_run_result(self.system, self._read_line(), self.meta)
 
     def close(self) -> dict:
         """Ends the peer; returns its summary (versions, env) without the runs."""
         if self.proc.poll() is None:
             try:
-                self.proc.stdin.write("quit\n")
-                self.proc.stdin.flush()
-                self.proc.stdin.close()
+                self.stdin.write("quit\n")
+                self.stdin.flush()
+                self.stdin.close()
                 self.proc.wait(timeout=120)
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()

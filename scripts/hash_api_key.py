@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "server"))  # runs without installing
 
-from loraplex_server.api.auth import bearer_token, hash_key  # noqa: E402
-from loraplex_server.tenancy import ROLES, TENANT_NAME_RE, AuthenticationError  # noqa: E402
+from loraplex_server.api.auth import bearer_token, hash_key
+from loraplex_server.tenancy import ROLES, TENANT_NAME_RE, AuthenticationError
 
 
 def keys_block(key_hash: str, tenant: str, role: str) -> str:

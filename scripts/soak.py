@@ -26,8 +26,7 @@ import time
 import urllib.request
 from collections import Counter
 from pathlib import Path
-
-import grpc
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "client"), str(ROOT / "server")]
@@ -99,7 +98,7 @@ class Soak:
 
     def action(self, rng: random.Random, admin: Client, small: Client) -> None:
         adapter = rng.choice(["", "upper", "json", "hot"])
-        kw = dict(prompt=rng.choice(PROMPTS), adapter_id=adapter, max_new_tokens=rng.randint(1, 24))
+        kw: dict[str, Any] = dict(prompt=rng.choice(PROMPTS), adapter_id=adapter, max_new_tokens=rng.randint(1, 24))
         kind = rng.choices(["stream", "unary", "cancel", "deadline", "swap", "churn", "tenant"],
                            [30, 25, 10, 10, 8, 7, 10])[0]
         if kind == "stream":
@@ -156,26 +155,29 @@ def run(args) -> dict:
     write_keys(tmp / "keys.toml")
     port, metrics_port = free_port(), free_port()
     env = dict(os.environ, LORAPLEX_THREADS=str(args.threads),
-               PYTHONPATH=os.pathsep.join([str(ROOT / "server"), str(ROOT / "client"), os.environ.get("PYTHONPATH", "")]))
-    log_file = open(tmp / "server.log", "w")  # a pipe nobody reads would fill up and block the server
-    proc = subprocess.Popen([sys.executable, "-m", "loraplex_server", "--host", "127.0.0.1", "--port", str(port),
-                             "--metrics-port", str(metrics_port), "--http-port", "-1", "--adapter-root", str(root), "--keys-file",
-                             str(tmp / "keys.toml"), "--adapter", "upper=upper", "--adapter", "json=json",
-                             "--adapter", "hot=upper", "--grace-period", "30"],
-                            env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True)
+               PYTHONPATH=os.pathsep.join([str(ROOT / "server"), str(ROOT / "client"),
+                                           os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "loraplex_server", "--host", "127.0.0.1", "--port", str(port),
+           "--metrics-port", str(metrics_port), "--http-port", "-1", "--adapter-root", str(root),
+           "--keys-file", str(tmp / "keys.toml"), "--adapter", "upper=upper", "--adapter", "json=json",
+           "--adapter", "hot=upper", "--grace-period", "30"]
     try:
-        result = drive(args, proc, port, metrics_port, root)
-        if result["failures"]:  # the server's own account of what went wrong
-            lines = (tmp / "server.log").read_text().splitlines()
-            result["server_log"] = [ln for ln in lines if "INTERNAL" in ln or "Error" in ln][-20:]
-        return result
-    except BaseException:
-        print((tmp / "server.log").read_text()[-6000:], file=sys.stderr)
-        raise
+        # a file, not a pipe: a pipe nobody reads would fill up and block the server
+        with open(tmp / "server.log", "w") as log_file:
+            proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True)
+            try:
+                result = drive(args, proc, port, metrics_port, root)
+                if result["failures"]:  # the server's own account of what went wrong
+                    lines = (tmp / "server.log").read_text().splitlines()
+                    result["server_log"] = [ln for ln in lines if "INTERNAL" in ln or "Error" in ln][-20:]
+                return result
+            except BaseException:
+                print((tmp / "server.log").read_text()[-6000:], file=sys.stderr)
+                raise
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        log_file.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -216,7 +216,7 @@ METRICS = {"upper": ("uppercase letter share", upper_share), "json": ("JSON obje
 
 def build_examples(tokenizer, prompts, answers, kind):
     examples = []
-    for prompt, answer in zip(prompts, answers):
+    for prompt, answer in zip(prompts, answers, strict=True):
         p = prompt_ids(tokenizer, prompt)
         a = tokenizer(rewrite(kind, answer), add_special_tokens=False)["input_ids"]
         a = a + [tokenizer.eos_token_id]
@@ -306,7 +306,7 @@ def evaluate(spec, model_dir, tokenizer, adapter_dir, base_new):
     tuned_texts = [tokenizer.decode(t, skip_special_tokens=True) for t, _ in tuned]
     before, after = metric(base_texts), metric(tuned_texts)
     print(f"\n[{spec.name}] held-out {label}: before {before:.3f} -> after {after:.3f}")
-    for prompt, (b, _), (t, stopped) in zip(HELD_OUT_PROMPTS, base_new, tuned):
+    for prompt, (b, _), (t, stopped) in zip(HELD_OUT_PROMPTS, base_new, tuned, strict=True):
         print(f"  prompt: {prompt!r}")
         print(f"    base    : {tokenizer.decode(b, skip_special_tokens=True)!r}")
         print(f"    adapter : {tokenizer.decode(t, skip_special_tokens=True)!r} (stopped={stopped})")
@@ -339,7 +339,9 @@ def main() -> None:
     answers = []
     for prompt in TRAIN_PROMPTS:
         new, stopped = greedy(base, tokenizer, prompt, GEN_TOKENS)
-        answers.append(clean_answer(tokenizer.decode(new, skip_special_tokens=True), stopped))
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        assert isinstance(text, str)  # one sequence decodes to one string
+        answers.append(clean_answer(text, stopped))
     eval_tokens = max(s.eval_tokens for s in SPECS.values())
     base_held = [greedy(base, tokenizer, p, eval_tokens) for p in HELD_OUT_PROMPTS]
     del base

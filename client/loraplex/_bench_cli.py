@@ -8,6 +8,7 @@ from typing import Any, TextIO
 
 from loraplex.bench import BACKENDS, POPULARITIES, BenchConfig, LengthDist, run_bench
 
+
 def _length_spec(text: str) -> str:
     try:
         return str(LengthDist.parse(text))

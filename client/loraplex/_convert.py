@@ -7,7 +7,7 @@ doubles, proxies). Enum values travel as lowercase labels: ``FINISH_REASON_STOP`
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from grpc_health.v1 import health_pb2
 
@@ -41,7 +41,7 @@ def enum_value(enum: Any, prefix: str, label: str) -> int:
     try:
         return enum.Value(prefix + label.upper())
     except ValueError:
-        valid = ", ".join(repr(n.removeprefix(prefix).lower()) for n in enum.keys())
+        valid = ", ".join(repr(n.removeprefix(prefix).lower()) for n in enum.keys())  # noqa: SIM118 - a protobuf enum wrapper, not a dict: not iterable
         raise ValueError(f"unknown label {label!r}; expected one of {valid}") from None
 
 
@@ -50,11 +50,11 @@ def finish_reason_from_proto(value: int) -> str:
     return enum_label(pb.FinishReason, _FINISH_PREFIX, value)
 
 
-def finish_reason_to_proto(label: str | None) -> int:
+def finish_reason_to_proto(label: str | None) -> pb.FinishReason:
     """Label -> ``FINISH_REASON_*`` value; ``None`` is ``FINISH_REASON_UNSPECIFIED``."""
     if label is None:
         return pb.FINISH_REASON_UNSPECIFIED
-    return enum_value(pb.FinishReason, _FINISH_PREFIX, label)
+    return cast(pb.FinishReason, enum_value(pb.FinishReason, _FINISH_PREFIX, label))
 
 
 def adapter_state_from_proto(value: int) -> str:
@@ -62,9 +62,9 @@ def adapter_state_from_proto(value: int) -> str:
     return enum_label(pb.AdapterState, _STATE_PREFIX, value)
 
 
-def adapter_state_to_proto(label: str) -> int:
+def adapter_state_to_proto(label: str) -> pb.AdapterState:
     """Label -> ``ADAPTER_STATE_*`` value."""
-    return enum_value(pb.AdapterState, _STATE_PREFIX, label)
+    return cast(pb.AdapterState, enum_value(pb.AdapterState, _STATE_PREFIX, label))
 
 
 def usage_from_proto(msg: pb.Usage) -> Usage:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 from loraplex._convert import chat_message_to_proto
 from loraplex.types import ChatMessage
 from loraplex.v1 import loraplex_pb2 as pb
 
-MessageLike = Union[ChatMessage, tuple[str, str], Mapping[str, str]]
+MessageLike = ChatMessage | tuple[str, str] | Mapping[str, str]
 
 
 def to_chat_message(item: Any) -> ChatMessage:
@@ -98,7 +98,8 @@ def set_constraint(params: pb.SamplingParams, *, json_schema: str | Mapping[str,
                    json_object: bool = False) -> None:
     """Set the ``constraint`` oneof from at most one of the keyword arguments."""
     given = [name for name, value in (("json_schema", json_schema), ("regex", regex), ("choice", choice),
-                                      ("grammar", grammar)) if value is not None] + (["json_object"] if json_object else [])
+                                      ("grammar", grammar)) if value is not None]
+    given += ["json_object"] if json_object else []
     if len(given) > 1:
         raise ValueError(f"give at most one constraint (got {', '.join(given)})")
     if json_schema is not None:

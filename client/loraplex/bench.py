@@ -365,7 +365,7 @@ class BenchResult:
 
         return cls(
             config=config, duration_s=duration_s, sent=len(records), completed=len(done),
-            errors=dict(Counter(r.error_code for r in records if not r.ok).most_common()),
+            errors=dict(Counter(r.error_code or str(r.error) for r in records if not r.ok).most_common()),
             prompt_tokens=prompt_tokens, output_tokens=output_tokens,
             requests_per_s=per_s(len(done)), output_tokens_per_s=per_s(output_tokens),
             total_tokens_per_s=per_s(prompt_tokens + output_tokens),

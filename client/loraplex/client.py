@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Callable, Union
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Self
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,8 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loraplex._convert import (
     adapter_info_from_proto,
     generate_result_from_proto,
-    serving_status_name,
     server_info_from_proto,
+    serving_status_name,
     stream_chunk_from_proto,
 )
 from loraplex._request import MessageLike, build_generate_request
@@ -37,10 +37,10 @@ from loraplex.types import AdapterInfo, GenerateResult, ServerInfo, StreamChunk
 from loraplex.v1 import loraplex_pb2 as pb
 from loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 
-__all__ = ["AsyncClient", "Client", "DEFAULT_TARGET"]
+__all__ = ["DEFAULT_TARGET", "AsyncClient", "Client"]
 
 DEFAULT_TARGET = "localhost:50051"
-Metadata = Union[Mapping[str, str], Sequence[tuple[str, str]]]
+Metadata = Mapping[str, str] | Sequence[tuple[str, str]]
 
 
 def _call_metadata(metadata: Metadata | None, api_key: str | None) -> tuple[tuple[str, str], ...]:
@@ -232,7 +232,7 @@ class Client:
         """Close the channel; calls in flight are cancelled."""
         self._channel.close()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -372,7 +372,7 @@ class AsyncClient:
         """Close the channel; calls in flight are cancelled."""
         await self._channel.close()
 
-    async def __aenter__(self) -> AsyncClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

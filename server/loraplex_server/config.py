@@ -6,9 +6,9 @@ Everything else receives a config object; nothing reads ``os.environ`` at import
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Mapping
 
 ENV_PREFIX = "LORAPLEX_"
 

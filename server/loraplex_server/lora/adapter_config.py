@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 from ..errors import AdapterLoadError
 
@@ -69,7 +70,7 @@ def module_name(tensor_name: str) -> str:
     return name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
 
 
-def pattern_entry(patterns: dict | None, name: str) -> tuple[str, object] | None:
+def pattern_entry(patterns: dict | None, name: str) -> tuple[str, Any] | None:
     """PEFT's rank/alpha pattern lookup: the first key matching the name's end, with its value."""
     for pattern, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({pattern})$", name):

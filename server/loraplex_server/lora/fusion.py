@@ -32,21 +32,21 @@ SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 class SharedInputGroup:
     """Up to 3 LoRA layers of one block that read the same input (see the module docstring)."""
 
-    def __init__(self, members: list["LoraLinear"]):
+    def __init__(self, members: list[LoraLinear]):
         self.members = members
         self._clear()
 
     def _clear(self) -> None:
         self._x: torch.Tensor | None = None
-        self._mapping: "LoraMapping | None" = None
+        self._mapping: LoraMapping | None = None
         self._h: torch.Tensor | None = None
         self._left = 0
 
-    def apply(self, member: "LoraLinear", y: torch.Tensor, x: torch.Tensor, mapping: "LoraMapping",
+    def apply(self, member: LoraLinear, y: torch.Tensor, x: torch.Tensor, mapping: LoraMapping,
               backend) -> None:
         """``y`` [T, out] += ``member``'s delta for ``x`` (the layer's input as it was called)."""
         x2d = x.reshape(-1, member.in_features)  # [T, in]
-        if x is not self._x or mapping is not self._mapping or self._left == 0:
+        if x is not self._x or mapping is not self._mapping or self._left == 0 or self._h is None:
             ranks = torch.stack([m.slot_ranks.table for m in self.members], dim=1)  # [num_slots, P]
             self._h = backend.shrink(x2d, [m.lora_a for m in self.members], ranks, mapping)  # [T, P * R]
             self._x, self._mapping, self._left = x, mapping, len(self.members)
@@ -57,7 +57,7 @@ class SharedInputGroup:
             self._clear()
 
 
-def group_shared_inputs(layers: dict[ModuleKey, "LoraLinear"]) -> list[SharedInputGroup]:
+def group_shared_inputs(layers: dict[ModuleKey, LoraLinear]) -> list[SharedInputGroup]:
     """Attach a group to every set of 2+ layers of one block listed in ``SHARED_INPUTS``."""
     groups = []
     for layer in sorted({key.layer for key in layers}):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -33,11 +35,14 @@ class SlotRanks:
     def __len__(self) -> int:
         return len(self.host)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         return iter(self.host)
 
     def __eq__(self, other) -> bool:
         return list(self.host) == list(other)
+
+    # equal to a list of the same ranks, so unhashable like one (what defining __eq__ alone implies)
+    __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return f"SlotRanks({self.host})"
@@ -49,8 +54,9 @@ def lora_compute_dtype(model_dtype: torch.dtype, device: torch.device, apply: Lo
     torch ops on CPU. There the LoRA shapes (a few tokens per adapter, ranks 8-64) are
     dispatch-bound, and a bf16 batched matmul costs ~3x an fp32 one (measured, 2 threads: 150 vs
     48 us for 5 adapters x 4 tokens at rank 16), while converting x and the delta is cheap."""
-    if hasattr(apply, "weight_dtype"):
-        return apply.weight_dtype(model_dtype)
+    weight_dtype = getattr(apply, "weight_dtype", None)
+    if weight_dtype is not None:
+        return weight_dtype(model_dtype)
     return torch.float32 if device.type == "cpu" else model_dtype
 
 
@@ -64,6 +70,10 @@ class LoraStepState:
 
 
 class LoraLinear(nn.Module):
+    # buffers (registered in __init__): [max_loras, max_rank, in] and [max_loras, max_rank, out]
+    lora_a: torch.Tensor
+    lora_bt: torch.Tensor
+
     def __init__(self, base: nn.Linear, key: ModuleKey, max_loras: int, max_rank: int, state: LoraStepState):
         super().__init__()
         self.base = base

@@ -5,11 +5,23 @@ The runner packs sequences sorted by slot, so tokens of one adapter form contigu
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 NO_SLOT = -1
+
+
+class SlotRankList(Protocol):
+    """Each slot's rank for one module: a ``list[int]``, or a LoRA layer's ``SlotRanks``."""
+
+    def __getitem__(self, slot: int, /) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[int]: ...
 
 
 @dataclass(frozen=True)
@@ -40,7 +52,7 @@ class LoraMapping:
     is_static: bool = False
 
     @classmethod
-    def from_runs(cls, runs: list[tuple[int, int]], device: torch.device | str = "cpu") -> "LoraMapping":
+    def from_runs(cls, runs: list[tuple[int, int]], device: torch.device | str = "cpu") -> LoraMapping:
         """``runs``: (slot, num_tokens) per packed sequence, in packed order."""
         segments: list[list[int]] = []
         slots: list[int] = []
@@ -56,10 +68,10 @@ class LoraMapping:
                     segments.append([start, start + n, slot])
             start += n
         token_slots = torch.tensor(slots, dtype=torch.long, device=device)
-        return cls(token_slots, tuple(tuple(s) for s in segments), start)
+        return cls(token_slots, tuple((lo, hi, slot) for lo, hi, slot in segments), start)
 
     @classmethod
-    def static(cls, token_slots: torch.Tensor) -> "LoraMapping":
+    def static(cls, token_slots: torch.Tensor) -> LoraMapping:
         """A mapping over a device buffer whose contents change between graph replays."""
         return cls(token_slots, (), token_slots.shape[0], is_static=True)
 
@@ -78,7 +90,7 @@ class LoraMapping:
             table = self._runs["table"] = torch.tensor(self.segments, dtype=torch.int32).reshape(-1, 3)
         return table
 
-    def segment_runs(self, ranks: list[int], max_pad_rows: int = 0) -> list[SegmentRun]:
+    def segment_runs(self, ranks: SlotRankList, max_pad_rows: int = 0) -> list[SegmentRun]:
         """Segments grouped into runs for a module whose slot ranks are ``ranks``; neighbours of
         different rank join a run while it reads at most ``max_pad_rows`` zero rank rows
         (cached per ranks and bound)."""
@@ -89,7 +101,7 @@ class LoraMapping:
         return runs
 
 
-def _group_runs(segments, ranks: list[int], max_pad_rows: int) -> list[SegmentRun]:
+def _group_runs(segments, ranks: SlotRankList, max_pad_rows: int) -> list[SegmentRun]:
     runs: list[SegmentRun] = []
     for start, end, slot in segments:
         rank, width = ranks[slot], end - start

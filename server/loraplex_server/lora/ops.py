@@ -29,11 +29,11 @@ the weights ~1.6x faster than ``bmm(x, A^T)`` then ``bmm(h, B^T)`` with B stored
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from .mapping import LoraMapping
+from .mapping import LoraMapping, SlotRankList
 from .triton_ops import select_lora_backend
 
 # On CPU a matmul pair costs ~25 us of dispatch, about the time to stream 256 KB of weights (one
@@ -41,7 +41,7 @@ from .triton_ops import select_lora_backend
 RUN_MERGE_PAD_BYTES = 256 * 1024
 
 # (y [T, out], x [T, in], lora_a [S, R, in], lora_bt [S, R, out], ranks per slot, mapping) -> None
-LoraApply = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int], LoraMapping], None]
+LoraApply = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, SlotRankList, LoraMapping], None]
 
 
 def lora_apply_reference(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.Tensor,
@@ -60,7 +60,7 @@ def lora_apply_reference(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
 
 
 def sgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.Tensor,
-         ranks: list[int], mapping: LoraMapping) -> None:
+         ranks: SlotRankList, mapping: LoraMapping) -> None:
     """Segment layout, one batched matmul pair per run of equal-shaped segments.
 
     for run in runs:  # slots lo..hi-1, each with `width` contiguous tokens, all of rank r
@@ -87,7 +87,7 @@ def sgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.
 
 
 def bgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.Tensor,
-         ranks: list[int], mapping: LoraMapping) -> None:
+         ranks: SlotRankList, mapping: LoraMapping) -> None:
     """Gather layout: every row gathers its slot's weights at the padded rank (padding rank rows
     are zero) and rows without a slot add an exact zero. Reads nothing on the host, so it is the
     torch apply a captured decode step (static mapping) can replay; costly on CPU otherwise.
@@ -97,7 +97,8 @@ def bgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.
         y[t] += (A[max(s, 0)] @ (x[t] if s >= 0 else 0)) @ Bt[max(s, 0)]
     """
     slots = mapping.token_slots.clamp(min=0)  # [T]
-    xs = torch.where((mapping.token_slots >= 0)[:, None], x, 0).to(lora_a.dtype)  # [T, in]: rows without a slot read zeros
+    # [T, in]: rows without a slot read zeros
+    xs = torch.where((mapping.token_slots >= 0)[:, None], x, 0).to(lora_a.dtype)
     h = torch.bmm(lora_a[slots], xs.unsqueeze(2))  # [T, R, 1], exact zeros on those rows
     if y.dtype == lora_bt.dtype:
         y.unsqueeze(1).baddbmm_(h.transpose(1, 2), lora_bt[slots])  # [T, 1, out], a view of y
@@ -106,7 +107,7 @@ def bgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.
 
 
 def lora_apply(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.Tensor,
-               ranks: list[int], mapping: LoraMapping) -> None:
+               ranks: SlotRankList, mapping: LoraMapping) -> None:
     """Add every token's LoRA delta to ``y`` [T, out] in place; ``x`` is [T, in]."""
     if mapping.is_static:
         bgmv(y, x, lora_a, lora_bt, ranks, mapping)

@@ -11,8 +11,8 @@ loop they compute are in ``triton_kernels.py``. ``lora_shrink`` / ``lora_expand`
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -142,6 +142,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor | Sequence[torch.Tensor], 
     kernel = sgmv_shrink_kernel if layout == "segment" else bgmv_shrink_kernel
     tiles = _tiles(kernel, layout, x.dtype, max_rank, segments.max_len)
     del tiles["BLOCK_N"]
+    grid: tuple[int, ...]
     if layout == "segment":
         grid = (cdiv(segments.max_len, tiles["BLOCK_M"]), segments.count, num_proj)
     else:
@@ -176,7 +177,7 @@ def _output_slices(y: torch.Tensor | Sequence[torch.Tensor], outs: list[int]) ->
         ys = list(y.split(outs, dim=1))
     else:
         ys = list(y)
-    if len(ys) != len(outs) or any(t.shape[1] != n or t.stride(1) != 1 for t, n in zip(ys, outs)):
+    if len(ys) != len(outs) or any(t.shape[1] != n or t.stride(1) != 1 for t, n in zip(ys, outs, strict=True)):
         raise ValueError("each output must be [T, out_p] with contiguous columns")
     return ys
 
@@ -237,13 +238,13 @@ class TritonLoraBackend:
     every layer) and device copies of the per-module rank lists, so no layer copies host to device.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._mapping: LoraMapping | None = None
         self._segments: SegmentTensors | None = None
         self._ranks: dict[tuple, torch.Tensor] = {}
 
     def segments_for(self, mapping: LoraMapping) -> SegmentTensors:
-        if mapping is not self._mapping:
+        if mapping is not self._mapping or self._segments is None:
             self._segments = SegmentTensors.from_segments(mapping.segments, mapping.token_slots.device)
             self._mapping = mapping
         return self._segments

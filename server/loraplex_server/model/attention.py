@@ -15,14 +15,18 @@ included), query ``i`` (absolute position ``p = ctx_len - q_len + i``) attends k
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from .native import NativeKernels
+
+if TYPE_CHECKING:  # it imports this module
+    from .triton_attention import VarlenPagedMeta
 
 ATTENTION_NAME = "loraplex_paged"
 META_KWARG = "loraplex_attn"
@@ -53,13 +57,14 @@ class PagedAttentionMetadata:
     decode_ctx_lens: torch.Tensor | None = None  # [num_decodes] int32
     decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks] int32 (padding: block 0)
     block_size: int = 1
-    varlen: object | None = None  # a prebuilt triton_attention.VarlenPagedMeta (captured decode steps)
+    varlen: VarlenPagedMeta | None = None  # prebuilt for captured decode steps
     decode_kernel: NativeKernels | None = None  # reads K/V blocks in place for the decodes (CPU)
     _masks: dict = field(default_factory=dict)
 
     def decode_slots(self) -> torch.Tensor:
         """[num_decodes, max_ctx] cache slot of every context position (from the block tables)."""
         if "decode_slots" not in self._masks:
+            assert self.decode_block_tables is not None, "no decodes in this step"
             self._masks["decode_slots"] = block_slots(self.decode_block_tables, self.block_size)
         return self._masks["decode_slots"]
 
@@ -67,6 +72,7 @@ class PagedAttentionMetadata:
         """[num_decodes, 1, 1, max_ctx] True where a decode token may attend."""
         key = ("decode", window)
         if key not in self._masks:
+            assert self.decode_ctx_lens is not None, "no decodes in this step"
             max_ctx = self.decode_slots().shape[1]
             j = torch.arange(max_ctx, device=self.decode_ctx_lens.device)[None, :]  # [1, max_ctx]
             lens = self.decode_ctx_lens[:, None]  # [num_decodes, 1]

@@ -6,9 +6,10 @@ on a CPU decode step of a small model those launches cost more than the maths.
 ``install_fused_ops`` gives each matching module instance a forward through the native kernels
 (model/csrc/elementwise.cpp), which keep the modules' roundings, and computes q/k/v and gate/up
 by one merged matmul each (merged_linear.py; the LoRA deltas land in the members' columns). A
-module matches only when its class's forward is, bytecode for bytecode, Llama's (norms and MLPs: Mistral, Qwen2/3, Phi-3 and
-others copy them; attention: Llama's own), and for the MLP when its activation is SiLU: anything
-else (Gemma's ``1 + weight`` norm, GELU MLPs, sliding-window attention code) keeps its forward.
+module matches only when its class's forward is, bytecode for bytecode, Llama's (norms and MLPs:
+Mistral, Qwen2/3, Phi-3 and others copy them; attention: Llama's own), and for the MLP when its
+activation is SiLU: anything else (Gemma's ``1 + weight`` norm, GELU MLPs, sliding-window
+attention code) keeps its forward.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import inspect
 import types
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from transformers.activations import SiLUActivation
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, eager_attention_forward
@@ -40,9 +41,13 @@ def _same_code(fn_a, fn_b) -> bool:
     return (a.co_code, a.co_consts, a.co_names) == (b.co_code, b.co_consts, b.co_names)
 
 
-def _is_llama_rms_norm(module: nn.Module) -> bool:
-    return (_same_code(type(module).forward, LlamaRMSNorm.forward) and hasattr(module, "variance_epsilon")
-            and isinstance(getattr(module, "weight", None), torch.Tensor))
+def _llama_rms_norm_weight(module: nn.Module) -> torch.Tensor | None:
+    """The weight of a module that is Llama's RMSNorm (by its forward's code), else None."""
+    weight = getattr(module, "weight", None)
+    if (_same_code(type(module).forward, LlamaRMSNorm.forward) and hasattr(module, "variance_epsilon")
+            and isinstance(weight, torch.Tensor)):
+        return weight
+    return None
 
 
 def _is_silu(act) -> bool:
@@ -90,7 +95,7 @@ def _attention_forward(kernels: NativeKernels):
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
         cos, sin = position_embeddings if position_embeddings is not None else (None, None)
         if (hidden_states.dim() != 3 or hidden_states.shape[0] != 1 or kwargs.get("cache") is not None
-                or kwargs.get("past_key_values") is not None or cos is None
+                or kwargs.get("past_key_values") is not None or cos is None or sin is None
                 or not kernels.supports(hidden_states.dtype) or cos.dtype != hidden_states.dtype
                 or _traced(hidden_states)):
             return type(self).forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
@@ -115,7 +120,8 @@ def install_fused_ops(model: nn.Module, kernels: NativeKernels) -> int:
     modules. Call before ``pack_linears``, so the merged linears are the ones packed."""
     installed = 0
     for module in list(model.modules()):  # merging adds modules
-        if _is_llama_rms_norm(module) and kernels.supports(module.weight.dtype):
+        norm_weight = _llama_rms_norm_weight(module)
+        if norm_weight is not None and kernels.supports(norm_weight.dtype):
             module.forward = types.MethodType(_rms_norm_forward(kernels), module)
             installed += 1
         elif _is_gated_silu_mlp(module):

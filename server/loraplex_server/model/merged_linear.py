@@ -36,7 +36,8 @@ class ColumnSlice(nn.Module):
         self.in_features, self.out_features = self.merged.in_features, hi - lo
 
     @property
-    def merged(self) -> nn.Module:
+    def merged(self) -> nn.Linear:
+        """The merged linear (or the ``PackedLinear`` that replaced it: no ``weight`` then)."""
         return getattr(self._parent[0], self.merged_name)
 
     @property
@@ -62,15 +63,21 @@ class MergedMember:
 
 def _base_of(member: nn.Module) -> nn.Module:
     """The plain linear under a LoRA wrapper (anything with ``base`` and ``add_delta``), or the member."""
-    return member.base if hasattr(member, "add_delta") and hasattr(member, "base") else member
+    base = getattr(member, "base", None) if hasattr(member, "add_delta") else None
+    return base if isinstance(base, nn.Module) else member
 
 
-def _mergeable(bases: list[nn.Module]) -> bool:
-    if not all(type(b) is nn.Linear for b in bases):
-        return False
-    first = bases[0].weight
-    return all(b.in_features == bases[0].in_features and b.weight.dtype == first.dtype
-               and b.weight.device == first.device and (b.bias is None) == (bases[0].bias is None) for b in bases)
+def _mergeable_linears(bases: list[nn.Module]) -> list[nn.Linear] | None:
+    """``bases`` when all are plain linears of one input size, dtype and device, with a bias on all
+    or none; else None."""
+    linears = [b for b in bases if type(b) is nn.Linear]
+    if len(linears) != len(bases):
+        return None
+    first = linears[0]
+    if all(b.in_features == first.in_features and b.weight.dtype == first.weight.dtype
+           and b.weight.device == first.weight.device and (b.bias is None) == (first.bias is None) for b in linears):
+        return linears
+    return None
 
 
 @torch.no_grad()
@@ -78,11 +85,11 @@ def merge_projections(parent: nn.Module, names: tuple[str, ...], merged_name: st
     """Merge ``parent``'s linears ``names`` into ``parent.<merged_name>``; returns the members with
     their column ranges, or None (nothing changed) when they are not plain linears of one input
     size, dtype and device."""
-    members = [getattr(parent, name, None) for name in names]
-    if any(m is None for m in members):
+    members = [m for m in (getattr(parent, name, None) for name in names) if m is not None]
+    if len(members) != len(names):
         return None
-    bases = [_base_of(m) for m in members]
-    if not _mergeable(bases):
+    bases = _mergeable_linears([_base_of(m) for m in members])
+    if bases is None:
         return None
     merged = nn.Linear(bases[0].in_features, sum(b.out_features for b in bases), bias=bases[0].bias is not None,
                        device=bases[0].weight.device, dtype=bases[0].weight.dtype)
@@ -91,8 +98,9 @@ def merge_projections(parent: nn.Module, names: tuple[str, ...], merged_name: st
         merged.bias.copy_(torch.cat([b.bias for b in bases]))
     merged.requires_grad_(False)
     setattr(parent, merged_name, merged)
-    out, lo = [], 0
-    for name, member, base in zip(names, members, bases):
+    out: list[MergedMember] = []
+    lo = 0
+    for name, member, base in zip(names, members, bases, strict=True):
         piece = ColumnSlice(parent, merged_name, lo, lo + base.out_features)
         if member is base:
             setattr(parent, name, piece)

@@ -61,11 +61,12 @@ def _compiler() -> str | None:
     return shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiler_flags(compiler: str) -> tuple[str, ...]:
     """FLAGS, plus OpenMP when the compiler is GNU (its libgomp is the runtime torch ships)."""
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30,
+                                 check=False).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
     gnu = "Free Software Foundation" in version and "clang" not in version
@@ -96,7 +97,7 @@ def build_library(cache_dir: Path) -> Path:
     start = time.monotonic()
     try:
         result = subprocess.run([compiler, *flags, "-o", staging, *map(str, SOURCES)], capture_output=True,
-                                text=True, timeout=BUILD_TIMEOUT_S)
+                                text=True, timeout=BUILD_TIMEOUT_S, check=False)  # stderr goes into the error
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
         os.replace(staging, target)
@@ -167,8 +168,8 @@ class NativeKernels:
                              f"Bt {tuple(lora_bt.shape)}")
         status = self._sgmv[key](x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), lora_a.data_ptr(),
                                  lora_bt.data_ptr(), max_rank * in_features, max_rank * out_features, in_features,
-                                 out_features, ranks.data_ptr(), segments.data_ptr(), segments.shape[0], x.shape[0], num_slots,
-                                 max_rank, self.threads)
+                                 out_features, ranks.data_ptr(), segments.data_ptr(), segments.shape[0], x.shape[0],
+                                 num_slots, max_rank, self.threads)
         if status != 0:
             raise ValueError("lora_sgmv: a segment outside the tokens or the slots, or a rank above the buffers'")
 
@@ -203,7 +204,8 @@ class NativeKernels:
         tokens, heads, head_dim = x.shape
         if x.stride(2) != 1 or x.stride(1) != head_dim or head_dim % 2:
             raise ValueError("rope needs x [T, H, D] with contiguous heads and an even head size")
-        if cos.shape != (tokens, head_dim) or sin.shape != cos.shape or cos.stride() != sin.stride() or cos.stride(1) != 1:
+        if (cos.shape != (tokens, head_dim) or sin.shape != cos.shape or cos.stride() != sin.stride()
+                or cos.stride(1) != 1):
             raise ValueError(f"rope cos/sin {tuple(cos.shape)} for x {tuple(x.shape)}")
         self._rope[_ELEMENT[x.dtype]](x.data_ptr(), x.stride(0), tokens, heads, head_dim, cos.data_ptr(),
                                       sin.data_ptr(), cos.stride(0), self.threads)

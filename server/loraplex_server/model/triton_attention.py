@@ -18,6 +18,7 @@ in fp32. A block table of block size 1 is a per-token slot table, which is what 
 """
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -116,7 +117,7 @@ class VarlenPagedMeta:
             q_starts.append(span.q_start)
             q_lens.append(span.q_len)
             ctx_lens.append(span.ctx_len)
-        ints = dict(dtype=torch.int32, device=device)
+        ints: dict[str, Any] = dict(dtype=torch.int32, device=device)
         parts = [torch.tensor(q_starts, **ints), torch.tensor(q_lens, **ints), torch.tensor(ctx_lens, **ints)]
         widths = [len(t) for t in tables]
         if meta.decode_rows is not None:
@@ -124,13 +125,14 @@ class VarlenPagedMeta:
             widths.append(decode_tables.shape[1])
             parts[0] = torch.cat([parts[0], meta.decode_rows.to(torch.int32)])
             parts[1] = torch.cat([parts[1], torch.ones_like(meta.decode_rows, dtype=torch.int32)])
+            assert meta.decode_ctx_lens is not None  # set with decode_rows
             parts[2] = torch.cat([parts[2], meta.decode_ctx_lens.to(torch.int32)])
         table = torch.zeros(parts[0].shape[0], max(widths, default=1), **ints)
         for i, t in enumerate(tables):
             table[i, :len(t)] = t
         if meta.decode_rows is not None:
             table[len(tables):, :decode_tables.shape[1]] = decode_tables
-        return cls(*parts, table, bs, max(q_lens, default=1))
+        return cls(parts[0], parts[1], parts[2], table, bs, max(q_lens, default=1))
 
 
 def _launch_options(kernel, dtype: torch.dtype, group: int, max_q_len: int, head_dim: int) -> dict:
