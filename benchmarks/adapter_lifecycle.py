@@ -22,12 +22,13 @@ from synthetic_adapters import write_adapter
 from loraplex_server.config import engine_config_from_env
 from loraplex_server.engine.engine import LLMEngine
 from loraplex_server.engine.request import Prompt, SamplingParams
+from loraplex_server.lora.ids import AdapterId, VersionKey
 
 
 def load_latencies(engine: LLMEngine, paths: list[Path]) -> tuple[list[float], list[float]]:
     lora, cold, warm = engine.lora, [], []
     for i, path in enumerate(paths):
-        version = lora.add_adapter(f"lat{i}", path, eager=False)
+        version = lora.add_adapter(AdapterId(f"lat{i}"), path, eager=False)
         start = time.perf_counter()
         lora.registry.ensure_loading(version.key)
         while not lora.registry.ready(version.key):
@@ -39,7 +40,7 @@ def load_latencies(engine: LLMEngine, paths: list[Path]) -> tuple[list[float], l
     return cold, warm
 
 
-def step_times(engine: LLMEngine, steps: int, background: list[str] | None = None) -> list[float]:
+def step_times(engine: LLMEngine, steps: int, background: list[VersionKey] | None = None) -> list[float]:
     for i in range(8):
         engine.add_request(engine.make_request(Prompt(token_ids=tuple(range(100 + i, 116 + i))),
                                                SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)))
@@ -70,10 +71,10 @@ def main(argv=None) -> None:
                  for i in range(args.adapters)]
         cold, warm = load_latencies(engine, paths[: args.adapters // 2])
         quiet = step_times(engine, args.steps)
-        keys = [engine.lora.add_adapter(f"bg{i}", path, eager=False).key
+        keys = [engine.lora.add_adapter(AdapterId(f"bg{i}"), path, eager=False).key
                 for i, path in enumerate(paths[args.adapters // 2:])]
         busy = step_times(engine, args.steps, keys)
-    size_mb = engine.lora.registry.current("lat0").meta.size_bytes / 1e6
+    size_mb = engine.lora.registry.current(AdapterId("lat0")).meta.size_bytes / 1e6
     print(f"model={engine.loaded.name} threads={args.threads} adapter: rank {args.rank}, all 7 modules, "
           f"{size_mb:.1f} MB resident")
     print(f"cold load (disk -> host, validated): median {statistics.median(cold) * 1e3:.1f} ms, "

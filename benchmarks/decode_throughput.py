@@ -22,13 +22,15 @@ from synthetic_adapters import write_adapter
 from loraplex_server.config import engine_config_from_env
 from loraplex_server.engine.engine import LLMEngine
 from loraplex_server.engine.request import Prompt, SamplingParams
+from loraplex_server.lora.ids import AdapterId
 
 
 def measure(engine: LLMEngine, batch: int, adapters: Sequence[str | None], new_tokens: int) -> float:
     for i in range(batch):
         adapter = adapters[i % len(adapters)]
         engine.add_request(engine.make_request(Prompt(token_ids=tuple(range(100 + i, 116 + i))),
-                                               SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), adapter))
+                                               SamplingParams(max_new_tokens=new_tokens, ignore_eos=True),
+                                               AdapterId(adapter) if adapter else None))
     engine.step()  # prefill (all prompts fit one step)
     decoded, start = 0, time.perf_counter()
     while engine.has_work:
@@ -61,7 +63,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.adapters):
             path = write_adapter(Path(tmp) / f"a{i}", engine.loaded.model.config, args.rank, seed=i)
-            engine.lora.add_adapter(f"a{i}", path)
+            engine.lora.add_adapter(AdapterId(f"a{i}"), path)
             names.append(f"a{i}")
         measure(engine, 2, [None, *names], 4)  # warm-up
         print(f"model={engine.loaded.name} device={engine.loaded.device} dtype={engine.loaded.dtype} "

@@ -28,6 +28,7 @@ from synthetic_adapters import write_adapter
 from loraplex_server.config import engine_config_from_env
 from loraplex_server.engine.engine import LLMEngine
 from loraplex_server.engine.request import Prompt, SamplingParams
+from loraplex_server.lora.ids import AdapterId
 
 TINY_LLAMA = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=49152, max_position_embeddings=2048,
@@ -54,7 +55,7 @@ def measure(engine: LLMEngine, timer: TimedForward, seqs: int, adapters: list[st
     for i, name in enumerate(names[:seqs]):
         prompt = Prompt(token_ids=tuple(range(10 + i % 50, 26 + i % 50)))
         engine.add_request(engine.make_request(prompt, SamplingParams(max_new_tokens=steps + 2, ignore_eos=True),
-                                               name))
+                                               AdapterId(name) if name else None))
     while engine.last_batch != (seqs, seqs):  # prefill (and any chunks) until a pure decode step
         engine.step()
     totals, hosts = [], []
@@ -91,7 +92,7 @@ def main(argv=None) -> list[dict]:
         engine = LLMEngine(config)
         adapters = []
         for i in range(args.adapters):
-            engine.lora.add_adapter(f"a{i}", write_adapter(Path(tmp) / f"a{i}", engine.loaded.model.config,
+            engine.lora.add_adapter(AdapterId(f"a{i}"), write_adapter(Path(tmp) / f"a{i}", engine.loaded.model.config,
                                                            (8, 16)[i % 2], seed=i))
             adapters.append(f"a{i}")
         timer = TimedForward(engine.runner.forward_logits)

@@ -31,6 +31,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loraplex_server.lora import triton_ops
+from loraplex_server.lora.ids import AdapterId
 from loraplex_server.lora.mapping import LoraMapping
 from loraplex_server.lora.ops import lora_apply_reference
 
@@ -138,7 +139,7 @@ def decode_engine(preset: str, dtype_name: str, device: str, num_adapters: int, 
     names = [f"a{i}" for i in range(num_adapters)]
     for i, name in enumerate(names):
         rank = RANK_MIX[i % len(RANK_MIX)]
-        engine.lora.add_adapter(name, write_adapter(tmp / name, engine.loaded.model.config, rank, seed=i))
+        engine.lora.add_adapter(AdapterId(name), write_adapter(tmp / name, engine.loaded.model.config, rank, seed=i))
     return engine, names
 
 

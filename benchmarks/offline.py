@@ -66,6 +66,7 @@ from phases import alternate, check_lengths, describe, log, profile_loraplex, ru
 
 from loraplex_server.config import default_cache_dir
 from loraplex_server.engine.engine import LLMEngine
+from loraplex_server.lora.ids import AdapterId
 from loraplex_server.model.loader import EMBEDDED_NAME, dummy_config, embedded_model_dir
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -223,7 +224,7 @@ def run_loraplex_pair(args, spec: ModelSpec, pool: dict[str, Path], names: list[
         log(f"Loraplex: engine ready ({engine.loaded.name}, max_loras {engine.config.lora.max_loras}), "
             f"registering {len(names)} adapters (eager)")
         for name in names:
-            engine.lora.add_adapter(name, pool[name], eager=True)
+            engine.lora.add_adapter(AdapterId(name), pool[name], eager=True)
         warm_up_loraplex(engine, [None, names[0]], vocab)
         for system in wanted:
             w = work.on_base() if system == "loraplex_base" else work

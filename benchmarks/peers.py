@@ -31,6 +31,7 @@ from synthetic_adapters import write_adapter
 from loraplex_server.config import CacheConfig, EngineConfig, LoraConfig, ModelConfig, SchedulerConfig
 from loraplex_server.engine.engine import LLMEngine
 from loraplex_server.engine.request import Prompt, SamplingParams
+from loraplex_server.lora.ids import AdapterId
 from loraplex_server.model.loader import LoadedModel, load_model
 
 SYSTEMS = ("peft_sequential", "peft_batched", "loraplex_base", "loraplex_lora")
@@ -279,7 +280,8 @@ def run_loraplex(engine: LLMEngine, work: Workload, system: str, tag: str = "") 
     c0, t0 = time.process_time(), time.perf_counter()
     ids = []
     for i, (prompt, adapter) in enumerate(zip(work.prompts, work.adapters, strict=True)):
-        req = engine.make_request(Prompt(token_ids=tuple(prompt)), sampling, adapter, request_id=f"{system}{tag}-{i}")
+        req = engine.make_request(Prompt(token_ids=tuple(prompt)), sampling, AdapterId(adapter) if adapter else None,
+                                  request_id=f"{system}{tag}-{i}")
         engine.add_request(req)
         ids.append(req.request_id)
     first: dict[str, float] = {}

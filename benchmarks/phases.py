@@ -21,6 +21,8 @@ from peers import (
     warm_up_loraplex,
 )
 
+from loraplex_server.lora.ids import AdapterId
+
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
@@ -95,7 +97,7 @@ def scaling_engine(args, spec: ModelSpec, pool: dict[str, Path], names: list[str
                              max_batch_tokens=args.max_batch_tokens, kv_cache_bytes=args.kv_cache_bytes)
     start = time.perf_counter()
     for name in names[:count]:
-        engine.lora.add_adapter(name, pool[name], eager=False)
+        engine.lora.add_adapter(AdapterId(name), pool[name], eager=False)
     register_s = time.perf_counter() - start
     warm_up_loraplex(engine, [None, None], vocab)  # base only
     return engine, register_s

@@ -49,6 +49,7 @@ from loraplex_server.config import CacheConfig, EngineConfig, LoraConfig, Schedu
 from loraplex_server.engine.engine import LLMEngine
 from loraplex_server.engine.inputs import InputProcessor
 from loraplex_server.engine.request import ChatMessage, Prompt
+from loraplex_server.lora.ids import AdapterId
 
 WORDS = ("the account support team order refund invoice shipping policy customer product warranty return "
          "delivery payment card bank transfer status tracking number address email phone hours weekend "
@@ -128,7 +129,7 @@ def make_engine(args, spec: ModelSpec, pool: dict[str, Path], caching: bool) -> 
         lora=LoraConfig(max_loras=len(pool), max_cpu_loras=len(pool), max_lora_rank=32))
     engine = LLMEngine(config, loaded=spec.load())
     for name, path in pool.items():
-        engine.lora.add_adapter(name, path)
+        engine.lora.add_adapter(AdapterId(name), path)
     warm_up_loraplex(engine, list(pool), engine.loaded.model.config.vocab_size)
     return engine
 

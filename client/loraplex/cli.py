@@ -15,14 +15,14 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 import grpc
 
-from loraplex._version import __version__
 from loraplex._bench_cli import add_bench_parser
+from loraplex._version import __version__
 from loraplex.client import DEFAULT_TARGET, Client
 from loraplex.errors import LoraplexError
 from loraplex.types import AdapterInfo, ChatMessage, StreamChunk, Usage
@@ -182,7 +182,7 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_json(value: Any, out: TextIO) -> None:
-    if dataclasses.is_dataclass(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = dataclasses.asdict(value)
     out.write(json.dumps(value, ensure_ascii=False) + "\n")
 
@@ -231,8 +231,8 @@ def chat_hint(args: argparse.Namespace) -> str:
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Left-aligned columns separated by two spaces (trailing spaces stripped)."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
-    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip()
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
              for row in (headers, *rows)]
     return "\n".join(lines)
 

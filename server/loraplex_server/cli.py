@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .config import load_config, parse_adapters, parse_size, parse_switch
 from .errors import LoraplexError
@@ -15,7 +17,7 @@ from .logs import setup_logging
 log = logging.getLogger("loraplex_server")
 
 # flag -> (section, field, type, help)
-FLAGS = [
+FLAGS: list[tuple[str, str, str, Callable[[str], Any], str]] = [
     ("--model", "model", "model", str, "HF model directory, .gguf file, or (with --load-format dummy) a preset "
                                        "or config.json; default: the embedded SmolLM2-135M-Instruct"),
     ("--load-format", "model", "load_format", str, "auto | safetensors | gguf | dummy"),
@@ -65,7 +67,8 @@ FLAGS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="loraplex-server", description="Loraplex multi-LoRA server (gRPC and OpenAI-compatible HTTP).")
+    p = argparse.ArgumentParser(prog="loraplex-server",
+                                description="Loraplex multi-LoRA server (gRPC and OpenAI-compatible HTTP).")
     p.add_argument("--config", type=Path, default=None, help="TOML config file (also $LORAPLEX_CONFIG)")
     for flag, _section, field, kind, doc in FLAGS:
         p.add_argument(flag, dest=field, type=kind, default=None, help=doc)

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from ..errors import AdapterNotFoundError
-from ..tenancy import Principal, PermissionDeniedError
+from ..tenancy import PermissionDeniedError, Principal
 
 
 def owner_of(adapter_id: str) -> str | None:

@@ -27,9 +27,10 @@ import re
 import threading
 import time
 import tomllib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..tenancy import (
     OPEN_PRINCIPAL,
@@ -241,7 +242,7 @@ class KeyStore:
             self._last_check = now
             current, failed = self._keyset.stamp, self._failed_stamp
         stamp = _file_stamp(self._path)
-        if stamp == current or stamp == failed:
+        if stamp in (current, failed):
             return False
         if stamp == _MISSING:
             log.error("keys file %s is missing; keeping the %d previously loaded key(s)",

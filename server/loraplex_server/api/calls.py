@@ -101,8 +101,8 @@ class Call:
         """Log and count ``exc``; what the client is told (internal errors only by request id)."""
         code = status_for(exc)
         if code is grpc.StatusCode.INTERNAL and not isinstance(exc, EngineFailure):
-            log.exception("internal error in %s (request id %s)", self.method, self.request_id or "-",
-                          exc_info=exc)
+            log.error("internal error in %s (request id %s)", self.method, self.request_id or "-",
+                      exc_info=exc)
             details = f"internal error (request id {self.request_id or '-'})"
         else:
             details = str(exc)
@@ -144,6 +144,7 @@ async def start_call(method: str, state: ServingState, context, adapter_id: str 
     except LoraplexError as exc:
         state.metrics.record_rpc(method, status_for(exc).name, adapter_id, None)
         await context.abort(status_for(exc), str(exc))
+        raise AssertionError("context.abort raises") from exc
 
 
 def admin_rpc(body):

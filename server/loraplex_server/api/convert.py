@@ -7,14 +7,22 @@ import uuid
 
 from loraplex.v1 import loraplex_pb2 as pb
 
-from ..engine.request import (DEFAULT_MAX_NEW_TOKENS, ChatMessage, Constraint, FinishReason, Prompt, RequestOutput,
-                              SamplingParams, TokenLogprob)
+from ..engine.request import (
+    DEFAULT_MAX_NEW_TOKENS,
+    ChatMessage,
+    Constraint,
+    FinishReason,
+    Prompt,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
 from ..errors import InvalidRequestError
 from ..lora.weights import AdapterInfo
 
 MAX_REQUEST_ID_LEN = 128
 _ID = re.compile(r"^[A-Za-z0-9._:@/-]+$")
-_FINISH = {
+_FINISH: dict[FinishReason | None, pb.FinishReason] = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.STOP: pb.FINISH_REASON_STOP,
     FinishReason.EOS: pb.FINISH_REASON_EOS,

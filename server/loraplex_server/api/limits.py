@@ -15,7 +15,8 @@ import math
 import threading
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
+from typing import Self
 
 from ..tenancy import RateLimitError, TenantLimits
 
@@ -28,7 +29,7 @@ MIN_RETRY_AFTER_S = 0.1
 class _TenantState:
     """In-flight count and the token window of one tenant. Guarded by the limiter's lock."""
 
-    __slots__ = ("in_flight", "queued", "buckets", "window_tokens")
+    __slots__ = ("buckets", "in_flight", "queued", "window_tokens")
 
     def __init__(self) -> None:
         self.in_flight = 0
@@ -68,7 +69,7 @@ class Ticket:
 
     A ticket starts queued (it counts against ``max_queued``) until ``started()`` or ``release()``."""
 
-    __slots__ = ("_limiter", "tenant", "_released", "queued")
+    __slots__ = ("_limiter", "_released", "queued", "tenant")
 
     def __init__(self, limiter: TenantLimiter, tenant: str):
         self._limiter = limiter
@@ -93,7 +94,7 @@ class Ticket:
         """Shorthand for ``limiter.record_tokens(ticket.tenant, n)``."""
         self._limiter.record_tokens(self.tenant, n)
 
-    def __enter__(self) -> Ticket:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info) -> None:

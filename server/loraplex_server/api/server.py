@@ -15,13 +15,15 @@ import functools
 import logging
 import signal
 import threading
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
 from loraplex.v1 import loraplex_pb2 as pb
 from loraplex.v1 import loraplex_pb2_grpc as pb_grpc
-from prometheus_client import start_http_server
 
 from ..config import Config
 from ..engine.engine import LLMEngine
@@ -51,7 +53,7 @@ class LoraplexServer:
         self.serving = False  # what the health service says (SERVING); /health reports it too
         self._http: HttpFrontEnd | None = None
         self._grpc: grpc.aio.Server | None = None
-        self._metrics_http = None
+        self._metrics_http: Any = None  # prometheus_client's WSGI server, once started
         self._ready: asyncio.Task | None = None
         self.discovery: AdapterDiscovery | None = None
         self._discovery_task: asyncio.Task | None = None
@@ -73,21 +75,24 @@ class LoraplexServer:
         if cfg.http_port >= 0:
             await self._start_http(cfg)
         if cfg.metrics_port >= 0:
-            self._metrics_http, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=self.state.metrics.registry)
+            self._metrics_http, _ = start_http_server(cfg.metrics_port, addr=cfg.host,
+                                                      registry=self.state.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
         log.info("listening", extra={"fields": {"port": self.port, "metrics_port": self.metrics_port,
                                                 "http_port": self.http_port}})
         self._ready = asyncio.create_task(self._bring_up())
 
     async def _start_http(self, cfg) -> None:
-        self._http = HttpFrontEnd(build_app(self.state, lambda: self.serving), cfg.resolved_http_host, cfg.http_port)
+        http = self._http = HttpFrontEnd(build_app(self.state, lambda: self.serving), cfg.resolved_http_host,
+                                         cfg.http_port)
         try:
-            await self._http.start()
+            await http.start()
         except OSError as exc:  # e.g. the port is taken: fail start-up cleanly (exit code 1)
             self._http = None
-            await self._grpc.stop(0)
+            if self._grpc is not None:
+                await self._grpc.stop(0)
             raise LoraplexError(f"cannot serve HTTP on {cfg.resolved_http_host}:{cfg.http_port}: {exc}") from exc
-        self.http_port = self._http.port
+        self.http_port = http.port
 
     async def _set_health(self, status) -> None:
         self.serving = status == health_pb2.HealthCheckResponse.SERVING
@@ -120,6 +125,7 @@ class LoraplexServer:
 
     async def wait_ready(self) -> None:
         """Return once serving; raise what start-up raised (bad model, bad start-up adapter)."""
+        assert self._ready is not None, "start() first"
         await asyncio.shield(self._ready)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -154,7 +160,8 @@ class LoraplexServer:
         is refused UNAVAILABLE (``draining``) rather than cancelled by gRPC's own shutdown."""
         clock = asyncio.get_running_loop().time
         deadline = clock() + grace
-        while self.state.loop is not None and self.state.loop.num_in_flight and clock() < deadline:
+        # Polls a count the engine thread keeps: there is no asyncio event to await.
+        while self.state.loop is not None and self.state.loop.num_in_flight and clock() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(DRAIN_POLL_S)
         return max(0.0, deadline - clock())
 
@@ -176,8 +183,9 @@ async def serve(config: Config, engine_factory: EngineFactory = LLMEngine) -> No
     ready = asyncio.ensure_future(server.wait_ready())
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait([ready, stopping], return_when=asyncio.FIRST_COMPLETED)
-    if ready.done() and ready.exception() is not None:
+    failure = ready.exception() if ready.done() else None
+    if failure is not None:
         await server.stop(0)
-        raise ready.exception()
+        raise failure
     await stopping
     await server.stop()

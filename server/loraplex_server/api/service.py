@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 from ..engine.loop import EngineLoop
 from ..engine.request import Prompt, RequestOutput, SamplingParams
@@ -28,20 +28,22 @@ class LoraplexService:
 
     # ---- generation -------------------------------------------------------------------------
     async def open(self, call: Call, prompt: Prompt, sampling: SamplingParams, adapter_id: AdapterId | None,
-                   request_id: str | None = None) -> "Generation":
+                   request_id: str | None = None) -> Generation:
         """Check access and tenant limits, then submit (``request_id``, default ``call.request_id``).
 
         Errors (NOT_FOUND, limits, queue full, a bad prompt) raise here, before any output."""
         loop = self.state.engine_loop()
         self.check_model(call, adapter_id)
-        ticket = self.state.limiter.admit(call.tenant)  # counts it queued (atomically with the check)
+        limiter = self.state.limiter
+        assert limiter is not None  # set in ServingState.__post_init__
+        ticket = limiter.admit(call.tenant)  # counts it queued (atomically with the check)
         try:
             stream = await asyncio.to_thread(loop.submit, prompt, sampling, adapter_id,
                                              request_id or call.request_id, call.tenant)
         except BaseException:
             ticket.release()
             raise
-        return Generation(stream, ticket, call, self.state.metrics, lambda request_id: loop.abort(request_id))
+        return Generation(stream, ticket, call, self.state.metrics, loop.abort)
 
     async def generate(self, call: Call, prompt: Prompt, sampling: SamplingParams,
                        adapter_id: AdapterId | None) -> AsyncIterator[RequestOutput]:
@@ -68,14 +70,17 @@ class LoraplexService:
         await self._persist(StoredAdapter(adapter_id, source, info.version, info.pinned, info.owner))
         return info
 
-    async def _persist(self, entry: StoredAdapter | None, remove: str | None = None) -> None:
-        """Record (or with ``remove``, forget) a registration in the state dir, if there is one."""
-        self.state.restore_failures.pop(entry.adapter_id if entry else remove, None)
+    async def _persist(self, entry: StoredAdapter) -> None:
+        """Record a registration in the state dir, if there is one."""
+        self.state.restore_failures.pop(entry.adapter_id, None)
         if self.state.store is not None:
-            if entry is not None:
-                await asyncio.to_thread(self.state.store.put, entry)
-            else:
-                await asyncio.to_thread(self.state.store.remove, remove)
+            await asyncio.to_thread(self.state.store.put, entry)
+
+    async def _forget(self, adapter_id: str) -> None:
+        """Remove a registration from the state dir, if there is one."""
+        self.state.restore_failures.pop(adapter_id, None)
+        if self.state.store is not None:
+            await asyncio.to_thread(self.state.store.remove, adapter_id)
 
     async def _load(self, loop: EngineLoop, adapter_id: AdapterId, source: str) -> None:
         start = time.perf_counter()
@@ -102,7 +107,7 @@ class LoraplexService:
         loop = self.state.engine_loop()
         if adapter_id not in self.state.restore_failures or loop.has_adapter(adapter_id):
             await asyncio.wrap_future(loop.remove_adapter(adapter_id))
-        await self._persist(None, remove=adapter_id)
+        await self._forget(adapter_id)
 
     async def list_adapters(self, call: Call) -> tuple[list[AdapterInfo], list[tuple[StoredAdapter, str]]]:
         """The adapters the caller may see, and the stored ones that failed to restore at start-up."""

@@ -9,7 +9,7 @@ thread, a replica in its constructor. Whatever fails, the loop is shut down befo
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from ..config import Config, EngineConfig
 from ..engine.engine import LLMEngine

@@ -7,8 +7,8 @@ version key (``id@n``), so a hot-swap never mixes two versions in one request.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from torch import nn
 
@@ -36,9 +36,8 @@ class LoraManager:
         self.state = LoraStepState(apply_function(model_device(model), native_kernels))
         self.targets = find_targets(model)
         self.layers = inject_lora_layers(model, config.max_loras, config.max_lora_rank, self.state)
-        extra = {"load_fn": load_fn} if load_fn is not None else {}
         self.registry = AdapterRegistry(self.targets, config.max_lora_rank, config.max_cpu_loras,
-                                        config.adapter_root, config.max_adapter_bytes, **extra)
+                                        config.adapter_root, config.max_adapter_bytes, load_fn=load_fn)
         self.slots = SlotManager(self.layers, config.max_loras)
         self.request_counts: dict[AdapterId, int] = {}
         self.pinned_ids: set[AdapterId] = set()

@@ -22,10 +22,11 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from ..errors import AdapterLoadError, AdapterNotFoundError, AdapterSourceUnavailableError
 from .ids import AdapterId, VersionKey, version_key
@@ -106,14 +107,14 @@ def _check_same_bytes(version: AdapterVersion, weights: LoraAdapter) -> None:
 class AdapterRegistry:
     def __init__(self, targets: dict[ModuleKey, TargetShape], max_rank: int, max_cpu_loras: int,
                  adapter_root: Path | None = None, max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
-                 load_fn: LoadFn = load_adapter, load_workers: int = 2, retry: RetryPolicy = RetryPolicy(),
+                 load_fn: LoadFn | None = None, load_workers: int = 2, retry: RetryPolicy = RetryPolicy(),
                  sleep: Callable[[float], None] = time.sleep):
         self.targets = targets
         self.max_rank = max_rank
         self.max_cpu_loras = max(1, max_cpu_loras)
         self.adapter_root = adapter_root
         self.max_adapter_bytes = max_adapter_bytes
-        self._load_fn = load_fn
+        self._load_fn = load_fn or load_adapter
         self.retry = retry
         self._sleep = sleep
         self._load_states: dict[VersionKey, LoadState] = {}  # version key -> its background load
@@ -186,14 +187,14 @@ class AdapterRegistry:
             weights, meta, fingerprint = None, plan.meta, plan.fingerprint
         with self._lock:
             number = version if version is not None else self._next_version  # restored: keep its number
-            version = AdapterVersion(meta, number, owner, fingerprint=fingerprint)
+            registered = AdapterVersion(meta, number, owner, fingerprint=fingerprint)
             self._next_version = max(self._next_version, number) + 1
-            self._current[adapter_id] = version
-            self._versions[version.key] = version
+            self._current[adapter_id] = registered
+            self._versions[registered.key] = registered
             if weights is not None:
-                version.load_latency_s = weights[1]
-                self._put_cpu(version.key, weights[0])
-        return version
+                registered.load_latency_s = weights[1]
+                self._put_cpu(registered.key, weights[0])
+        return registered
 
     def unpublish(self, adapter_id: AdapterId) -> AdapterVersion:
         """New requests get NOT_FOUND; requests bound to the version keep it."""

@@ -12,7 +12,8 @@ neighbouring adapters with one matmul pair.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import AbstractSet, Callable
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 
 from .ids import VersionKey
 from .layers import LoraLinear

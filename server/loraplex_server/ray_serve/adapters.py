@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from ..errors import AdapterNotFoundError
 from ..lora.adapter_root import adapter_dir

@@ -11,9 +11,10 @@ Serve's gRPC proxy needs ``GRPC_SERVICER_FUNCTIONS`` in ``grpc_options.grpc_serv
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..config import Config, load_config, with_overrides
 
@@ -43,7 +44,7 @@ class AppArgs:
     adapters_per_replica: int = 8  # Serve's max_num_models_per_replica: adapters one replica holds
 
     @classmethod
-    def parse(cls, raw: Mapping[str, Any] | None) -> "AppArgs":
+    def parse(cls, raw: Mapping[str, Any] | None) -> AppArgs:
         known = {f.name for f in fields(cls)}
         unknown = set(raw or {}) - known
         if unknown:
@@ -72,11 +73,12 @@ def loraplex_app(config: Config, adapters_per_replica: int = 8, num_replicas: in
                  replica_actor_options: Mapping[str, Any] | None = None) -> Application:
     """The application from a Config (Python API; ``build_app`` is the Serve-config entry point,
     where a ``deployments:`` entry sets replicas and resources)."""
-    replica = serve.deployment(LoraplexReplica).options(
+    # serve.deployment's stubs type the class form as a decorator factory; it returns a Deployment
+    replica = serve.deployment(LoraplexReplica).options(  # type: ignore[attr-defined]
         name=REPLICA_DEPLOYMENT, num_replicas=num_replicas,
         max_ongoing_requests=config.engine.scheduler.max_num_seqs,  # then Serve spreads the load
         ray_actor_options=dict(replica_actor_options or {"num_cpus": 1}))
-    ingress = serve.deployment(LoraplexIngress).options(
+    ingress = serve.deployment(LoraplexIngress).options(  # type: ignore[attr-defined]
         name=INGRESS_DEPLOYMENT, max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
         ray_actor_options={"num_cpus": 0})
     return ingress.bind(replica.bind(absolute_paths(config), adapters_per_replica))

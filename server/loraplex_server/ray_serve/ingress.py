@@ -13,8 +13,9 @@ import asyncio
 import logging
 
 from grpc_health.v1 import health_pb2
-from loraplex.v1 import loraplex_pb2 as pb
 from ray.serve.handle import DeploymentHandle
+
+from loraplex.v1 import loraplex_pb2 as pb
 
 from .status import ReplicaStatusError, forwarded_metadata
 
@@ -49,7 +50,7 @@ class LoraplexIngress:
         """A failure is raised, not returned: Serve sends a stream's status only with an exception."""
         chunks = self._to_adapter(request.adapter_id, stream=True).generate_stream.remote(
             request, forwarded_metadata(grpc_context))
-        async for item in chunks:
+        async for item in chunks:  # type: ignore[union-attr]  # stream=True: a response generator
             if isinstance(item, ReplicaStatusError):
                 item.apply(grpc_context)
                 raise item

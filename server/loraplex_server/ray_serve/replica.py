@@ -9,10 +9,12 @@ loads X. Each replica reports what it holds to Serve (that is what routing reads
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
 
 from loraplex.v1 import loraplex_pb2 as pb
-from ray import serve
 
 from ..config import Config
 from .service import ReplicaService

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from loraplex.v1 import loraplex_pb2 as pb
 
@@ -85,7 +86,7 @@ class ReplicaService:
             self.catalog.source_of(adapter_id)  # NOT_FOUND before Serve's cache counts it as loading
             await self.get_adapter(adapter_id)
         except Exception as exc:  # noqa: BLE001 - mapped to a status code in one place
-            await call.fail(context, exc)
+            await call.fail(context, exc)  # type: ignore[arg-type]  # ForwardedContext: the part of it fail uses
 
     # ---- RPCs (the ingress calls these; a failure comes back as a ReplicaStatusError value) -----
     async def generate(self, request: pb.GenerateRequest,

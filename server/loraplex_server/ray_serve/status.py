@@ -11,7 +11,8 @@ Everything here is Ray-free.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grpc
 

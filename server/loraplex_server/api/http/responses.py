@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ...engine.request import FinishReason, RequestOutput, TokenLogprob
 
@@ -11,7 +11,9 @@ FINISH = {FinishReason.STOP: "stop", FinishReason.EOS: "stop", FinishReason.LENG
 
 
 def finish_reason(out: RequestOutput) -> str | None:
-    return FINISH.get(out.finish_reason, "stop") if out.finished else None
+    if not out.finished or out.finish_reason is None:
+        return None if not out.finished else "stop"
+    return FINISH.get(out.finish_reason, "stop")
 
 
 @dataclass

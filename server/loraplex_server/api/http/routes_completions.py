@@ -162,7 +162,7 @@ async def _events(job: Job):
             offsets[index] += len(out.text)
         job.call.ok(finals[0])
         if body.include_usage:
-            yield event(job.envelope([], chunk=True, usage=r.total_usage(finals, body.n)))
+            yield event(job.envelope([], chunk=True, usage=r.total_usage([f for f in finals if f is not None], body.n)))
     except (asyncio.CancelledError, GeneratorExit):  # the client went away: every choice is aborted
         job.call.cancelled()
         raise

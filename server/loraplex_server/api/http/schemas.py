@@ -24,7 +24,8 @@ COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "s
 COMPLETION_FIELDS = COMMON | {"prompt", "logprobs"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 # field -> the values that mean "not used"; any other value is refused as unsupported
-NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},), "echo": (False,),
+NEUTRAL: dict[str, tuple] = {
+           "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},), "echo": (False,),
            "suffix": ("",), "best_of": (1,), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
            "function_call": ("none",), "parallel_tool_calls": (True, False), "modalities": (["text"],),
            "audio": (), "prediction": (), "store": (False,), "metadata": ({},), "service_tier": ("auto",)}

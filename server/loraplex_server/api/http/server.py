@@ -57,9 +57,10 @@ class HttpFrontEnd:
         """Stop accepting; in-flight responses get ``grace`` seconds."""
         if self._server is None or self._task is None:
             return
-        self._server.config.timeout_graceful_shutdown = max(grace, 0.01)
+        # uvicorn annotates it int; it is passed to asyncio.wait_for, where a float works
+        self._server.config.timeout_graceful_shutdown = max(grace, 0.01)  # type: ignore[assignment]
         self._server.should_exit = True
         try:
             await self._task
-        except (Exception, SystemExit):  # noqa: BLE001 - shutting down anyway
+        except (Exception, SystemExit):
             log.exception("HTTP server stopped with an error")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from starlette.responses import StreamingResponse
 
@@ -38,13 +38,13 @@ class SSEResponse(StreamingResponse):
             for task in (streaming, watching):
                 task.cancel()
             results = await asyncio.gather(streaming, watching, return_exceptions=True)
-            await self.body_iterator.aclose()
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]  # ours: an async generator
         error = results[0]
         if isinstance(error, Exception) and not isinstance(error, OSError):
             raise error
 
 
-async def interleave(generations: Sequence[Generation]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def interleave(generations: Sequence[Generation]) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """(choice index, delta) of all generations as they come; closing it cancels them all."""
     if len(generations) == 1:  # the common case: no tasks, no queue
         try:
