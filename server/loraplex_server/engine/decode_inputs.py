@@ -43,7 +43,7 @@ class DecodeRow:
     lora_slot: int
 
     @classmethod
-    def of(cls, request: Request, lora_slot: int) -> "DecodeRow":
+    def of(cls, request: Request, lora_slot: int) -> DecodeRow:
         pos = request.num_computed_tokens
         return cls(request.token_slice(pos, pos + 1)[0], pos, request.block_ids, lora_slot)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 try:
     from tokenizers.decoders import DecodeStream
 except ImportError:  # tokenizers < 0.21
-    DecodeStream = None
+    DecodeStream = None  # type: ignore[misc,assignment]  # optional class: None marks it missing (checked below)
 
 REPLACEMENT = "\ufffd"
 CONTEXT_TOKENS = 5

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -18,13 +18,14 @@ from ..lora.ids import AdapterId, VersionKey
 from ..lora.manager import LoraManager
 from ..metrics import StepStats
 from ..model.attention import register_paged_attention
-from ..model.loader import LoadedModel, load_model
 from ..model.fused_ops import install_fused_ops
+from ..model.loader import LoadedModel, load_model
 from ..model.native import load_native_kernels
 from ..model.packed_linear import pack_linears
 from ..model.triton_attention import select_attention_function
 from .decode_graphs import DecodeGraphs, build_decode_graphs, graph_mode
 from .fairness import FcfsOrder, VirtualTokenCounter
+from .fault_isolation import bisect_failures
 from .guided import GrammarBackend, GrammarCache, Guide
 from .info import ServerInfo
 from .inputs import InputProcessor
@@ -33,7 +34,6 @@ from .kv_cache import KVCacheSpec, allocate_kv_cache, num_blocks_for
 from .output import OutputProcessor
 from .request import FinishReason, Prompt, Request, RequestOutput, SamplingParams
 from .runner import ModelRunner
-from .fault_isolation import bisect_failures
 from .scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,8 @@ class LLMEngine:
                                    key_ready=self.lora.ready, reserved_keys=self.lora.reserved_keys,
                                    fairness=make_fairness(config.scheduler.fairness, tenant_weight))
         self.runner = ModelRunner(model, kv_caches, config.cache.block_size, self.loaded.device, self.lora)
-        model_len = config.model.max_model_len or getattr(model.config, "max_position_embeddings", 2048)
+        native_len: int = getattr(model.config, "max_position_embeddings", 2048)
+        model_len = config.model.max_model_len or native_len
         if graphs:
             self.runner.decode_graphs = self._decode_graphs(graphs, kv_caches, num_blocks, model_len)
         if config.model.cpu_kernels == "auto" and self.loaded.device.type == "cpu":
@@ -122,6 +123,7 @@ class LLMEngine:
         try:
             failure = self.lora.failure(version.key) if version is not None else None
             if failure is not None:
+                assert adapter_id is not None  # a version (whose load failed) was acquired for it
                 raise AdapterUnavailableError(adapter_id, failure)
             token_ids = self.inputs.token_ids(prompt)
             self.inputs.check(token_ids, sampling)
@@ -195,7 +197,7 @@ class LLMEngine:
         try:
             ran = [(batch.scheduled, self._run(batch.scheduled))]
             self.failed_steps_in_a_row = 0
-        except Exception:  # noqa: BLE001 - isolated below: only the culprit requests end
+        except Exception:  # isolated below: only the culprit requests end
             log.exception("engine step of %d requests failed; re-running them in halves", len(batch.scheduled))
             self.failed_steps_in_a_row += 1
             ran, culprits = bisect_failures(batch.scheduled, self._run)
@@ -227,7 +229,8 @@ class LLMEngine:
         """Start loads for queued requests' adapters (in queue order, up to half the CPU cache),
         keep the cached ones of that window fresh so later prefetches evict something else, and
         end the requests whose adapter failed to load."""
-        outputs, seen = [], set()
+        outputs: list[RequestOutput] = []
+        seen: set[VersionKey] = set()
         window = max(1, self.config.lora.max_cpu_loras // 2)
         for request in list(self.scheduler.waiting):
             key = request.adapter_key
@@ -235,6 +238,7 @@ class LLMEngine:
                 continue
             reason = self.lora.failure(key)
             if reason is not None:
+                assert request.adapter_id is not None  # a request bound to an adapter version names its adapter
                 err = AdapterUnavailableError(request.adapter_id, reason)
                 outputs.append(self.outputs.final(request, FinishReason.ERROR, err))
                 self._finish(request)
@@ -274,7 +278,8 @@ class LLMEngine:
             prefix_cache_queries=self.blocks.query_tokens, prefix_cache_hits=self.blocks.hit_tokens,
             grammar_cache_hits=self.grammars.hits, grammar_cache_misses=self.grammars.misses,
             grammar_compile_seconds=self.grammars.drain_compile_seconds(),
-            running_adapters=_adapter_ids(self.scheduler.running), waiting_adapters=_adapter_ids(self.scheduler.waiting),
+            running_adapters=_adapter_ids(self.scheduler.running),
+            waiting_adapters=_adapter_ids(self.scheduler.waiting),
             max_loras=slots.max_loras)
 
     def server_info(self) -> ServerInfo:
@@ -294,7 +299,7 @@ class LLMEngine:
 
     def _postprocess(self, sampled, samples) -> list[RequestOutput]:
         outputs = []
-        for request, token, logprob in zip(sampled, samples.token_ids, samples.logprobs):
+        for request, token, logprob in zip(sampled, samples.token_ids, samples.logprobs, strict=True):
             if request.guide is not None and not request.guide.accept(token):
                 log.error("grammar rejected sampled token %d of request %s (%s)", token, request.request_id,
                           request.guide.failure or "not allowed")
@@ -312,7 +317,8 @@ class LLMEngine:
 
     def fail_running(self, message: str) -> list[RequestOutput]:
         """After an unexpected step failure: end every scheduled request with an error."""
-        outputs = [self.outputs.final(r, FinishReason.ERROR, EngineFailure(message)) for r in list(self.scheduler.running)]
+        outputs = [self.outputs.final(r, FinishReason.ERROR, EngineFailure(message))
+                   for r in list(self.scheduler.running)]
         for request in list(self.scheduler.running):
             self._finish(request)
         return outputs

@@ -15,7 +15,7 @@ earns no credit. With one active tenant the order is exactly FCFS.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from .request import Request
 

@@ -9,7 +9,8 @@ caller's forward on a subset of the step's rows.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")

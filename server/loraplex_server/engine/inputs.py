@@ -28,7 +28,8 @@ class InputProcessor:
             ids = list(prompt.token_ids)
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
-                raise InvalidRequestError("prompt_token_ids", f"token id {bad[0]} outside vocabulary [0, {self.vocab_size})")
+                raise InvalidRequestError("prompt_token_ids",
+                                          f"token id {bad[0]} outside vocabulary [0, {self.vocab_size})")
         else:
             ids = self._tokenize(prompt)
         if not ids:

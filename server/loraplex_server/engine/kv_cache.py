@@ -17,7 +17,7 @@ class KVCacheSpec:
     dtype: torch.dtype
 
     @classmethod
-    def from_model_config(cls, config, dtype: torch.dtype) -> "KVCacheSpec":
+    def from_model_config(cls, config, dtype: torch.dtype) -> KVCacheSpec:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads

@@ -18,11 +18,11 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from typing import Callable, Iterator, TypeVar
+from typing import Self, TypeVar
 
-from ..errors import (AdapterNotFoundError, DuplicateRequestError, EngineStoppedError, LoraplexError,
-                      QueueFullError)
+from ..errors import AdapterNotFoundError, DuplicateRequestError, EngineStoppedError, LoraplexError, QueueFullError
 from ..lora.ids import AdapterId
 from ..lora.weights import AdapterInfo
 from ..metrics import Metrics
@@ -134,7 +134,7 @@ class EngineLoop:
         self._adapters_recorded = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------------
-    def start(self) -> "EngineLoop":
+    def start(self) -> Self:
         self._thread.start()
         return self
 
@@ -151,7 +151,7 @@ class EngineLoop:
         self.stop(timeout)
         self.engine.close()
 
-    def __enter__(self) -> "EngineLoop":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -236,13 +236,14 @@ class EngineLoop:
         """The tenant owning the current version (None: public); AdapterNotFoundError if none."""
         return self.engine.lora.resolve(adapter_id).owner
 
-    def adapter_infos(self) -> "Future[list[AdapterInfo]]":
+    def adapter_infos(self) -> Future[list[AdapterInfo]]:
         """Every published adapter with its tier and load state, read on the engine thread."""
         return self.call(lambda e: e.lora.info())
 
     def decode(self, token_ids: list[int]) -> str:
         """The text of ``token_ids`` (the tokenizer only reads: any thread)."""
-        return self.engine.loaded.tokenizer.decode(token_ids)
+        # LoadedModel.tokenizer is typed ``object | None`` (model/loader.py); it is a Hugging Face tokenizer
+        return self.engine.loaded.tokenizer.decode(token_ids)  # type: ignore[attr-defined]
 
     # ---- the engine thread ----------------------------------------------------------------
     def _send(self, command) -> None:
@@ -267,7 +268,7 @@ class EngineLoop:
         start = time.perf_counter()
         try:
             outputs = self.engine.step()
-        except Exception:  # noqa: BLE001 - one bad step must not kill the loop
+        except Exception:  # one bad step must not kill the loop
             log.exception("engine step failed; failing the running requests")
             outputs = self.engine.fail_running("internal error during the engine step")
         self.num_steps += 1

@@ -14,7 +14,6 @@ from typing import Protocol
 from ..errors import InvalidRequestError, LoraplexError
 from ..lora.ids import AdapterId, VersionKey
 
-
 CONSTRAINT_KINDS = ("json_schema", "regex", "choice", "grammar", "json_object")
 DEFAULT_MAX_NEW_TOKENS = 64  # the documented default of both APIs (unset / zero max_new_tokens, max_tokens)
 
@@ -120,10 +119,16 @@ class Prompt:
 
 
 class GuideLike(Protocol):
-    """What the scheduler sees of a constrained request's grammar state (engine/guided/guide.py)."""
+    """What the scheduler and engine see of a constrained request's grammar state (engine/guided/guide.py)."""
+
+    failure: str | None  # why the grammar engine failed on this request's matcher, if it did
 
     @property
     def ready(self) -> bool: ...
+
+    def refusal(self) -> InvalidRequestError | None: ...
+
+    def accept(self, token_id: int) -> bool: ...
 
 
 class FinishReason(enum.Enum):
@@ -214,7 +219,7 @@ class Request:
     tenant: str = ""
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
-    guide: "GuideLike | None" = None  # the grammar matcher of a constrained request (engine/guided)
+    guide: GuideLike | None = None  # the grammar matcher of a constrained request (engine/guided)
 
     @property
     def guide_ready(self) -> bool:

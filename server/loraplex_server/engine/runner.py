@@ -6,6 +6,7 @@ packed sorted by LoRA slot so each adapter's tokens form one contiguous segment.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +56,7 @@ class ModelRunner:
         return block_slots(torch.tensor(request.block_ids, dtype=torch.long), self.block_size)[:num_tokens]
 
     @staticmethod
-    def _slot_of(lora_slots: dict[VersionKey, int]):
+    def _slot_of(lora_slots: dict[VersionKey, int]) -> Callable[[ScheduledRequest], int]:
         def slot(s: ScheduledRequest) -> int:
             return lora_slots.get(s.request.adapter_key, NO_SLOT) if s.request.adapter_key else NO_SLOT
         return slot
@@ -64,8 +65,16 @@ class ModelRunner:
         slot = self._slot_of(lora_slots)
         order = sorted(batch.scheduled, key=slot)
         bs = self.block_size
-        ids, positions, new_slots, prefills, runs = [], [], [], [], []
-        decode_rows, decode_tables, decode_lens, logits_rows, sampling = [], [], [], [], []
+        ids: list[int] = []
+        positions: list[int] = []
+        new_slots: list[int] = []
+        prefills: list[PrefillSpan] = []
+        runs: list[tuple[int, int]] = []  # (LoRA slot, num_tokens) per packed sequence
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        logits_rows: list[int] = []
+        sampling: list[Request] = []
         offset = 0
         for s in order:
             req, n = s.request, s.num_new_tokens
@@ -88,32 +97,39 @@ class ModelRunner:
         return self._to_device(ids, positions, new_slots, prefills, runs, decode_rows, decode_tables,
                                decode_lens, logits_rows, sampling)
 
-    def _to_device(self, ids, positions, new_slots, prefills, runs, decode_rows, decode_tables, decode_lens,
-                   logits_rows, sampling) -> PackedBatch:
+    def _to_device(self, ids: list[int], positions: list[int], new_slots: list[int], prefills: list[PrefillSpan],
+                   runs: list[tuple[int, int]], decode_rows: list[int], decode_tables: list[list[int]],
+                   decode_lens: list[int], logits_rows: list[int], sampling: list[Request]) -> PackedBatch:
         dev = self.device
-        long, int32 = dict(dtype=torch.long, device=dev), dict(dtype=torch.int32, device=dev)
+
+        def long(data: list[int] | list[list[int]]) -> torch.Tensor:
+            return torch.tensor(data, dtype=torch.long, device=dev)
+
+        def int32(data: list[int] | list[list[int]]) -> torch.Tensor:
+            return torch.tensor(data, dtype=torch.int32, device=dev)
+
         for span in prefills:
             if span.ctx_slots is not None:
                 span.ctx_slots = span.ctx_slots.to(dev)
         tables = None
         if decode_rows:
             width = max(len(t) for t in decode_tables)
-            tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], **int32)
+            tables = int32([t + [0] * (width - len(t)) for t in decode_tables])
         attention = PagedAttentionMetadata(
             kv_caches=self.kv_caches,
-            slot_mapping=torch.tensor(new_slots, **long),
+            slot_mapping=long(new_slots),
             prefills=prefills,
-            decode_rows=torch.tensor(decode_rows, **long) if decode_rows else None,
-            decode_ctx_lens=torch.tensor(decode_lens, **int32) if decode_rows else None,
+            decode_rows=long(decode_rows) if decode_rows else None,
+            decode_ctx_lens=int32(decode_lens) if decode_rows else None,
             decode_block_tables=tables, block_size=self.block_size, decode_kernel=self.decode_kernel,
         )
         lora = LoraMapping.from_runs(runs, dev) if self.lora is not None else None
         return PackedBatch(
-            input_ids=torch.tensor([ids], **long),
-            position_ids=torch.tensor([positions], **long),
+            input_ids=long([ids]),
+            position_ids=long([positions]),
             attention=attention,
             lora=lora,
-            logits_rows=torch.tensor(logits_rows or [len(ids) - 1], **long),
+            logits_rows=long(logits_rows or [len(ids) - 1]),
             sampling_requests=sampling,
         )
 
@@ -147,11 +163,12 @@ class ModelRunner:
             return self._run(batch, lora_slots)
 
     def _run(self, batch: SchedulerOutput, lora_slots: dict[VersionKey, int]) -> tuple[list[Request], SampleResult]:
-        if self.is_graph_decode(batch, lora_slots):
+        graphs = self.decode_graphs  # is_graph_decode is False without them
+        if graphs is not None and self.is_graph_decode(batch, lora_slots):
             slot = self._slot_of(lora_slots)
             order = sorted(batch.scheduled, key=slot)
             requests = [s.request for s in order]
-            logits = self.decode_graphs.run([DecodeRow.of(s.request, slot(s)) for s in order])
+            logits = graphs.run([DecodeRow.of(s.request, slot(s)) for s in order])
             return requests, self.sampler(logits, requests)
         packed = self.pack(batch, lora_slots)
         logits = self.forward_logits(packed)

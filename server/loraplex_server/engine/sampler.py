@@ -10,8 +10,8 @@ the model's raw distribution (log_softmax of the unprocessed logits).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -120,6 +120,6 @@ class Sampler:
         top_vals, top_ids = logp.topk(n_top, dim=1)
         for j, i in enumerate(wanted):
             n = rows[i].sampling.logprobs
-            top = tuple(zip(top_ids[j, :n].tolist(), top_vals[j, :n].tolist()))
+            top = tuple(zip(top_ids[j, :n].tolist(), top_vals[j, :n].tolist(), strict=True))
             out[i] = TokenLogprob(tokens[i], float(logp[j, tokens[i]]), top)
         return out

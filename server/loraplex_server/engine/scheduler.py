@@ -19,8 +19,8 @@ only the uncached tokens are computed and counted against the step's token budge
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ..config import SchedulerConfig
 from ..lora.ids import VersionKey
@@ -36,7 +36,7 @@ class ScheduledRequest:
     samples: bool = False  # this step reaches the request's last token, so a new token is sampled
 
     @classmethod
-    def of(cls, request: Request, num_new_tokens: int) -> "ScheduledRequest":
+    def of(cls, request: Request, num_new_tokens: int) -> ScheduledRequest:
         reaches_end = request.num_computed_tokens + num_new_tokens == request.num_tokens
         return cls(request, num_new_tokens, reaches_end)
 

@@ -19,7 +19,7 @@ try:  # optional at run time: only constrained requests need it
 
     IMPORT_ERROR: str | None = None
 except Exception as exc:  # noqa: BLE001 - ImportError, or a broken native library
-    xgr = None
+    xgr = None  # type: ignore[assignment]  # optional dependency: None marks it missing (require_backend)
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 ANY_OBJECT = '{"type": "object"}'
@@ -60,7 +60,7 @@ class GrammarBackend:
             return self._compile(constraint)
         except InvalidRequestError:
             raise
-        except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError with a message
+        except Exception as exc:  # xgrammar raises RuntimeError/ValueError with a message
             raise InvalidRequestError(constraint.field, f"does not compile: {compile_error_message(exc)}") from exc
 
     def _compile(self, c: Constraint):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
 
 from ...config import GuidedConfig
 from ...errors import InvalidRequestError

@@ -69,6 +69,7 @@ class Guide:
         ends this request only, not the whole batch."""
         try:
             matcher = self.ensure_matcher()  # sets self.backend on first use
+            assert self.backend is not None
             self.backend.fill(matcher, bitmask, row)
         except Exception as exc:  # noqa: BLE001 - contained to this request
             self.failure = f"{type(exc).__name__}: {exc}"
@@ -88,9 +89,13 @@ class Guide:
 def mask_constrained_rows(logits: torch.Tensor, rows: list[Request], constrained: list[int]) -> None:
     """In place: logits [N, V]; each row in ``constrained`` keeps only its grammar's allowed tokens
     (EOS only where the grammar is complete). Other rows are not touched."""
-    guides = [rows[i].guide for i in constrained]
+    guides: list[Guide] = []
+    for i in constrained:
+        guide = rows[i].guide
+        assert isinstance(guide, Guide)  # the engine gives every constrained request a Guide
+        guides.append(guide)
     backend: GrammarBackend = guides[0].compiled_result()[0]  # one backend per engine: all guides share it
     bitmask = backend.new_bitmask(logits.shape[0])  # [N, ceil(V / 32)] all allowed; only constrained rows filled
-    for i, guide in zip(constrained, guides):
+    for i, guide in zip(constrained, guides, strict=True):
         guide.fill(bitmask, i)
     backend.apply(logits, bitmask, constrained)
