@@ -132,3 +132,45 @@ def _swallow(fn):
         fn()
     except Exception:  # noqa: BLE001 - the server is killed under it: any outcome is fine
         pass
+
+
+def test_unload_during_a_load_of_the_same_id_waits_for_it(start_server, root, tmp_path):
+    """An UnloadAdapter arriving while a LoadAdapter of the same id is still persisting runs after
+    it: the adapter ends unloaded AND out of the state dir (unserialized, the load's row was written
+    after the unload had removed it, and the adapter came back at the next restart)."""
+    srv = start_server(root, server_overrides=dict(state_dir=tmp_path / "state"))
+    state = srv.server.state
+    store_put, entered, gate = state.store.put, threading.Event(), threading.Event()
+
+    def slow_put(entry):
+        entered.set()
+        assert gate.wait(60)
+        store_put(entry)
+
+    state.store.put = slow_put
+    results = {}
+
+    def call(name, fn):
+        try:
+            results[name] = fn()
+        except cerr.LoraplexError as exc:
+            results[name] = exc
+
+    with Client(srv.target, timeout=60, retries=0) as c:
+        load = threading.Thread(target=call, args=("load", lambda: c.load_adapter("x", "upper")))
+        load.start()
+        assert entered.wait(60)  # the load is registered in the engine and now writing its row
+        unload = threading.Thread(target=call, args=("unload", lambda: c.unload_adapter("x")))
+        unload.start()
+        # Until the unload has finished (unserialized) or queues behind the load (serialized).
+        deadline = time.monotonic() + 60
+        while unload.is_alive() and state.admin_locks.get("x", (None, 0))[1] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        gate.set()
+        load.join(60)
+        unload.join(60)
+        assert results["load"].adapter_id == "x" and results["unload"] is None
+        assert "x" not in listed(c)
+    assert "x" not in {row.adapter_id for row in state.store.all()}
+    assert state.admin_locks == {}

@@ -4,6 +4,7 @@ table; the HTTP front end maps them to HTTP statuses in ``http/errors.py``)."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -34,6 +35,8 @@ class ServingState:
     store: AdapterStore | None = None  # persisted LoadAdapter registrations (--state-dir)
     # stored adapters that could not be restored at start: id -> (entry, error), shown by ListAdapters
     restore_failures: dict[str, tuple[StoredAdapter, str]] = field(default_factory=dict)
+    # adapter id -> (lock, calls holding or waiting on it): LoadAdapter / UnloadAdapter one at a time
+    admin_locks: dict[str, tuple[asyncio.Lock, int]] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.limiter is None:

@@ -9,6 +9,7 @@ adapters and the adapter-load metrics live here, once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -63,12 +64,30 @@ class LoraplexService:
         """Load (or hot-swap) an adapter inside the caller's namespace; persisted with --state-dir."""
         access.check_may_manage(call.principal, adapter_id)
         loop = self.state.engine_loop()
-        await self._load(loop, adapter_id, source)
-        if pin:
-            await asyncio.wrap_future(loop.pin_adapter(adapter_id))
-        info = await self.adapter_info(loop, adapter_id)
-        await self._persist(StoredAdapter(adapter_id, source, info.version, info.pinned, info.owner))
+        async with self._one_change_at_a_time(adapter_id):
+            await self._load(loop, adapter_id, source)
+            if pin:
+                await asyncio.wrap_future(loop.pin_adapter(adapter_id))
+            info = await self.adapter_info(loop, adapter_id)
+            await self._persist(StoredAdapter(adapter_id, source, info.version, info.pinned, info.owner))
         return info
+
+    @contextlib.asynccontextmanager
+    async def _one_change_at_a_time(self, adapter_id: str):
+        """Load / unload of one id, one at a time across front ends, so that the engine's registry and
+        the state dir see them in the same order (a load's row can never outlive a later unload)."""
+        locks = self.state.admin_locks
+        lock, users = locks.get(adapter_id, (asyncio.Lock(), 0))
+        locks[adapter_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = locks[adapter_id]
+            if users == 1:
+                del locks[adapter_id]
+            else:
+                locks[adapter_id] = (lock, users - 1)
 
     async def _persist(self, entry: StoredAdapter) -> None:
         """Record a registration in the state dir, if there is one."""
@@ -105,9 +124,10 @@ class LoraplexService:
     async def unload_adapter(self, call: Call, adapter_id: AdapterId) -> None:
         access.check_may_manage(call.principal, adapter_id)
         loop = self.state.engine_loop()
-        if adapter_id not in self.state.restore_failures or loop.has_adapter(adapter_id):
-            await asyncio.wrap_future(loop.remove_adapter(adapter_id))
-        await self._forget(adapter_id)
+        async with self._one_change_at_a_time(adapter_id):
+            if adapter_id not in self.state.restore_failures or loop.has_adapter(adapter_id):
+                await asyncio.wrap_future(loop.remove_adapter(adapter_id))
+            await self._forget(adapter_id)
 
     async def list_adapters(self, call: Call) -> tuple[list[AdapterInfo], list[tuple[StoredAdapter, str]]]:
         """The adapters the caller may see, and the stored ones that failed to restore at start-up."""
