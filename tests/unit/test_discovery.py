@@ -136,3 +136,24 @@ def test_the_root_itself_and_symlinks_out_of_it_are_not_adapters(loop, engine, m
     assert AdapterDiscovery(loop, root).sweep() == ["disc-inside"]
     assert not registered(engine, "") and not registered(engine, ".")
     assert not any(registered(engine, i) for i in ("disc-escape/disc-secret", "disc-escape-adapter"))
+
+
+def test_a_directory_refused_while_being_copied_is_registered_once_complete(loop, engine, make_adapter,
+                                                                             tmp_path, caplog):
+    """The config lands before the weights (a copy in progress): refused, warned once, and
+    registered by the first sweep after the weights arrive."""
+    root = tmp_path / "root"
+    complete = make_adapter(tmp_path / "complete")
+    partial = root / "disc-copying"
+    partial.mkdir(parents=True)
+    shutil.copy(complete / "adapter_config.json", partial)
+    discovery = AdapterDiscovery(loop, root)
+    with caplog.at_level(logging.WARNING, logger="loraplex_server.api.discovery"):
+        assert discovery.sweep() == []
+        assert discovery.sweep() == []  # unchanged: not tried (nor warned about) again
+    assert sum("disc-copying" in r.getMessage() for r in caplog.records) == 1
+    assert not registered(engine, "disc-copying")
+    shutil.copy(complete / "adapter_model.safetensors", partial)
+    assert discovery.sweep() == ["disc-copying"]
+    assert registered(engine, "disc-copying")
+    assert discovery.sweep() == []
