@@ -33,6 +33,9 @@ class BlockingLoop:
         assert self.release.wait(30)
         return _FinishedStream(request_id)
 
+    def abort(self, request_id):
+        pass
+
 
 class _FinishedStream:
     def __init__(self, request_id):
