@@ -40,9 +40,11 @@ FLAGS: list[tuple[str, str, str, Callable[[str], Any], str]] = [
     ("--max-num-seqs", "scheduler", "max_num_seqs", int, "cap on running sequences"),
     ("--max-queued-requests", "scheduler", "max_queued_requests", int, "requests in flight before "
                                                                        "RESOURCE_EXHAUSTED"),
-    ("--max-loras", "lora", "max_loras", int, "device slots: distinct adapters per step"),
+    ("--max-loras", "lora", "max_loras", int, "device slots: distinct adapters resident / per step"),
     ("--max-cpu-loras", "lora", "max_cpu_loras", int, "adapters kept loaded in host memory"),
     ("--max-lora-rank", "lora", "max_lora_rank", int, "largest adapter rank accepted"),
+    ("--lora-pool-rows", "lora", "lora_pool_rows", int, "LoRA weight rows per layer (an adapter of rank r "
+     "holds r; default max_loras * max_lora_rank)"),
     ("--adapter-root", "lora", "adapter_root", Path, "adapter sources resolve inside this directory"),
     ("--host", "server", "host", str, "address to bind"),
     ("--port", "server", "port", int, "gRPC port (default 50051)"),

@@ -83,11 +83,20 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    max_loras: int = 4  # device slots = distinct adapters per step
+    max_loras: int = 4  # device slots = distinct adapters resident / per step
     max_cpu_loras: int = 16  # loaded adapters kept in host memory (LRU)
     max_lora_rank: int = 64
     adapter_root: Path | None = None  # adapters resolve inside this directory when set
     max_adapter_bytes: int = 2 * 1024 ** 3  # adapter_model.safetensors size limit
+    # weight rows of every LoRA layer's pool (an adapter of rank r holds r of them); None = max_loras * max_lora_rank
+    lora_pool_rows: int | None = None
+
+    @property
+    def resolved_pool_rows(self) -> int:
+        rows = self.max_loras * self.max_lora_rank if self.lora_pool_rows is None else self.lora_pool_rows
+        if rows < 1:
+            raise ValueError(f"lora_pool_rows must be at least 1, got {rows}")
+        return rows
 
 
 @dataclass(frozen=True)

@@ -30,3 +30,21 @@ def test_with_overrides_copies():
     cfg = EngineConfig()
     new = with_overrides(cfg, cache=dict(num_blocks=7))
     assert new.cache.num_blocks == 7 and cfg.cache.num_blocks is None
+
+
+def test_lora_pool_rows_defaults_to_todays_memory_and_is_wired_like_the_other_lora_options(tmp_path):
+    from loraplex_server.cli import build_parser, flag_values
+    from loraplex_server.config import LoraConfig, load_config
+
+    assert LoraConfig().lora_pool_rows is None and LoraConfig().resolved_pool_rows == 4 * 64
+    assert LoraConfig(max_loras=256, max_lora_rank=16).resolved_pool_rows == 256 * 16
+    assert engine_config_from_env({"LORAPLEX_LORA_POOL_ROWS": "2080"}).lora.resolved_pool_rows == 2080
+    toml = tmp_path / "c.toml"
+    toml.write_text("[lora]\nlora_pool_rows = 512\nmax_loras = 64\n")
+    assert load_config(config_file=toml, environ={}).engine.lora.lora_pool_rows == 512
+    env = {"LORAPLEX_LORA_POOL_ROWS": "1024"}
+    assert load_config(config_file=toml, environ=env).engine.lora.lora_pool_rows == 1024  # env beats the file
+    args = build_parser().parse_args(["--lora-pool-rows", "300"])
+    assert load_config(flag_values(args), toml, env).engine.lora.lora_pool_rows == 300  # the flag beats both
+    with pytest.raises(ValueError, match="at least 1"):
+        _ = LoraConfig(lora_pool_rows=0).resolved_pool_rows
