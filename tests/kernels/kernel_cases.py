@@ -4,6 +4,8 @@ import itertools
 
 import torch
 
+from loraplex_server.lora.ops import lora_apply_reference
+
 ON_GPU = torch.cuda.is_available()
 
 # (atol, rtol) of a kernel's output against the fp64 loop on the same (rounded) inputs. fp16/bf16
@@ -54,6 +56,36 @@ def lora_stacks(num_slots: int, max_rank: int, fan_in: int, fan_out: int, ranks:
         a[s, r:] = 0
         bt[s, r:] = 0
     return a, bt
+
+
+def pool_layout(ranks: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, int]:
+    """Row offsets [S] int32 of slots in a row pool and its size: each slot holds an extent of its
+    largest rank over the projections (``ranks`` [S] or [S, P]; at least one row), in a shuffled
+    slot order with one free row before each extent (so neither slot order nor adjacency is assumed)."""
+    extents = ranks.reshape(ranks.shape[0], -1).amax(dim=1).clamp(min=1).tolist()
+    order = torch.randperm(len(extents), generator=torch.Generator().manual_seed(seed)).tolist()
+    offsets, top = [0] * len(extents), 0
+    for s in order:
+        offsets[s] = top + 1
+        top += 1 + extents[s]
+    return torch.tensor(offsets, dtype=torch.int32), top + 1
+
+
+def to_pool(stack: torch.Tensor, ranks: torch.Tensor, offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """A [S, R, cols] stack's true-rank rows moved into a [num_rows, cols] pool at ``offsets``;
+    every other row (free rows, rows past a slot's rank for this projection) is NaN, so a kernel
+    that reads a row it does not own returns NaN."""
+    pool = torch.full((num_rows, stack.shape[2]), float("nan"), dtype=stack.dtype)
+    for s, (o, r) in enumerate(zip(offsets.tolist(), ranks.tolist())):
+        pool[o:o + r] = stack[s, :r]
+    return pool
+
+
+def stack_reference(y, x, a, bt, ranks, token_slots) -> None:
+    """``lora_apply_reference`` on [S, R, cols] stacks: slot s is rows s*R.. of the flattened pool."""
+    num_slots, max_rank = a.shape[:2]
+    lora_apply_reference(y, x, a.reshape(num_slots * max_rank, -1), bt.reshape(num_slots * max_rank, -1),
+                         [int(r) for r in ranks], [s * max_rank for s in range(num_slots)], token_slots)
 
 
 def poison_padding(stack: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@ outputs or into column slices of one fused output, each projection with its own 
 
 import pytest
 import torch
-from kernel_cases import DTYPES, TOLERANCES, grid, lora_stacks, poison_padding, product, random_runs, slot_ranks
+from kernel_cases import (DTYPES, TOLERANCES, grid, lora_stacks, pool_layout, product, random_runs, slot_ranks,
+                          stack_reference, to_pool)
 
 from loraplex_server.lora import triton_ops
 from loraplex_server.lora.mapping import LoraMapping
@@ -24,32 +25,30 @@ def qkv_batch(hidden, num_tokens, device, concat_a: bool, seed=0):
     mapping = LoraMapping.from_runs(random_runs(num_tokens, num_slots, gen), device)
     x = torch.randn(num_tokens, hidden, generator=gen)
     ys = [torch.randn(num_tokens, n, generator=gen) for n in outs]
-    if concat_a:  # one [S, 3R, in] buffer, the A stacks are views of it
-        a_buf = torch.cat([a for a, _ in stacks], dim=1)
-        a_list = [a_buf[:, p * max_rank:(p + 1) * max_rank] for p in range(3)]
-    else:
-        a_list = [a for a, _ in stacks]
-    return ys, x, a_list, [bt for _, bt in stacks], ranks, mapping
+    return ys, x, [a for a, _ in stacks], [bt for _, bt in stacks], ranks, mapping
 
 
 def expected(ys, x, a_list, bt_list, ranks, mapping, dtype):
     outs = []
-    for y, a, bt in zip(ys, a_list, bt_list):
+    for p, (y, a, bt) in enumerate(zip(ys, a_list, bt_list)):
         f64 = [t.to(dtype).double() for t in (y, x, a, bt)]
-        lora_apply_reference(*f64, mapping.token_slots.cpu())
+        stack_reference(*f64, ranks[:, p], mapping.token_slots.cpu())
         outs.append(f64[0])
     return outs
 
 
 def prepared(ranks, a_list, bt_list, dtype, device, concat_a):
-    """Device copies with NaN past each slot's rank (per projection)."""
-    a_dev = [poison_padding(a, ranks[:, p]).to(device, dtype) for p, a in enumerate(a_list)]
+    """Device row pools, one per projection, sharing one offset table (each slot's extent is its
+    largest rank over the projections), NaN in every row a projection's slot does not own. With
+    ``concat_a`` the A pools are column views of one [rows, 3 * in] buffer."""
+    offsets, num_rows = pool_layout(ranks)
+    a_dev = [to_pool(a, ranks[:, p], offsets, num_rows).to(device, dtype) for p, a in enumerate(a_list)]
     if concat_a:
         buf = torch.cat(a_dev, dim=1)
-        r = a_list[0].shape[1]
-        a_dev = [buf[:, p * r:(p + 1) * r] for p in range(len(a_list))]
-    bt_dev = [poison_padding(bt, ranks[:, p]).to(device, dtype) for p, bt in enumerate(bt_list)]
-    return a_dev, bt_dev
+        k = a_list[0].shape[2]
+        a_dev = [buf[:, p * k:(p + 1) * k] for p in range(len(a_list))]
+    bt_dev = [to_pool(bt, ranks[:, p], offsets, num_rows).to(device, dtype) for p, bt in enumerate(bt_list)]
+    return a_dev, bt_dev, offsets.to(device)
 
 
 @pytest.mark.parametrize("hidden,num_tokens,dtype,layout", grid(FULL, CPU))
@@ -58,16 +57,16 @@ def test_fused_qkv_matches_three_reference_loops(hidden, num_tokens, dtype, layo
     dtype = DTYPES[dtype]
     concat_a = fused_output  # cover both A forms without doubling the grid
     ys, x, a_list, bt_list, ranks, mapping = qkv_batch(hidden, num_tokens, device, concat_a)
-    a_dev, bt_dev = prepared(ranks, a_list, bt_list, dtype, device, concat_a)
+    a_dev, bt_dev, offsets = prepared(ranks, a_list, bt_list, dtype, device, concat_a)
     segments = triton_ops.SegmentTensors.from_segments(mapping.segments, device)
     if fused_output:
         y_fused = torch.cat(ys, dim=1).to(device, dtype)  # [T, out_q + out_k + out_v]
-        triton_ops.triton_lora_apply(y_fused, x.to(device, dtype), a_dev, bt_dev, ranks.to(device),
+        triton_ops.triton_lora_apply(y_fused, x.to(device, dtype), a_dev, bt_dev, ranks.to(device), offsets, 16,
                                      mapping.token_slots, segments, layout)
         outs = list(y_fused.split([y.shape[1] for y in ys], dim=1))
     else:
         outs = [y.to(device, dtype).clone() for y in ys]
-        triton_ops.triton_lora_apply(outs, x.to(device, dtype), a_dev, bt_dev, ranks.to(device),
+        triton_ops.triton_lora_apply(outs, x.to(device, dtype), a_dev, bt_dev, ranks.to(device), offsets, 16,
                                      mapping.token_slots, segments, layout)
     atol, rtol = TOLERANCES[dtype]
     for out, ref in zip(outs, expected(ys, x, a_list, bt_list, ranks, mapping, dtype)):
@@ -79,21 +78,25 @@ def test_rank_zero_projection_leaves_its_output_alone(device):
     mapping = LoraMapping.from_runs([(1, 6)], device)  # slot 1: k has rank 0
     outs = [y.to(device).clone() for y in ys]
     segments = triton_ops.SegmentTensors.from_segments(mapping.segments, device)
-    a_dev, bt_dev = prepared(ranks, a_list, bt_list, torch.float32, device, False)
-    triton_ops.triton_lora_apply(outs, x.to(device), a_dev, bt_dev, ranks.to(device), mapping.token_slots, segments)
+    a_dev, bt_dev, offsets = prepared(ranks, a_list, bt_list, torch.float32, device, False)
+    triton_ops.triton_lora_apply(outs, x.to(device), a_dev, bt_dev, ranks.to(device), offsets, 16, mapping.token_slots,
+                                 segments)
     assert torch.equal(outs[1].cpu(), ys[1])
     assert not torch.equal(outs[0].cpu(), ys[0])
 
 
 def test_fused_inputs_are_validated(device):
     ys, x, a_list, bt_list, ranks, mapping = qkv_batch(576, 4, device, concat_a=False)
+    a_pools, bt_pools, offsets = prepared(ranks, a_list, bt_list, torch.float32, "cpu", False)
     segments = triton_ops.SegmentTensors.from_segments(mapping.segments, device)
     with pytest.raises(ValueError, match="columns"):
-        triton_ops.lora_expand(torch.zeros(4, 100), torch.zeros(4, 48), bt_list, ranks, mapping.token_slots, segments)
+        triton_ops.lora_expand(torch.zeros(4, 100), torch.zeros(4, 48), bt_pools, ranks, offsets, mapping.token_slots,
+                               segments)
     with pytest.raises(ValueError, match="fused"):
-        triton_ops.lora_shrink(x, [a_list[0], a_list[1][:, :8]], ranks[:, :2], mapping.token_slots, segments)
+        triton_ops.lora_shrink(x, [a_pools[0], a_pools[1][:8]], ranks[:, :2], offsets, 16, mapping.token_slots,
+                               segments)
     with pytest.raises(ValueError, match="between 1 and 3"):
-        triton_ops.lora_shrink(x, a_list + a_list[:1], ranks, mapping.token_slots, segments)
+        triton_ops.lora_shrink(x, a_pools + a_pools[:1], ranks, offsets, 16, mapping.token_slots, segments)
 
 
 # ---------------------------------------------------------------- shared-input groups in the model
@@ -103,19 +106,22 @@ def qkv_layers(device, backend, seed=0):
     """q/k/v ``LoraLinear`` layers over one hidden size, grouped, with mixed-rank adapters in
     slots 0 and 1 (slot 1's adapter skips k); returns the layers and a mapping over 6 tokens."""
     from loraplex_server.lora.fusion import group_shared_inputs
-    from loraplex_server.lora.layers import LoraLinear, LoraStepState
+    from loraplex_server.lora.layers import LoraLinear, LoraStepState, SlotTable
     from loraplex_server.lora.weights import LoraModuleWeights, ModuleKey
 
     gen = torch.Generator().manual_seed(seed)
     state = LoraStepState(backend)
+    offsets = SlotTable(3, torch.device(device), bound=24)
+    offsets.set(0, 12)
+    offsets.set(1, 3)
     layers = {}
     for name, out in (("q_proj", 64), ("k_proj", 16), ("v_proj", 16)):
         base = torch.nn.Linear(64, out, bias=False).to(device)
-        layer = LoraLinear(base, ModuleKey(0, name), max_loras=3, max_rank=8, state=state)
+        layer = LoraLinear(base, ModuleKey(0, name), 3, 8, state, pool_rows=24, slot_offsets=offsets)
         for slot, rank in ((0, 8), (1, 0 if name == "k_proj" else 4)):
-            if rank:
-                layer.set_slot(slot, LoraModuleWeights(torch.randn(rank, 64, generator=gen),
-                                                       torch.randn(out, rank, generator=gen), 0.5))
+            if rank:  # slot 0 at rows 12..19, slot 1 at rows 3..6: neither at the slot's stride
+                layer.set_slot(slot, (12, 3)[slot], LoraModuleWeights(torch.randn(rank, 64, generator=gen),
+                                                                      torch.randn(out, rank, generator=gen), 0.5))
         layers[name] = layer
     groups = group_shared_inputs({layer.key: layer for layer in layers.values()})
     assert len(groups) == 1 and groups[0].members == list(layers.values())
@@ -125,7 +131,8 @@ def qkv_layers(device, backend, seed=0):
 
 def reference_out(layer, x):
     y = layer.base(x).clone()
-    lora_apply_reference(y, x, layer.lora_a, layer.lora_bt, layer.state.mapping.token_slots)
+    lora_apply_reference(y, x, layer.lora_a, layer.lora_bt, layer.slot_ranks, layer.slot_offsets,
+                         layer.state.mapping.token_slots)
     return y
 
 

@@ -3,13 +3,12 @@
 import pytest
 import torch
 import triton  # noqa: F401  (required: CI installs it; this file fails without it)
-from kernel_cases import (DTYPES, ON_GPU, TOLERANCES, grid, lora_stacks, poison_padding, product, random_runs,
-                          slot_ranks)
+from kernel_cases import (DTYPES, ON_GPU, TOLERANCES, grid, lora_stacks, pool_layout, product, random_runs,
+                          slot_ranks, stack_reference, to_pool)
 
 from loraplex_server.lora import triton_ops
-from loraplex_server.lora.layers import SlotRanks
+from loraplex_server.lora.layers import SlotTable
 from loraplex_server.lora.mapping import LoraMapping
-from loraplex_server.lora.ops import lora_apply_reference
 
 HIDDEN, RANKS, ADAPTERS, TOKENS = (576, 4096, 5120), (4, 8, 16, 64), (1, 7, 32), (1, 17, 256)
 # CPU: every value of every axis at least once, big hidden sizes with few tokens (interpreter speed).
@@ -33,11 +32,19 @@ def make_batch(hidden, max_rank, num_adapters, num_tokens, device, seed=0, fan_o
     return y, x, a, bt, ranks, mapping
 
 
-def expected(y, x, a, bt, mapping, dtype):
+def expected(y, x, a, bt, ranks, mapping, dtype):
     """The oracle loop in fp64 on the inputs rounded to ``dtype``."""
     f64 = [t.to(dtype).double().cpu() for t in (y, x, a, bt)]
-    lora_apply_reference(*f64, mapping.token_slots.cpu())
+    stack_reference(*f64, ranks, mapping.token_slots.cpu())
     return f64[0]
+
+
+def pools(a, bt, ranks, device, dtype=torch.float32, seed=0):
+    """Row pools of the stacks (shuffled slot order, NaN in every row no slot owns) on the device,
+    with their offsets."""
+    offsets, num_rows = pool_layout(ranks, seed)
+    a_pool, bt_pool = (to_pool(t, ranks, offsets, num_rows).to(device, dtype) for t in (a, bt))
+    return a_pool, bt_pool, offsets.to(device)
 
 
 def assert_matches(out, ref, y, mapping, dtype):
@@ -48,14 +55,14 @@ def assert_matches(out, ref, y, mapping, dtype):
 
 
 def run_apply(y, x, a, bt, ranks, mapping, dtype, device, layout, split_k=None):
-    """Kernels on the given dtype, with NaN in the rank padding (it must never be read)."""
+    """Kernels on the given dtype over row pools with NaN in every row no slot owns (never read)."""
     yk = y.to(device, dtype).clone()
-    ak = poison_padding(a, ranks).to(device, dtype)
-    bk = poison_padding(bt, ranks).to(device, dtype)
+    ak, bk, offsets = pools(a, bt, ranks, device, dtype)
     segments = triton_ops.SegmentTensors.from_segments(mapping.segments, device)
     rk = ranks.to(device)
-    h = triton_ops.lora_shrink(x.to(device, dtype), ak, rk, mapping.token_slots, segments, layout, split_k=split_k)
-    triton_ops.lora_expand(yk, h, bk, rk, mapping.token_slots, segments, layout)
+    h = triton_ops.lora_shrink(x.to(device, dtype), ak, rk, offsets, a.shape[1], mapping.token_slots, segments, layout,
+                               split_k=split_k)
+    triton_ops.lora_expand(yk, h, bk, rk, offsets, mapping.token_slots, segments, layout)
     return yk
 
 
@@ -65,7 +72,7 @@ def test_shrink_expand_match_reference(hidden, max_rank, num_adapters, num_token
     dtype = DTYPES[dtype]
     y, x, a, bt, ranks, mapping = make_batch(hidden, max_rank, num_adapters, num_tokens, device)
     out = run_apply(y, x, a, bt, ranks, mapping, dtype, device, layout)
-    assert_matches(out, expected(y, x, a, bt, mapping, dtype), y, mapping, dtype)
+    assert_matches(out, expected(y, x, a, bt, ranks, mapping, dtype), y, mapping, dtype)
 
 
 @pytest.mark.parametrize("layout", ["segment", "gather"])
@@ -74,14 +81,15 @@ def test_split_k_matches_reference(split_k, dtype, layout, device):
     dtype = DTYPES[dtype]
     y, x, a, bt, ranks, mapping = make_batch(576, 16, 7, 17, device, seed=1)
     out = run_apply(y, x, a, bt, ranks, mapping, dtype, device, layout, split_k=split_k)
-    assert_matches(out, expected(y, x, a, bt, mapping, dtype), y, mapping, dtype)
+    assert_matches(out, expected(y, x, a, bt, ranks, mapping, dtype), y, mapping, dtype)
 
 
 def test_shrink_into_input_dtype_buffer(device):
     y, x, a, bt, ranks, mapping = make_batch(576, 8, 7, 17, device, seed=2)
     segments = triton_ops.SegmentTensors.from_segments(mapping.segments, device)
+    ak, _, offsets = pools(a, bt, ranks, device, torch.float16)
     for layout in ("segment", "gather"):
-        h = triton_ops.lora_shrink(x.to(device, torch.float16), a.to(device, torch.float16), ranks, mapping.token_slots,
+        h = triton_ops.lora_shrink(x.to(device, torch.float16), ak, ranks, offsets, 8, mapping.token_slots,
                                    segments, layout, out_dtype=torch.float16)  # [T, R]
         assert h.dtype == torch.float16 and h.shape == (17, 8)
         for t, s in enumerate(mapping.token_slots.tolist()):  # only these cells are defined
@@ -89,54 +97,61 @@ def test_shrink_into_input_dtype_buffer(device):
                 r = int(ranks[s])
                 torch.testing.assert_close(h[t, :r].float().cpu(), a[s, :r] @ x[t], atol=1e-2, rtol=1e-2)
     with pytest.raises(ValueError, match="split-K"):
-        triton_ops.lora_shrink(x.to(device), a.to(device), ranks, mapping.token_slots, segments, "gather",
+        triton_ops.lora_shrink(x.to(device), ak.float(), ranks, offsets, 8, mapping.token_slots, segments, "gather",
                                out_dtype=torch.float16, split_k=2)
 
 
 @pytest.mark.parametrize("num_tokens,num_adapters", [(1, 1), (17, 7), (256, 32)] if ON_GPU else [(17, 7), (64, 3)])
 def test_backend_is_a_drop_in_for_lora_apply(num_tokens, num_adapters, device):
-    """The ``lora_apply`` signature and buffers: list ranks, a ``LoraMapping``, ``lora_bt``
-    [S, R, out]; the layout is chosen per step."""
+    """The ``lora_apply`` signature and buffers: list ranks and offsets, a ``LoraMapping``, row
+    pools; the layout is chosen per step."""
     y, x, a, bt, ranks, mapping = make_batch(576, 16, num_adapters, num_tokens, device, seed=3)
+    ak, bk, offsets = pools(a, bt, ranks, device)
     backend = triton_ops.TritonLoraBackend()
     out = y.to(device).clone()
-    backend(out, x.to(device), a.to(device), bt.to(device), ranks.tolist(), mapping)
-    assert_matches(out, expected(y, x, a, bt, mapping, torch.float32), y, mapping, torch.float32)
+    backend(out, x.to(device), ak, bk, ranks.tolist(), offsets.tolist(), mapping)
+    assert_matches(out, expected(y, x, a, bt, ranks, mapping, torch.float32), y, mapping, torch.float32)
     assert backend.segments_for(mapping) is backend.segments_for(mapping)  # built once per step
 
 
 def test_backend_on_a_static_mapping_reads_the_device_rank_table(device):
-    """A captured decode step: a static mapping (token slots only) and each module's
-    ``SlotRanks`` (its device table is what the kernels read)."""
+    """A captured decode step: a static mapping (token slots only) and a module's rank and offset
+    ``SlotTable``s (their device tables are what the kernels read)."""
     y, x, a, bt, ranks, mapping = make_batch(576, 16, 7, 17, device, seed=5)
-    slot_ranks = SlotRanks(len(ranks), device)
-    for slot, rank in enumerate(ranks.tolist()):
+    ak, bk, offsets = pools(a, bt, ranks, device)
+    slot_ranks = SlotTable(len(ranks), device, bound=16)
+    slot_offsets = SlotTable(len(ranks), device, bound=ak.shape[0])
+    for slot, (rank, offset) in enumerate(zip(ranks.tolist(), offsets.tolist())):
         slot_ranks.set(slot, rank)
+        slot_offsets.set(slot, offset)
     backend = triton_ops.TritonLoraBackend()
-    assert backend.ranks_for(slot_ranks, device) is slot_ranks.table
+    assert backend.table_for(slot_ranks, device) is slot_ranks.table
+    assert backend.table_for(slot_offsets, device) is slot_offsets.table
     out = y.to(device).clone()
-    backend(out, x.to(device), a.to(device), bt.to(device), slot_ranks, LoraMapping.static(mapping.token_slots))
-    assert_matches(out, expected(y, x, a, bt, mapping, torch.float32), y, mapping, torch.float32)
+    backend(out, x.to(device), ak, bk, slot_ranks, slot_offsets, LoraMapping.static(mapping.token_slots))
+    assert_matches(out, expected(y, x, a, bt, ranks, mapping, torch.float32), y, mapping, torch.float32)
 
 
 def test_strided_bt_is_read_through_its_strides(device):
-    """A Bt that is a view (here of [S, out, R] storage) is not copied: strides are read."""
+    """A Bt that is a view (here of [out, rows] storage) is not copied: strides are read."""
     y, x, a, bt, ranks, mapping = make_batch(576, 16, 7, 17, device, seed=4, fan_out=320)
-    bt_view = bt.transpose(1, 2).contiguous().to(device).transpose(1, 2)  # [S, R, out], out stride R
+    ak, bk, offsets = pools(a, bt, ranks, device)
+    bt_view = bk.t().contiguous().t()  # [rows, out], out stride rows
     assert not bt_view.is_contiguous()
     for layout in ("segment", "gather"):
         out = y.to(device).clone()
         segments = triton_ops.SegmentTensors.from_segments(mapping.segments, device)
-        triton_ops.triton_lora_apply(out, x.to(device), a.to(device), bt_view, ranks.to(device),
+        triton_ops.triton_lora_apply(out, x.to(device), ak, bt_view, ranks.to(device), offsets, 16,
                                      mapping.token_slots, segments, layout)
-        assert_matches(out, expected(y, x, a, bt, mapping, torch.float32), y, mapping, torch.float32)
+        assert_matches(out, expected(y, x, a, bt, ranks, mapping, torch.float32), y, mapping, torch.float32)
 
 
 def test_no_segments_changes_nothing(device):
     y, x, a, bt, ranks, _ = make_batch(576, 8, 3, 5, device)
     mapping = LoraMapping.from_runs([(-1, 5)], device)
+    ak, bk, offsets = pools(a, bt, ranks, device)
     out = y.to(device).clone()
-    triton_ops.TritonLoraBackend()(out, x.to(device), a.to(device), bt.to(device), ranks.tolist(), mapping)
+    triton_ops.TritonLoraBackend()(out, x.to(device), ak, bk, ranks.tolist(), offsets.tolist(), mapping)
     assert torch.equal(out.cpu(), y)
 
 
@@ -155,7 +170,7 @@ def test_gpu_tile_sizes_under_the_interpreter(layout, dtype, device, monkeypatch
     dtype = DTYPES[dtype]
     y, x, a, bt, ranks, mapping = make_batch(1000, 64, 7, 40, device, seed=5, fan_out=700)
     out = run_apply(y, x, a, bt, ranks, mapping, dtype, device, layout, split_k=2)
-    assert_matches(out, expected(y, x, a, bt, mapping, dtype), y, mapping, dtype)
+    assert_matches(out, expected(y, x, a, bt, ranks, mapping, dtype), y, mapping, dtype)
 
 
 def test_split_k_fills_the_gpu_only_when_programs_are_few():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from loraplex_server.lora import ops
-from loraplex_server.lora.layers import SlotRanks
+from loraplex_server.lora.layers import SlotTable
 from loraplex_server.lora.mapping import NO_SLOT, LoraMapping
 from loraplex_server.model import native
 
@@ -23,38 +23,52 @@ TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 1e-2)}
 
 
 def make_case(shape, variant, layout, ranks=(4, 16, 0, 7), max_rank=16, seed=0):
-    """y0, x, slot buffers (rank rows beyond each slot's rank are zero), ranks and mapping."""
+    """y0, x, row pools (slots in a shuffled order, one free row between extents, NaN in every row
+    no slot owns), rank and offset tables, and mapping."""
     g = torch.Generator().manual_seed(seed)
     (fin, fout), (act, wdt) = shape, VARIANTS[variant]
     mapping = LoraMapping.from_runs(LAYOUTS[layout])
-    a = torch.zeros(len(ranks), max_rank, fin)
-    bt = torch.zeros(len(ranks), max_rank, fout)
-    for s, r in enumerate(ranks):
-        a[s, :r] = torch.randn(r, fin, generator=g) / fin ** 0.5
-        bt[s, :r] = torch.randn(r, fout, generator=g)
+    order = torch.randperm(len(ranks), generator=g).tolist()
+    offsets, top = [0] * len(ranks), 0
+    for s in order:
+        offsets[s] = top + 1
+        top += 1 + max(ranks[s], 1)
+    a = torch.full((top + 1, fin), float("nan"))
+    bt = torch.full((top + 1, fout), float("nan"))
+    for o, r in zip(offsets, ranks):
+        a[o:o + r] = torch.randn(r, fin, generator=g) / fin ** 0.5
+        bt[o:o + r] = torch.randn(r, fout, generator=g)
     x = torch.randn(mapping.num_tokens, fin, generator=g).to(act)
     y0 = torch.randn(mapping.num_tokens, fout, generator=g).to(act)
-    slot_ranks = SlotRanks(len(ranks), torch.device("cpu"))
-    for s, r in enumerate(ranks):
+    slot_ranks = SlotTable(len(ranks), torch.device("cpu"), bound=max_rank)
+    slot_offsets = SlotTable(len(ranks), torch.device("cpu"), bound=top + 1)
+    for s, (r, o) in enumerate(zip(ranks, offsets)):
         slot_ranks.set(s, r)
-    return y0, x, a.to(wdt), bt.to(wdt), slot_ranks, mapping
+        slot_offsets.set(s, o)
+    return y0, x, a.to(wdt), bt.to(wdt), slot_ranks, slot_offsets, mapping
 
 
-def reference(y0, x, a, bt, mapping) -> torch.Tensor:
+def reference(y0, x, a, bt, ranks, offsets, mapping) -> torch.Tensor:
     y = y0.double()
-    ops.lora_apply_reference(y, x.double(), a.double(), bt.double(), mapping.token_slots)
+    ops.lora_apply_reference(y, x.double(), a.double(), bt.double(), ranks, offsets, mapping.token_slots)
     return y
+
+
+def sgmv(kernels, y, x, a, bt, ranks, offsets, mapping, table=None):
+    kernels.lora_sgmv(y, x, a, bt, ranks.table, offsets.table,
+                      mapping.segment_table() if table is None else table, ranks.bound)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_sgmv_matches_the_loop_reference(shape, variant, layout, native_kernels):
-    y0, x, a, bt, ranks, mapping = make_case(shape, variant, layout)
+    y0, x, a, bt, ranks, offsets, mapping = make_case(shape, variant, layout)
     y = y0.clone()
-    native_kernels.lora_sgmv(y, x, a, bt, ranks.table, mapping.segment_table())
+    sgmv(native_kernels, y, x, a, bt, ranks, offsets, mapping)
     atol, rtol = TOL[y.dtype]
-    torch.testing.assert_close(y.double(), reference(y0, x, a, bt, mapping).to(y.dtype).double(), atol=atol, rtol=rtol)
+    ref = reference(y0, x, a, bt, ranks, offsets, mapping)
+    torch.testing.assert_close(y.double(), ref.to(y.dtype).double(), atol=atol, rtol=rtol)
     unadapted = mapping.token_slots < 0
     assert torch.equal(y[unadapted], y0[unadapted])  # rows without a slot are untouched, bit for bit
     zero_rank = (mapping.token_slots == 2)  # slot 2 has rank 0 for this module
@@ -63,11 +77,11 @@ def test_sgmv_matches_the_loop_reference(shape, variant, layout, native_kernels)
 
 @pytest.mark.parametrize("threads", [1, 3, 8])
 def test_same_result_for_any_thread_count(threads, native_kernels):
-    y0, x, a, bt, ranks, mapping = make_case((96, 384), "bf16", "mixed", seed=1)
+    y0, x, a, bt, ranks, offsets, mapping = make_case((96, 384), "bf16", "mixed", seed=1)
     expected = y0.clone()
-    native_kernels.lora_sgmv(expected, x, a, bt, ranks.table, mapping.segment_table())
+    sgmv(native_kernels, expected, x, a, bt, ranks, offsets, mapping)
     got = y0.clone()
-    native.NativeKernels(native_kernels.path, threads).lora_sgmv(got, x, a, bt, ranks.table, mapping.segment_table())
+    sgmv(native.NativeKernels(native_kernels.path, threads), got, x, a, bt, ranks, offsets, mapping)
     assert torch.equal(got, expected) and not torch.equal(got, y0)
 
 
@@ -76,36 +90,57 @@ def test_native_apply_uses_model_dtype_buffers_and_matches_the_torch_apply(nativ
     assert isinstance(apply, ops.NativeLoraApply)
     assert apply.weight_dtype(torch.bfloat16) == torch.bfloat16 and apply.weight_dtype(torch.float32) == torch.float32
     assert apply.weight_dtype(torch.float16) == torch.float32  # no fp16 variant: fp32 buffers, torch runs
-    y0, x, a, bt, ranks, mapping = make_case((64, 48), "f32", "mixed", seed=2)
+    y0, x, a, bt, ranks, offsets, mapping = make_case((64, 48), "f32", "mixed", seed=2)
     native_y, torch_y = y0.clone(), y0.clone()
-    apply(native_y, x, a, bt, ranks, mapping)
-    ops.lora_apply(torch_y, x, a, bt, list(ranks), mapping)
+    apply(native_y, x, a, bt, ranks, offsets, mapping)
+    ops.lora_apply(torch_y, x, a, bt, list(ranks), list(offsets), mapping)
     torch.testing.assert_close(native_y, torch_y, atol=1e-5, rtol=1e-5)
     half = y0.half()
-    apply(half, x.half(), a, bt, ranks, mapping)  # fp16 activations fall back to the torch runs
+    apply(half, x.half(), a, bt, ranks, offsets, mapping)  # fp16 activations fall back to the torch runs
     torch.testing.assert_close(half.float(), torch_y, atol=2e-2, rtol=2e-2)
 
 
 def test_bad_arguments_are_refused(native_kernels):
-    y0, x, a, bt, ranks, mapping = make_case((64, 48), "f32", "mixed")
-    table = mapping.segment_table()
+    y0, x, a, bt, ranks, offsets, mapping = make_case((64, 48), "f32", "mixed")
+    table, r, o, bound = mapping.segment_table(), ranks.table, offsets.table, ranks.bound
     with pytest.raises(ValueError, match="no variant"):
-        native_kernels.lora_sgmv(y0.bfloat16(), x, a, bt, ranks.table, table)
+        native_kernels.lora_sgmv(y0.bfloat16(), x, a, bt, r, o, table, bound)
     with pytest.raises(ValueError, match="unit-stride"):
-        native_kernels.lora_sgmv(y0, x, a[:, ::2], bt[:, ::2], ranks.table, table)
+        native_kernels.lora_sgmv(y0, x, a[::2], bt[::2], r, o, table, bound)
     with pytest.raises(ValueError, match="int32"):
-        native_kernels.lora_sgmv(y0, x, a, bt, ranks.table.long(), table)
+        native_kernels.lora_sgmv(y0, x, a, bt, r.long(), o, table, bound)
+    with pytest.raises(ValueError, match="int32"):
+        native_kernels.lora_sgmv(y0, x, a, bt, r, o.long(), table, bound)
     with pytest.raises(ValueError, match="shapes"):
-        native_kernels.lora_sgmv(y0[:, :8], x, a, bt, ranks.table, table)
+        native_kernels.lora_sgmv(y0[:, :8], x, a, bt, r, o, table, bound)
+    with pytest.raises(ValueError, match="share their rows"):
+        native_kernels.lora_sgmv(y0, x, a, bt[1:].contiguous(), r, o, table, bound)
     past_end = table.clone()
     past_end[-1, 1] = x.shape[0] + 1
     with pytest.raises(ValueError, match="outside the tokens"):
-        native_kernels.lora_sgmv(y0.clone(), x, a, bt, ranks.table, past_end)
+        native_kernels.lora_sgmv(y0.clone(), x, a, bt, r, o, past_end, bound)
     bad_slot = table.clone()
-    bad_slot[0, 2] = a.shape[0]
+    bad_slot[0, 2] = len(ranks)
     with pytest.raises(ValueError, match="outside the tokens or the slots"):
-        native_kernels.lora_sgmv(y0.clone(), x, a, bt, ranks.table, bad_slot)
-    too_high = ranks.table.clone()
-    too_high[0] = a.shape[1] + 1
+        native_kernels.lora_sgmv(y0.clone(), x, a, bt, r, o, bad_slot, bound)
+    too_high = r.clone()
+    too_high[0] = bound + 1
     with pytest.raises(ValueError, match="rank above"):
-        native_kernels.lora_sgmv(y0.clone(), x, a, bt, too_high, table)
+        native_kernels.lora_sgmv(y0.clone(), x, a, bt, too_high, o, table, bound)
+
+
+@pytest.mark.parametrize("offset", [-1, "last_row", "past_end"])
+def test_rows_outside_the_pool_are_refused_before_anything_is_written(native_kernels, offset):
+    """A slot whose offset + rank runs past the pool (or starts before it) is an error code, and
+    ``y`` is left as it was (validation runs before any tile)."""
+    y0, x, a, bt, ranks, offsets, mapping = make_case((64, 48), "f32", "mixed")
+    bad = offsets.table.clone()
+    used = next(int(slot) for slot in mapping.segment_table()[:, 2] if ranks[int(slot)] > 0)  # a slot read
+    bad[used] = {-1: -1, "last_row": a.shape[0] - 1, "past_end": a.shape[0]}[offset]
+    y = y0.clone()
+    with pytest.raises(ValueError, match="outside the pool"):
+        native_kernels.lora_sgmv(y, x, a, bt, ranks.table, bad, mapping.segment_table(), ranks.bound)
+    assert torch.equal(y, y0)
+    exact = offsets.table.clone()
+    exact[used] = a.shape[0] - ranks[used]  # the last rows of the pool: allowed
+    native_kernels.lora_sgmv(y, x, a, bt, ranks.table, exact, mapping.segment_table(), ranks.bound)

@@ -14,26 +14,28 @@ def test_mapping_merges_runs_into_segments():
     assert m.num_tokens == 11 and m.active_slots == {0, 1, 2}
 
 
-def test_neighbouring_equal_segments_form_one_run():
-    # slots 0,1 (rank 8, 2 tokens each) batch together; slot 2 differs in rank, slot 4 in width
+def test_neighbouring_segments_of_consecutive_equal_rank_blocks_form_one_run():
+    # slots 0,1 (rank 8, rows 0..15) batch together; slots 2,3 (rank 16, rows 16..47) too; slot 4
+    # differs in width
     m = LoraMapping.from_runs([(NO_SLOT, 1), (0, 2), (1, 2), (2, 2), (3, 2), (4, 1)])
-    runs = m.segment_runs([8, 8, 16, 16, 16])
-    assert [(r.lo, r.hi, r.rank, r.width, r.start, r.end) for r in runs] == [
-        (0, 2, 8, 2, 1, 5), (2, 4, 16, 2, 5, 9), (4, 5, 16, 1, 9, 10)]
+    runs = m.segment_runs([8, 8, 16, 16, 16], [0, 8, 16, 32, 48])
+    assert [(r.row, r.count, r.rank, r.width, r.start, r.end) for r in runs] == [
+        (0, 2, 8, 2, 1, 5), (16, 2, 16, 2, 5, 9), (48, 1, 16, 1, 9, 10)]
 
 
-def test_neighbours_of_other_ranks_join_a_run_within_the_padding_bound():
+def test_equal_ranks_whose_rows_are_not_consecutive_are_separate_segments():
     m = LoraMapping.from_runs([(0, 2), (1, 2), (2, 2), (3, 2)])
-    ranks = [8, 16, 16, 4]
-    assert [(r.lo, r.hi, r.rank) for r in m.segment_runs(ranks, max_pad_rows=8)] == [(0, 3, 16), (3, 4, 4)]
-    assert [(r.lo, r.hi, r.rank, r.pad_rows) for r in m.segment_runs(ranks, max_pad_rows=20)] == [(0, 4, 16, 20)]
-    assert len(m.segment_runs(ranks)) == 3  # no padding allowed: only equal ranks join
+    # slot 1's rows are not right after slot 0's; slot 3 sits after slot 2 but with a gap row
+    runs = m.segment_runs([4, 4, 4, 4], [0, 8, 12, 17])
+    assert [(r.row, r.count) for r in runs] == [(0, 1), (8, 2), (17, 1)]
+    # a module rank below the extents (rank_pattern): blocks of 2 rows every 4 are not consecutive
+    assert len(m.segment_runs([2, 2, 2, 2], [0, 4, 8, 12])) == 4
 
 
 def test_runs_skip_slots_unused_by_the_module_and_break_on_gaps():
     m = LoraMapping.from_runs([(0, 1), (1, 1), (3, 1), (0, 1)])
-    runs = m.segment_runs([4, 0, 4, 4])
-    assert [(r.lo, r.hi, r.start) for r in runs] == [(0, 1, 0), (3, 4, 2), (0, 1, 3)]
+    runs = m.segment_runs([4, 0, 4, 4], [8, 0, 4, 12])
+    assert [(r.row, r.count, r.start) for r in runs] == [(8, 1, 0), (12, 1, 2), (8, 1, 3)]
 
 
 def test_mapping_without_adapters_has_no_lora():
@@ -41,17 +43,41 @@ def test_mapping_without_adapters_has_no_lora():
     assert not m.has_lora and m.token_slots.tolist() == [-1] * 5
 
 
-def make_case(num_slots, max_rank, ranks, d_in, d_out, runs, seed=0):
+POOL_LAYOUTS = ["packed", "stacked", "shuffled"]
+
+
+def pool_offsets(ranks, layout, gen):
+    """Row offsets of slots with these ranks in a pool: 'packed' (extents back to back in slot
+    order), 'stacked' (every slot at s * 16, today's old layout), 'shuffled' (random order with
+    gaps); the pool's size."""
+    extents = [max(r, 1) for r in ranks]
+    if layout == "stacked":
+        return [16 * s for s in range(len(ranks))], 16 * len(ranks)
+    order = list(range(len(ranks)))
+    if layout == "shuffled":
+        order = torch.randperm(len(ranks), generator=gen).tolist()
+    offsets, top = [0] * len(ranks), 0
+    for s in order:
+        top += 3 if layout == "shuffled" else 0
+        offsets[s] = top
+        top += extents[s]
+    return offsets, top + 2
+
+
+def make_case(ranks, d_in, d_out, runs, layout="packed", seed=0):
+    """A row pool (A [rows, in], Bt [rows, out]) holding slots of these ranks; every row no slot
+    owns is NaN, so a path that reads past a slot's rank (another adapter's rows) turns NaN."""
     g = torch.Generator().manual_seed(seed)
-    a = torch.zeros(num_slots, max_rank, d_in)
-    bt = torch.zeros(num_slots, max_rank, d_out)
-    for s, r in enumerate(ranks):
-        a[s, :r] = torch.randn(r, d_in, generator=g)
-        bt[s, :r] = torch.randn(r, d_out, generator=g)
+    offsets, num_rows = pool_offsets(ranks, layout, g)
+    a = torch.full((num_rows, d_in), float("nan"))
+    bt = torch.full((num_rows, d_out), float("nan"))
+    for o, r in zip(offsets, ranks):
+        a[o:o + r] = torch.randn(r, d_in, generator=g)
+        bt[o:o + r] = torch.randn(r, d_out, generator=g)
     mapping = LoraMapping.from_runs(runs)
     x = torch.randn(mapping.num_tokens, d_in, generator=g)
     y = torch.randn(mapping.num_tokens, d_out, generator=g)
-    return a, bt, x, y, mapping
+    return a, bt, offsets, x, y, mapping
 
 
 CASES = [
@@ -68,28 +94,33 @@ CASES = [
 @pytest.mark.parametrize("ranks,runs", CASES)
 @pytest.mark.parametrize("fn", ["sgmv", "bgmv", "lora_apply"])
 @pytest.mark.parametrize("d_in,d_out", [(64, 96), (96, 32)])
-def test_fast_paths_match_reference(ranks, runs, fn, d_in, d_out):
-    a, b, x, y, mapping = make_case(len(ranks), 16, ranks, d_in, d_out, runs)
+@pytest.mark.parametrize("layout", POOL_LAYOUTS)
+def test_fast_paths_match_reference(ranks, runs, fn, d_in, d_out, layout):
+    a, b, offsets, x, y, mapping = make_case(ranks, d_in, d_out, runs, layout)
     expected = y.clone()
-    ops.lora_apply_reference(expected, x, a, b, mapping.token_slots)
+    ops.lora_apply_reference(expected, x, a, b, ranks, offsets, mapping.token_slots)
     got = y.clone()
-    getattr(ops, fn)(got, x, a, b, ranks, mapping)
+    if fn == "bgmv":
+        ops.bgmv(got, x, a, b, ranks, offsets, LoraMapping.static(mapping.token_slots))
+    else:
+        getattr(ops, fn)(got, x, a, b, ranks, offsets, mapping)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
     base_rows = mapping.token_slots < 0
     assert torch.equal(got[base_rows], y[base_rows]), "rows without an adapter must keep the base output exactly"
 
 
 @pytest.mark.parametrize("ranks,runs", CASES)
-def test_static_mapping_gathers_every_row(ranks, runs):
+@pytest.mark.parametrize("layout", POOL_LAYOUTS)
+def test_static_mapping_gathers_every_row(ranks, runs, layout):
     """A captured decode step's mapping (no host segments): every row through the gather path,
     rows without a slot unchanged exactly."""
-    a, b, x, y, mapping = make_case(len(ranks), 16, ranks, 64, 96, runs)
+    a, b, offsets, x, y, mapping = make_case(ranks, 64, 96, runs, layout)
     static = LoraMapping.static(mapping.token_slots.clone())
     assert static.is_static and static.has_lora and static.segments == ()
     expected = y.clone()
-    ops.lora_apply_reference(expected, x, a, b, mapping.token_slots)
+    ops.lora_apply_reference(expected, x, a, b, ranks, offsets, mapping.token_slots)
     got = y.clone()
-    ops.lora_apply(got, x, a, b, ranks, static)
+    ops.lora_apply(got, x, a, b, ranks, offsets, static)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
     base_rows = mapping.token_slots < 0
     assert torch.equal(got[base_rows], y[base_rows])
@@ -98,34 +129,55 @@ def test_static_mapping_gathers_every_row(ranks, runs):
 def test_static_gather_never_lets_a_base_row_overflow():
     """A row without a slot reads slot 0's weights in the gather; its input must not reach the
     matmul, or an overflowing product (here 1e30 * 1e30) times a zero mask would write NaN."""
-    a, b, x, y, mapping = make_case(2, 4, [4, 4], 8, 6, [(0, 1), (NO_SLOT, 1)])
+    a, b, offsets, x, y, mapping = make_case([4, 4], 8, 6, [(0, 1), (NO_SLOT, 1)])
     x[1] = 1e30
-    a[0] *= 1e30
+    a[0:4] *= 1e30
     got = y.clone()
-    ops.lora_apply(got, x, a, b, [4, 4], LoraMapping.static(mapping.token_slots))
+    ops.lora_apply(got, x, a, b, [4, 4], offsets, LoraMapping.static(mapping.token_slots))
     assert torch.equal(got[1], y[1])
 
 
-def test_reference_is_the_plain_formula():
-    a, b, x, y, mapping = make_case(2, 4, [4, 2], 8, 6, [(1, 1), (NO_SLOT, 1)])
+def test_gather_masks_rows_past_a_slots_rank_that_belong_to_its_neighbour():
+    """Rows right after a slot's rank are the next adapter's weights (finite, not padding): the
+    gather reads max_rank rows from every offset, and must drop those past the slot's rank."""
+    g = torch.Generator().manual_seed(3)
+    a, bt = torch.randn(12, 8, generator=g), torch.randn(12, 6, generator=g)  # every row finite and in use
+    ranks, offsets = [2, 8, 2], [0, 2, 10]  # slot 0 rows 0..1, slot 1 rows 2..9, slot 2 rows 10..11
+    mapping = LoraMapping.from_runs([(0, 1), (2, 1), (1, 1)])
+    x, y = torch.randn(3, 8, generator=g), torch.randn(3, 6, generator=g)
     expected = y.clone()
-    expected[0] += b[1].T @ (a[1] @ x[0])  # Bt is B transposed
-    ops.lora_apply_reference(y, x, a, b, mapping.token_slots)
+    for t, (o, r) in enumerate([(0, 2), (10, 2), (2, 8)]):
+        expected[t] += (a[o:o + r] @ x[t]) @ bt[o:o + r]
+    got = y.clone()
+    ops.bgmv(got, x, a, bt, ranks, offsets, LoraMapping.static(mapping.token_slots))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    unmasked = y.clone()  # what a gather without the mask would compute for slot 0
+    unmasked[0] += (a[0:8] @ x[0]) @ bt[0:8]
+    assert not torch.allclose(got[0], unmasked[0])
+
+
+def test_reference_is_the_plain_formula():
+    a, b, offsets, x, y, mapping = make_case([4, 2], 8, 6, [(1, 1), (NO_SLOT, 1)], "shuffled")
+    o = offsets[1]
+    expected = y.clone()
+    expected[0] += b[o:o + 2].T @ (a[o:o + 2] @ x[0])  # Bt is B transposed
+    ops.lora_apply_reference(y, x, a, b, [4, 2], offsets, mapping.token_slots)
     torch.testing.assert_close(y, expected)
 
 
 @pytest.mark.parametrize("ranks,runs", CASES)
 @pytest.mark.parametrize("fn", ["sgmv", "bgmv"])
-def test_half_precision_activations_with_fp32_slot_buffers(ranks, runs, fn):
-    """A bf16 model on CPU keeps its slot buffers in fp32 (layers.lora_compute_dtype): x is
+def test_half_precision_activations_with_fp32_pool_buffers(ranks, runs, fn):
+    """A bf16 model on CPU keeps its pool buffers in fp32 (layers.lora_compute_dtype): x is
     converted for the matmuls and the fp32 delta added to the bf16 output, equal to the fp32 loop
     rounded once to bf16; base rows stay bit-exact."""
-    a, b, x, y, mapping = make_case(len(ranks), 16, ranks, 64, 96, runs)
+    a, b, offsets, x, y, mapping = make_case(ranks, 64, 96, runs, "shuffled")
     x16, y16 = x.bfloat16(), y.bfloat16()
     expected = y16.float()
-    ops.lora_apply_reference(expected, x16.float(), a, b, mapping.token_slots)
+    ops.lora_apply_reference(expected, x16.float(), a, b, ranks, offsets, mapping.token_slots)
     got = y16.clone()
-    getattr(ops, fn)(got, x16, a, b, ranks, mapping if fn == "sgmv" else LoraMapping.static(mapping.token_slots))
+    getattr(ops, fn)(got, x16, a, b, ranks, offsets,
+                     mapping if fn == "sgmv" else LoraMapping.static(mapping.token_slots))
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected.bfloat16().float(), rtol=1e-2, atol=2e-2)
     base_rows = mapping.token_slots < 0

@@ -53,6 +53,16 @@ def mixed():
     return reqs, batch
 
 
+class SlotOrderLora:
+    """A LoRA manager stand-in whose slots' pool rows are in slot order (``pack_order``)."""
+
+    def pack_order(self, slot: int) -> int:
+        return slot
+
+    def set_mapping(self, mapping) -> None:
+        self.mapping = mapping
+
+
 def runner(model=None, lora=None) -> ModelRunner:
     return ModelRunner(model, kv_caches=[], block_size=BS, device=CPU, lora=lora)
 
@@ -65,7 +75,7 @@ def test_samples_flag_marks_only_steps_that_reach_the_last_token(mixed):
 
 def test_pack_orders_by_slot_and_lays_out_tokens_positions_and_cache_slots(mixed):
     reqs, batch = mixed
-    packed = runner(lora=object()).pack(batch, SLOTS)
+    packed = runner(lora=SlotOrderLora()).pack(batch, SLOTS)
     # packed order: base (no slot) first, then slot 0 (dec, dec2 in scheduled order), then slot 1
     assert packed.input_ids.tolist() == [[10, 11, 12, 13, 14, 15, 300, 311, 104, 105, 106, 107]]
     assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 3, 6, 4, 5, 6, 7]]
@@ -96,7 +106,7 @@ def test_pack_keeps_logits_rows_of_the_sampling_requests_only(mixed):
 
 def test_pack_maps_tokens_to_lora_slots_in_contiguous_segments(mixed):
     reqs, batch = mixed
-    lora = runner(lora=object()).pack(batch, SLOTS).lora
+    lora = runner(lora=SlotOrderLora()).pack(batch, SLOTS).lora
     assert lora.token_slots.tolist() == [NO_SLOT] * 6 + [0, 0] + [1] * 4
     assert lora.segments == ((6, 8, 0), (8, 12, 1))
     assert runner(lora=None).pack(batch, SLOTS).lora is None  # no LoRA manager: no mapping
@@ -104,7 +114,7 @@ def test_pack_maps_tokens_to_lora_slots_in_contiguous_segments(mixed):
 
 def test_an_adapter_without_a_device_slot_runs_as_the_base_model():
     r = request("r", [1, 2, 3], blocks=[0], key="gone@2")
-    lora = runner(lora=object()).pack(SchedulerOutput([ScheduledRequest.of(r, 3)]), SLOTS).lora
+    lora = runner(lora=SlotOrderLora()).pack(SchedulerOutput([ScheduledRequest.of(r, 3)]), SLOTS).lora
     assert lora.token_slots.tolist() == [NO_SLOT] * 3 and lora.segments == ()
 
 
@@ -134,7 +144,7 @@ class EchoModel:
         return SimpleNamespace(logits=logits)
 
 
-class FakeLora:
+class FakeLora(SlotOrderLora):
     def __init__(self):
         self.mappings = []
 

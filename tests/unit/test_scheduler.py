@@ -147,3 +147,51 @@ def test_pinned_adapters_count_against_the_cap():
     s.add(req("p", adapter="P"))
     out = step(s)
     assert set(scheduled(out)) == {"a"}  # A + pinned P fill both slots; B waits (FCFS: p waits too)
+
+
+RANKS = {"A": 8, "B": 16, "C": 8, "P": 4}
+
+
+def rows_fit(pool_rows):
+    """A ``lora_fits`` callback for a pool of ``pool_rows`` rows and the ranks above."""
+    seen: list[set] = []
+
+    def fits(keys):
+        seen.append(set(keys))
+        return sum(RANKS[k] for k in keys) <= pool_rows
+    return fits, seen
+
+
+def test_pool_rows_cap_admission_like_the_max_loras_cap():
+    fits, seen = rows_fit(24)
+    s, _ = make(max_loras=8, budget=64, lora_fits=fits)
+    s.add(req("a", adapter="A"))
+    s.add(req("b", adapter="B"))
+    s.add(req("c", adapter="C"))  # 8 + 16 + 8 rows > 24: waits (FCFS: nothing new passes it)
+    s.add(req("base"))
+    out = step(s)
+    assert set(scheduled(out)) == {"a", "b"}
+    assert {"A", "B", "C"} in seen  # asked with the batch's adapters plus the new one
+    s.finish(next(r for r in s.running if r.request_id == "b"))  # B's 16 rows free up
+    assert set(scheduled(step(s))) == {"a", "c", "base"}
+
+
+def test_requests_for_batched_adapters_pass_one_kept_out_by_rows_for_a_bounded_time():
+    fits, _ = rows_fit(24)
+    s, _ = make(max_loras=8, budget=64, bypass=1, lora_fits=fits)
+    s.add(req("a", adapter="A"))
+    s.add(req("b", adapter="B"))
+    s.add(req("c", adapter="C"))  # kept out by rows
+    s.add(req("a2", adapter="A"))  # A is resident and in the batch: may pass c
+    assert set(scheduled(step(s))) == {"a", "b", "a2"}
+    s.add(req("a3", adapter="A"))
+    assert "a3" not in scheduled(step(s))  # c waited past the bound: admission stops at it
+
+
+def test_pinned_rows_count_against_the_pool():
+    fits, seen = rows_fit(20)
+    s, _ = make(max_loras=8, budget=64, reserved_keys=lambda: {"P"}, lora_fits=fits)
+    s.add(req("b", adapter="B"))  # 16 + pinned 4 = 20: fits
+    s.add(req("a", adapter="A"))  # + 8: does not
+    assert set(scheduled(step(s))) == {"b"}
+    assert {"P", "B", "A"} in seen

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from loraplex_server.lora.layers import LoraLinear, LoraStepState
+from loraplex_server.lora.layers import LoraLinear, LoraStepState, SlotTable
 from loraplex_server.lora.mapping import LoraMapping
 from loraplex_server.lora.slots import SlotManager, SlotsExhaustedError
 from loraplex_server.lora.weights import LoraAdapter, LoraModuleWeights, ModuleKey
@@ -10,9 +10,11 @@ from loraplex_server.lora.weights import LoraAdapter, LoraModuleWeights, ModuleK
 KEYS = [ModuleKey(0, "q_proj"), ModuleKey(0, "v_proj")]
 
 
-def layers(max_loras=2, rank=8):
+def layers(max_loras=2, rank=8, pool_rows=None):
     state = LoraStepState()
-    return {k: LoraLinear(nn.Linear(16, 16), k, max_loras, rank, state) for k in KEYS}, state
+    rows = max_loras * rank if pool_rows is None else pool_rows
+    offsets = SlotTable(max_loras, torch.device("cpu"), bound=rows)
+    return {k: LoraLinear(nn.Linear(16, 16), k, max_loras, rank, state, rows, offsets) for k in KEYS}, state
 
 
 def adapter(name, rank=4, keys=KEYS, value=1.0):
@@ -38,9 +40,15 @@ def test_activate_loads_once_and_reuses():
     assert sm.activate({"a"}, fetch) == {"a": 0}
     assert fetched == ["a"] and sm.num_loads == 1
     q = ls[KEYS[0]]
-    assert q.slot_ranks == [4, 0]
-    torch.testing.assert_close(q.lora_bt[0, :4], torch.full((4, 16), 0.5))  # scale folded into B
-    assert q.lora_a[0, 4:].abs().sum() == 0  # rank padding stays zero
+    assert q.slot_ranks == [4, 0] and q.slot_offsets == [0, 0] and sm.rows_of("a") == (0, 4)
+    torch.testing.assert_close(q.lora_bt[0:4], torch.full((4, 16), 0.5))  # scale folded into B
+    assert q.lora_a[4:].abs().sum() == 0  # rows past the adapter's extent are untouched
+
+
+def test_the_pool_defaults_to_max_loras_times_max_rank_rows():
+    ls, _ = layers(max_loras=3, rank=8)
+    assert ls[KEYS[0]].lora_a.shape == (24, 16) and ls[KEYS[0]].lora_bt.shape == (24, 16)
+    assert ls[KEYS[0]].slot_offsets is ls[KEYS[1]].slot_offsets  # one offset table per model
 
 
 def test_lru_eviction_skips_protected_and_pinned():
@@ -52,34 +60,36 @@ def test_lru_eviction_skips_protected_and_pinned():
     sm.pinned.add("c")
     with pytest.raises(SlotsExhaustedError):
         sm.activate({"b"}, fetch, protected={"a"})
+    assert set(sm.resident) == {"a", "c"} and sm.rows.free_rows == 16 - 8  # nothing leaked
 
 
-def test_unused_module_slot_is_cleared_on_reuse():
+def test_a_module_the_adapter_does_not_touch_reads_rank_zero():
     sm, ls, _, fetch, _ = manager(max_loras=1)
     sm.activate({"a"}, fetch)
     sm.activate({"q-only"}, fetch)
-    v = ls[KEYS[1]]
-    assert v.slot_ranks == [0] and v.lora_a.abs().sum() == 0 and v.lora_bt.abs().sum() == 0
+    assert ls[KEYS[1]].slot_ranks == [0] and ls[KEYS[0]].slot_ranks == [4]
 
 
 def test_layer_adds_delta_only_for_mapped_rows():
     sm, ls, state, fetch, _ = manager()
     sm.activate({"a"}, fetch)
+    sm.activate({"b"}, fetch)
     layer = ls[KEYS[0]]
     x = torch.randn(1, 3, 16)
     base = layer.base(x)
-    state.mapping = LoraMapping.from_runs([(0, 2), (-1, 1)])
+    slot, (o, r) = sm.slot_of("b"), sm.rows_of("b")
+    state.mapping = LoraMapping.from_runs([(slot, 2), (-1, 1)])
     y = layer(x)
-    expected = base[0, :2] + (x[0, :2] @ layer.lora_a[0, :4].T) @ layer.lora_bt[0, :4]
+    expected = base[0, :2] + (x[0, :2] @ layer.lora_a[o:o + r].T) @ layer.lora_bt[o:o + r]
     torch.testing.assert_close(y[0, :2], expected)
     assert torch.equal(y[0, 2], base[0, 2])
 
 
-def test_evict_clears_slot():
+def test_evict_clears_slot_and_frees_rows():
     sm, ls, _, fetch, _ = manager()
     sm.activate({"a"}, fetch)
     sm.evict("a")
-    assert sm.resident == [] and ls[KEYS[0]].slot_ranks == [0, 0]
+    assert sm.resident == [] and ls[KEYS[0]].slot_ranks == [0, 0] and sm.rows.free_rows == 16
     assert sm.activate({"b"}, fetch)["b"] in (0, 1)
 
 
@@ -88,9 +98,58 @@ def test_placement_keeps_equal_ranks_side_by_side():
     ranks = {"r4a": 4, "r8a": 8, "r2a": 2, "r4b": 4, "r8b": 8, "r2b": 2}
     adapters = {n: adapter(n, rank=r) for n, r in ranks.items()}
     sm = SlotManager(ls, 6)
-    slots = sm.activate(set(ranks), adapters.__getitem__)
-    by_slot = [ranks[a] for a, _ in sorted(slots.items(), key=lambda kv: kv[1])]
-    assert by_slot == [2, 2, 4, 4, 8, 8]
+    sm.activate(set(ranks), adapters.__getitem__)
+    by_row = [ranks[k] for k in sorted(ranks, key=lambda k: sm.rows_of(k)[0])]
+    assert by_row == [2, 2, 4, 4, 8, 8]
     sm.evict("r4a")
-    sm.evict("r8b")  # free slots 2 and 5: a rank-8 adapter goes beside the other rank-8 one
-    assert sm.activate({"r8b"}, adapters.__getitem__) == {"r8b": 5}
+    sm.evict("r8b")
+    sm.activate({"r8b"}, adapters.__getitem__)  # goes back beside the other rank-8 adapter
+    assert abs(sm.rows_of("r8b")[0] - sm.rows_of("r8a")[0]) == 8
+
+
+def row_pressure_manager(max_loras=8, pool_rows=12):
+    ls, _ = layers(max_loras=max_loras, rank=8, pool_rows=pool_rows)
+    ranks = {"a": 4, "b": 4, "c": 4, "d": 8, "e": 2, "big": 12}
+    adapters = {n: adapter(n, rank=r) for n, r in ranks.items()}
+    return SlotManager(ls, max_loras), ls, adapters.__getitem__
+
+
+def test_row_pressure_evicts_least_recently_used_until_the_rank_fits():
+    sm, _, fetch = row_pressure_manager()
+    for key in ("a", "b", "c"):  # rows 0..11 full; LRU order a, b, c
+        sm.activate({key}, fetch)
+    sm.activate({"a"}, fetch)  # a used again: b is now least recently used
+    sm.activate({"d"}, fetch)  # 8 rows: b then c go (a is more recent than both)
+    assert set(sm.resident) == {"a", "d"} and sm.num_evictions == 2
+
+
+def test_row_pressure_never_evicts_running_or_pinned_adapters():
+    sm, _, fetch = row_pressure_manager()
+    for key in ("a", "b", "c"):
+        sm.activate({key}, fetch)
+    sm.pinned.add("a")
+    sm.activate({"e"}, fetch, protected={"b"})  # c is the only evictable one
+    assert set(sm.resident) == {"a", "b", "e"}
+    with pytest.raises(SlotsExhaustedError):  # 8 rows cannot be freed without a, b or e
+        sm.activate({"d"}, fetch, protected={"b", "e"})
+    assert set(sm.resident) == {"a", "b", "e"}
+
+
+def test_scattered_free_rows_are_compacted_instead_of_evicting():
+    sm, ls, fetch = row_pressure_manager(pool_rows=16)
+    for key in ("a", "b", "c"):  # a 0..3, b 4..7, c 8..11
+        sm.activate({key}, fetch)
+    sm.evict("b")  # free: 4..7 and 12..15, 8 rows but no 8 in one piece
+    layer = ls[KEYS[0]]
+    c_rows = layer.lora_a[8:12].clone()
+    sm.activate({"d"}, fetch, protected={"a", "c"})
+    assert set(sm.resident) == {"a", "c", "d"} and sm.num_evictions == 0 and sm.num_compactions == 1
+    o, r = sm.rows_of("c")
+    assert o == 4 and layer.slot_offsets[sm.slot_of("c")] == 4 and torch.equal(layer.lora_a[o:o + r], c_rows)
+
+
+def test_a_rank_beyond_the_pool_is_exhausted_not_a_loop():
+    sm, _, fetch = row_pressure_manager(pool_rows=8)
+    with pytest.raises(SlotsExhaustedError):
+        sm.activate({"big"}, fetch)
+    assert sm.resident == [] and not sm.fits([12]) and sm.fits([4, 4]) and not sm.fits([4, 4, 2])

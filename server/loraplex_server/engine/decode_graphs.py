@@ -7,9 +7,10 @@ running them. Captured once at start-up, a step becomes: write the sequences int
 input rows (``decode_inputs``), one ``replay()``, read the logits.
 
 What varies between replays lives in device memory with a fixed address: the input rows (token
-ids, positions, cache slots, block tables, LoRA token slots), the KV cache, the LoRA slot buffers
-and each module's ``SlotRanks.table``. So adapters loaded into slots after capture are served by
-the same graphs, and nothing the host knows at capture time is baked in.
+ids, positions, cache slots, block tables, LoRA token slots), the KV cache, the LoRA weight pools,
+each module's rank table and the shared row offset table (``SlotTable.table``). So adapters loaded
+into slots after capture, or moved in the pool by a compaction, are served by the same graphs, and
+nothing the host knows at capture time is baked in (the gather's rank bound is fixed).
 
 Sizes are 1, 2, 4, then every multiple of 8 up to the largest (vLLM's ladder): a batch of ``n``
 replays the smallest size >= n, its padding rows computed and discarded. The LoRA graphs run the

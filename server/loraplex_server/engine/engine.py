@@ -79,7 +79,8 @@ class LLMEngine:
                                       self.loaded.device)
         self.scheduler = Scheduler(config.scheduler, self.blocks, config.lora.max_loras,
                                    key_ready=self.lora.ready, reserved_keys=self.lora.reserved_keys,
-                                   fairness=make_fairness(config.scheduler.fairness, tenant_weight))
+                                   fairness=make_fairness(config.scheduler.fairness, tenant_weight),
+                                   lora_fits=self.lora.fits)
         self.runner = ModelRunner(model, kv_caches, config.cache.block_size, self.loaded.device, self.lora)
         native_len: int = getattr(model.config, "max_position_embeddings", 2048)
         model_len = config.model.max_model_len or native_len

@@ -1,7 +1,8 @@
 """Model runner: a scheduled batch -> packed tensors -> model forward -> sampled tokens.
 
 No policy lives here: the scheduler decided what runs; the runner only executes it. Sequences are
-packed sorted by LoRA slot so each adapter's tokens form one contiguous segment.
+packed sorted by where their LoRA slot's rows start in the weight pool, so each adapter's tokens
+form one contiguous segment and adapters side by side in the pool are neighbouring segments.
 """
 
 from __future__ import annotations
@@ -61,9 +62,16 @@ class ModelRunner:
             return lora_slots.get(s.request.adapter_key, NO_SLOT) if s.request.adapter_key else NO_SLOT
         return slot
 
+    def _packed_order(self, batch: SchedulerOutput, slot: Callable[[ScheduledRequest], int]) -> list[ScheduledRequest]:
+        """Base-model rows first, then by the slot's first pool row (by slot without LoRA layers)."""
+        lora = self.lora
+        if lora is None:
+            return sorted(batch.scheduled, key=slot)
+        return sorted(batch.scheduled, key=lambda s: lora.pack_order(slot(s)))
+
     def pack(self, batch: SchedulerOutput, lora_slots: dict[VersionKey, int]) -> PackedBatch:
         slot = self._slot_of(lora_slots)
-        order = sorted(batch.scheduled, key=slot)
+        order = self._packed_order(batch, slot)
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -166,7 +174,7 @@ class ModelRunner:
         graphs = self.decode_graphs  # is_graph_decode is False without them
         if graphs is not None and self.is_graph_decode(batch, lora_slots):
             slot = self._slot_of(lora_slots)
-            order = sorted(batch.scheduled, key=slot)
+            order = self._packed_order(batch, slot)
             requests = [s.request for s in order]
             logits = graphs.run([DecodeRow.of(s.request, slot(s)) for s in order])
             return requests, self.sampler(logits, requests)

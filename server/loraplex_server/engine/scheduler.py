@@ -4,11 +4,12 @@ Each step packs running requests first (decodes and unfinished prefill chunks, o
 admits waiting requests in arrival order (FCFS; across tenants, optionally by Virtual Token
 Counter, see fairness.py; a request whose adapter is loading or whose grammar is compiling is
 passed over and keeps its place) while the token budget, the running-sequence cap,
-the KV blocks and the ``max_loras`` distinct-adapter cap allow. Admission stops at the first
+the KV blocks and the LoRA caps allow: at most ``max_loras`` distinct adapters, whose rows (with
+the pinned and running ones) fit the LoRA weight pool (``lora_fits``). Admission stops at the first
 waiting request that does not fit, so nothing behind it can starve it, with one bounded exception
-(adapter affinity): a request kept out only by the ``max_loras`` cap may be passed over by later
+(adapter affinity): a request kept out only by a LoRA cap may be passed over by later
 requests whose adapters are already in the batch, for at most ``max_slot_bypass_steps`` steps;
-then admission stops at it again until a slot frees. When a running request
+then admission stops at it again until a slot (or rows) frees. When a running request
 needs a KV block and none is free, the most recently admitted request is preempted: its blocks
 are freed and it returns to the head of the queue to be recomputed later (nothing is lost).
 
@@ -60,12 +61,14 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager, max_loras: int,
                  key_ready: Callable[[VersionKey], bool] = lambda _key: True,
                  reserved_keys: Callable[[], set[VersionKey]] = set,
-                 fairness: FcfsOrder | VirtualTokenCounter | None = None):
+                 fairness: FcfsOrder | VirtualTokenCounter | None = None,
+                 lora_fits: Callable[[set[VersionKey]], bool] = lambda _keys: True):
         self.config = config
         self.blocks = blocks
         self.max_loras = max_loras
         self.key_ready = key_ready  # the version's weights are in memory
         self.reserved_keys = reserved_keys  # pinned: they hold device slots while idle
+        self.lora_fits = lora_fits  # these adapter versions' rows fit the LoRA weight pool together
         self.fairness = fairness or FcfsOrder()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -109,7 +112,7 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         """FCFS admission. A request whose adapter is still loading is passed over (it keeps its
-        place); one that would exceed the distinct-adapter cap is passed over for a bounded number
+        place); one that would exceed a LoRA cap (distinct adapters, pool rows) is passed over for a bounded number
         of steps (only requests for adapters already in the batch can follow it), then stops
         admission (no starvation)."""
         adapters = self.running_adapter_keys()
@@ -121,7 +124,8 @@ class Scheduler:
                 continue
             key = request.adapter_key
             if key and key not in adapters:
-                if len(adapters | reserved | {key}) > self.max_loras:
+                wanted = adapters | reserved | {key}
+                if len(wanted) > self.max_loras or not self.lora_fits(wanted):
                     request.slot_waits += 1
                     if request.slot_waits > self.config.max_slot_bypass_steps:
                         break

@@ -6,8 +6,9 @@ tensor. With a backend that splits the apply into ``shrink`` and ``expand`` (the
 first member called computes ``h`` for every member in one launch (reading ``x`` once) and each
 member then expands its own columns:
 
-    h[t, p*R : p*R + r_p] = A_p[slot(t), :r_p] @ x[t]              # once, for p in members
-    y_p[t] += h[t, p*R : p*R + r_p] @ Bt_p[slot(t), :r_p]          # when member p is called
+    o = offsets[slot(t)]                                           # shared by the members
+    h[t, p*R : p*R + r_p] = A_p[o : o + r_p] @ x[t]                # once, for p in members
+    y_p[t] += h[t, p*R : p*R + r_p] @ Bt_p[o : o + r_p]            # when member p is called
 
 The cached ``h`` is reused only for the very same input tensor and step mapping, so a model that
 feeds members different inputs still gets the right answer (one shrink per call). The torch ops
@@ -48,22 +49,26 @@ class SharedInputGroup:
         x2d = x.reshape(-1, member.in_features)  # [T, in]
         if x is not self._x or mapping is not self._mapping or self._left == 0 or self._h is None:
             ranks = torch.stack([m.slot_ranks.table for m in self.members], dim=1)  # [num_slots, P]
-            self._h = backend.shrink(x2d, [m.lora_a for m in self.members], ranks, mapping)  # [T, P * R]
+            self._h = backend.shrink(x2d, [m.lora_a for m in self.members], ranks, member.slot_offsets,
+                                     member.max_rank, mapping)  # [T, P * R]
             self._x, self._mapping, self._left = x, mapping, len(self.members)
-        p, r = self.members.index(member), member.lora_a.shape[1]
-        backend.expand(y, self._h[:, p * r:(p + 1) * r], member.lora_bt, member.slot_ranks, mapping)
+        p, r = self.members.index(member), member.max_rank
+        backend.expand(y, self._h[:, p * r:(p + 1) * r], member.lora_bt, member.slot_ranks, member.slot_offsets,
+                       mapping)
         self._left -= 1
         if self._left == 0:  # every member served: drop the references to x and h
             self._clear()
 
 
 def group_shared_inputs(layers: dict[ModuleKey, LoraLinear]) -> list[SharedInputGroup]:
-    """Attach a group to every set of 2+ layers of one block listed in ``SHARED_INPUTS``."""
+    """Attach a group to every set of 2+ layers of one block listed in ``SHARED_INPUTS`` that share
+    their input width, rank bound, pool rows and row offset table."""
     groups = []
     for layer in sorted({key.layer for key in layers}):
         for names in SHARED_INPUTS:
             members = [layers[ModuleKey(layer, n)] for n in names if ModuleKey(layer, n) in layers]
-            if len(members) < 2 or len({(m.in_features, m.lora_a.shape[1]) for m in members}) != 1:
+            shared = {(m.in_features, m.max_rank, m.lora_a.shape[0], id(m.slot_offsets)) for m in members}
+            if len(members) < 2 or len(shared) != 1:
                 continue
             group = SharedInputGroup(members)
             for m in members:

@@ -100,7 +100,8 @@ def _check_shapes(adapter_id: str, key: ModuleKey, pair: dict[str, str], shapes,
                                            f"A[r, {target.in_features}] B[{target.out_features}, r] "
                                            f"(base model mismatch?)")
     if rank > max_rank:
-        raise AdapterLoadError(adapter_id, f"{where}: rank {rank} exceeds max_lora_rank {max_rank}")
+        raise AdapterLoadError(adapter_id, f"{where}: rank {rank} exceeds max_lora_rank {max_rank} "
+                                           "(the largest rank served; lora_pool_rows caps it when smaller)")
     return rank
 
 

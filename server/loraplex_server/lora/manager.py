@@ -35,8 +35,11 @@ class LoraManager:
         # Triton on CUDA, the native kernel on CPU when built, else torch
         self.state = LoraStepState(apply_function(model_device(model), native_kernels))
         self.targets = find_targets(model)
-        self.layers = inject_lora_layers(model, config.max_loras, config.max_lora_rank, self.state)
-        self.registry = AdapterRegistry(self.targets, config.max_lora_rank, config.max_cpu_loras,
+        self.layers = inject_lora_layers(model, config.max_loras, config.max_lora_rank, self.state,
+                                         config.resolved_pool_rows)
+        # a rank above the pool's rows could never be resident: refused at load, like one above max_lora_rank
+        self.max_rank = min(config.max_lora_rank, config.resolved_pool_rows)
+        self.registry = AdapterRegistry(self.targets, self.max_rank, config.max_cpu_loras,
                                         config.adapter_root, config.max_adapter_bytes, load_fn=load_fn)
         self.slots = SlotManager(self.layers, config.max_loras)
         self.request_counts: dict[AdapterId, int] = {}
@@ -102,6 +105,20 @@ class LoraManager:
     def failure(self, key: VersionKey) -> str | None:
         return self.registry.failure(key)
 
+    def rank_of(self, key: VersionKey) -> int:
+        """Rows a version holds when resident (its largest module rank)."""
+        extent = self.slots.rows_of(key)
+        return extent[1] if extent is not None else self.registry.version(key).meta.rank
+
+    def fits(self, keys: set[VersionKey]) -> bool:
+        """Whether these versions can be resident together (the scheduler's rows check)."""
+        return self.slots.fits(self.rank_of(k) for k in keys)
+
+    def pack_order(self, slot: int) -> int:
+        """Where a slot's rows start in the pool (-1 without a slot): the runner packs sequences in
+        this order, so equal-rank neighbours in the pool are neighbouring segments (one matmul pair)."""
+        return self.slots.offset_of_slot(slot) if slot >= 0 else -1
+
     def reserved_keys(self) -> set[VersionKey]:
         """Version keys of pinned adapters: they hold device slots while idle."""
         return {self.registry.current(a).key for a in self.pinned_ids if a in self.registry}
@@ -114,6 +131,10 @@ class LoraManager:
         if newly and len(self.pinned_ids) + 1 >= self.config.max_loras:
             raise AdapterPinError(f"cannot pin {adapter_id!r}: {len(self.pinned_ids)} of {self.config.max_loras} "
                                   "device slots are pinned and one must stay free")
+        pinned_rows = sum(self.rank_of(k) for k in self.reserved_keys() | {key})
+        if newly and pinned_rows + self.max_rank > self.slots.pool_rows:
+            raise AdapterPinError(f"cannot pin {adapter_id!r}: pinned adapters would hold {pinned_rows} of the "
+                                  f"{self.slots.pool_rows} LoRA pool rows, and {self.max_rank} must stay free")
         self.pinned_ids.add(adapter_id)
         try:
             self.activate({key}, protected)

@@ -1,6 +1,8 @@
 """Per-step token -> device-slot mapping for the batched LoRA apply.
 
-The runner packs sequences sorted by slot, so tokens of one adapter form contiguous segments.
+The runner packs sequences sorted by their slot's row offset in the pool, so tokens of one adapter
+form contiguous segments, and neighbouring segments of equal-rank adapters placed side by side in
+the pool read consecutive rows (one batched matmul pair, ``ops.sgmv``).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import torch
 NO_SLOT = -1
 
 
-class SlotRankList(Protocol):
-    """Each slot's rank for one module: a ``list[int]``, or a LoRA layer's ``SlotRanks``."""
+class SlotValues(Protocol):
+    """One int per slot (a module's ranks, or the row offsets): a ``list[int]``, or a ``SlotTable``."""
 
     def __getitem__(self, slot: int, /) -> int: ...
 
@@ -24,19 +26,33 @@ class SlotRankList(Protocol):
     def __iter__(self) -> Iterator[int]: ...
 
 
+def rank_bound(ranks: SlotValues) -> int:
+    """The largest rank a slot can have: a ``SlotTable``'s fixed bound, else the largest given."""
+    bound = getattr(ranks, "bound", 0)
+    return bound if bound else max(ranks, default=0)
+
+
+def device_table(values: SlotValues, device: torch.device | str) -> torch.Tensor:
+    """[num_slots] int32 on ``device``: a ``SlotTable``'s device table as is, else a new copy."""
+    table = getattr(values, "table", None)
+    if table is not None:
+        return table
+    return torch.tensor(list(values), dtype=torch.int32, device=device)
+
+
 @dataclass(frozen=True)
 class SegmentRun:
-    """Neighbouring segments of slots ``lo..hi-1`` (one each, in slot order), all ``width`` tokens
-    long, computed at ``rank`` (the largest of their ranks for the module): tokens ``start..end-1``,
-    batched as one matmul pair. ``pad_rows``: zero rank rows read because ranks differ."""
+    """``count`` neighbouring segments, all ``width`` tokens long (tokens ``start..end-1``), whose
+    slots share one ``rank`` for the module and hold consecutive row blocks of the pool: rows
+    ``row .. row + count * rank - 1``, segment i reading rows ``row + i*rank ..``. Batched as one
+    matmul pair over a view of the pool."""
 
-    lo: int
-    hi: int
+    row: int
+    count: int
     rank: int
     width: int
     start: int
     end: int
-    pad_rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,29 +106,27 @@ class LoraMapping:
             table = self._runs["table"] = torch.tensor(self.segments, dtype=torch.int32).reshape(-1, 3)
         return table
 
-    def segment_runs(self, ranks: SlotRankList, max_pad_rows: int = 0) -> list[SegmentRun]:
-        """Segments grouped into runs for a module whose slot ranks are ``ranks``; neighbours of
-        different rank join a run while it reads at most ``max_pad_rows`` zero rank rows
-        (cached per ranks and bound)."""
-        key = (tuple(ranks), max_pad_rows)
+    def segment_runs(self, ranks: SlotValues, offsets: SlotValues) -> list[SegmentRun]:
+        """Segments grouped into runs for a module whose slot ranks are ``ranks`` and row offsets
+        ``offsets`` (cached per the segments' ranks and offsets)."""
+        key = tuple((ranks[slot], offsets[slot]) for _, _, slot in self.segments)
         runs = self._runs.get(key)
         if runs is None:
-            runs = self._runs[key] = _group_runs(self.segments, ranks, max_pad_rows)
+            runs = self._runs[key] = _group_runs(self.segments, key)
         return runs
 
 
-def _group_runs(segments, ranks: SlotRankList, max_pad_rows: int) -> list[SegmentRun]:
+def _group_runs(segments, rows: tuple[tuple[int, int], ...]) -> list[SegmentRun]:
+    """``rows``: (rank, row offset) of each segment's slot."""
     runs: list[SegmentRun] = []
-    for start, end, slot in segments:
-        rank, width = ranks[slot], end - start
+    for (start, end, _), (rank, row) in zip(segments, rows, strict=True):
+        width = end - start
         if rank == 0:
             continue
         last = runs[-1] if runs else None
-        if last and last.hi == slot and last.end == start and last.width == width:
-            top = max(last.rank, rank)
-            pad = last.pad_rows + (top - last.rank) * (last.hi - last.lo) + (top - rank)
-            if pad <= max_pad_rows:
-                runs[-1] = SegmentRun(last.lo, slot + 1, top, width, last.start, end, pad)
-                continue
-        runs.append(SegmentRun(slot, slot + 1, rank, width, start, end))
+        if (last and last.end == start and last.width == width and last.rank == rank
+                and last.row + last.count * rank == row):
+            runs[-1] = SegmentRun(last.row, last.count + 1, rank, width, last.start, end)
+            continue
+        runs.append(SegmentRun(row, 1, rank, width, start, end))
     return runs

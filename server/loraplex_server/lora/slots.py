@@ -1,52 +1,83 @@
-"""Device slots: which adapter version occupies which row of the stacked LoRA buffers (LRU, pinning).
+"""Device slots: which adapter version sits in which slot, and which rows of the weight pool it holds
+(LRU, pinning).
 
 Everything here is keyed by ``VersionKey`` (``id@n``), never by adapter id: two versions of one
 adapter (a hot-swap while requests run on the old one) hold two slots.
 
-A slot held by a running request is never evicted: callers pass those adapters as ``protected``.
-Placement keeps equal ranks side by side: new adapters are placed in rank order, each in the free
-slot next to a slot of the same rank when there is one, so the batched apply (``ops.sgmv``) covers
-neighbouring adapters with one matmul pair.
+A slot is an index into each layer's rank table and the shared row offset table: cheap, so there
+can be many (``max_loras``). Memory is rows: a version of rank ``r`` holds one extent of ``r``
+consecutive rows of every layer's pool (``row_pool.py``: first fit, equal ranks side by side so
+the batched torch apply covers neighbours with one matmul pair); a module it does not touch gets
+rank 0 there. When no free extent is long enough, the least recently used versions outside the
+step, the running requests (``protected``) and the pinned ones are evicted until enough rows are
+free; if the free rows are enough but scattered, the extents are slid together (a row copy in
+every layer, ``compact``). ``SlotsExhaustedError`` only when even evicting everything evictable
+cannot make room (the scheduler's caps keep that from happening).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
 
 from .ids import VersionKey
-from .layers import LoraLinear
+from .layers import LoraLinear, SlotTable
+from .row_pool import RowPool
 from .weights import LoraAdapter, ModuleKey
 
 
 class SlotsExhaustedError(RuntimeError):
-    """More distinct adapters requested than there are evictable slots (a scheduler bug)."""
+    """More adapters (or rows) requested than evicting every evictable version frees (a scheduler bug)."""
 
 
 class SlotManager:
     def __init__(self, layers: dict[ModuleKey, LoraLinear], max_loras: int):
         self.layers = layers
         self.max_loras = max_loras
+        first = next(iter(layers.values()))
+        self.rows = RowPool(first.lora_a.shape[0])
+        # the row offset tables (one object shared by every layer of a model)
+        self._offset_tables: list[SlotTable] = list({id(la.slot_offsets): la.slot_offsets
+                                                     for la in layers.values()}.values())
         self._slot_of: OrderedDict[VersionKey, int] = OrderedDict()  # version key -> slot, LRU first
-        self._rank_at: dict[int, int] = {}  # occupied slot -> its adapter's rank
-        self._free = list(range(max_loras))
+        self._extent: dict[int, tuple[int, int]] = {}  # occupied slot -> (first row, rows)
+        self._free_slots = list(range(max_loras))
         self.pinned: set[VersionKey] = set()
         self.num_loads = 0
         self.num_evictions = 0
+        self.num_compactions = 0
+
+    @property
+    def pool_rows(self) -> int:
+        return self.rows.num_rows
 
     def slot_of(self, key: VersionKey) -> int | None:
         return self._slot_of.get(key)
+
+    def rows_of(self, key: VersionKey) -> tuple[int, int] | None:
+        """(first row, number of rows) of a resident version's extent."""
+        slot = self._slot_of.get(key)
+        return None if slot is None else self._extent[slot]
+
+    def offset_of_slot(self, slot: int) -> int:
+        return self._extent[slot][0] if slot in self._extent else 0
 
     @property
     def resident(self) -> list[VersionKey]:
         return list(self._slot_of)
 
+    def fits(self, ranks: Iterable[int]) -> bool:
+        """Whether adapters of these ranks can be resident together (evicting the others,
+        compacting if need be): at most ``max_loras`` of them and their rows within the pool."""
+        ranks = list(ranks)
+        return len(ranks) <= self.max_loras and sum(ranks) <= self.pool_rows
+
     def activate(self, keys: set[VersionKey], fetch: Callable[[VersionKey], LoraAdapter],
                  protected: AbstractSet[VersionKey] = frozenset()) -> dict[VersionKey, int]:
         """Make every version in ``keys`` resident, fetching weights of missing ones.
 
-        Evicts least recently used slots outside ``keys | protected | pinned``.
+        Evicts least recently used versions outside ``keys | protected | pinned``.
         Returns version key -> slot.
         """
         keep = set(keys) | set(protected) | self.pinned
@@ -55,38 +86,80 @@ class SlotManager:
                 self._slot_of.move_to_end(key)
         missing = [(k, fetch(k)) for k in sorted(keys) if k not in self._slot_of]
         for key, adapter in sorted(missing, key=lambda item: item[1].rank):
-            self._load(key, adapter, self._take_slot(keep, adapter.rank))
+            slot = self._take_slot(keep)
+            try:
+                offset = self._take_rows(adapter.rank, keep)
+            except SlotsExhaustedError:
+                self._free_slots.append(slot)
+                raise
+            self._load(key, adapter, slot, offset)
         return {k: self._slot_of[k] for k in keys}
 
-    def _take_slot(self, keep: set[VersionKey], rank: int) -> int:
-        """A free slot (beside one of the same rank if possible), else the LRU evictable one."""
-        if self._free:
-            slot = max(self._free, key=lambda s: (self._same_rank_neighbours(s, rank), -s))
-            self._free.remove(slot)
-            return slot
-        for victim in self._slot_of:
-            if victim not in keep:
-                self.num_evictions += 1
-                slot = self._slot_of.pop(victim)
-                del self._rank_at[slot]
-                return slot
-        raise SlotsExhaustedError(f"all {self.max_loras} LoRA slots hold adapters in use")
+    def _evictable(self, keep: set[VersionKey]) -> VersionKey | None:
+        return next((k for k in self._slot_of if k not in keep), None)
 
-    def _same_rank_neighbours(self, slot: int, rank: int) -> int:
-        return sum(self._rank_at.get(n) == rank for n in (slot - 1, slot + 1))
+    def _take_slot(self, keep: set[VersionKey]) -> int:
+        """The lowest free slot, else the LRU evictable version's."""
+        if not self._free_slots:
+            victim = self._evictable(keep)
+            if victim is None:
+                raise SlotsExhaustedError(f"all {self.max_loras} LoRA slots hold adapters in use")
+            self._drop(victim)
+            self.num_evictions += 1
+        slot = min(self._free_slots)
+        self._free_slots.remove(slot)
+        return slot
 
-    def _load(self, key: VersionKey, adapter: LoraAdapter, slot: int) -> None:
+    def _take_rows(self, rank: int, keep: set[VersionKey]) -> int:
+        """The first row of a new extent of ``rank`` rows: evicts LRU versions until enough rows are
+        free, compacts when they are free but scattered."""
+        while True:
+            offset = self.rows.allocate(rank)
+            if offset is not None:
+                return offset
+            if self.rows.free_rows >= rank:
+                self.compact()
+                continue
+            victim = self._evictable(keep)
+            if victim is None:
+                raise SlotsExhaustedError(f"no {rank} free rows in the LoRA pool of {self.pool_rows}: "
+                                          f"{self.pool_rows - self.rows.free_rows} hold adapters in use")
+            self._drop(victim)
+            self.num_evictions += 1
+
+    def compact(self) -> None:
+        """Slide every extent down (rows copied in every layer) so the free rows form one extent."""
+        slot_at = {offset: slot for slot, (offset, _) in self._extent.items()}
+        for src, dst, length in self.rows.compact():
+            for layer in self.layers.values():
+                layer.move_rows(src, dst, length)
+            slot = slot_at[src]
+            self._extent[slot] = (dst, length)
+            for table in self._offset_tables:
+                table.set(slot, dst)
+        self.num_compactions += 1
+
+    def _load(self, key: VersionKey, adapter: LoraAdapter, slot: int, offset: int) -> None:
         for module, layer in self.layers.items():
-            layer.set_slot(slot, adapter.modules.get(module))
+            layer.set_slot(slot, offset, adapter.modules.get(module))
+        for table in self._offset_tables:
+            table.set(slot, offset)
         self._slot_of[key] = slot
-        self._rank_at[slot] = adapter.rank
+        self._extent[slot] = (offset, adapter.rank)
         self.num_loads += 1
 
+    def _drop(self, key: VersionKey) -> None:
+        """Forget a resident version: its slot reads rank 0 everywhere, its rows are free."""
+        slot = self._slot_of.pop(key)
+        offset, _ = self._extent.pop(slot)
+        self.rows.release(offset)
+        for layer in self.layers.values():
+            layer.set_slot(slot, 0, None)
+        for table in self._offset_tables:
+            table.set(slot, 0)
+        self._free_slots.append(slot)
+
     def evict(self, key: VersionKey) -> None:
-        slot = self._slot_of.pop(key, None)
-        if slot is not None:
-            del self._rank_at[slot]
-            for layer in self.layers.values():
-                layer.set_slot(slot, None)
-            self._free.append(slot)
+        if key in self._slot_of:
+            self._drop(key)
         self.pinned.discard(key)

@@ -1,20 +1,23 @@
 """Triton kernels for the batched LoRA apply: shrink ``h = A[s] @ x`` then expand ``y += h @ Bt[s]``.
 
 The maths is ``ops.lora_apply_reference``, generalised to ``P`` fused projections that share
-their input (q/k/v, gate/up; ``P = 1`` is a plain module). Stacks are ``A`` [num_slots, R, in]
-and ``Bt`` [num_slots, R, out] (B transposed, scale folded in, as ``LoraLinear`` keeps them);
-``R`` is the padded rank:
+their input (q/k/v, gate/up; ``P = 1`` is a plain module). Weights are row pools ``A``
+[pool_rows, in] and ``Bt`` [pool_rows, out] (B transposed, scale folded in, as ``LoraLinear``
+keeps them); slot ``s`` holds rows ``offsets[s] ..`` of every projection's pool (one offset table
+shared by the projections) at its per-projection rank; ``R`` is the largest rank (``h``'s stride
+per projection):
 
     for t in range(num_tokens):
         s = token_slots[t]
         if s < 0:
             continue                                    # base-model row: y[t] stays as it is
+        o = offsets[s]
         for p in range(P):
             r = ranks[s, p]                             # 0: the slot's adapter skips this projection
             for j in range(r):                          # shrink, fp32 accumulation
-                h[t, p * R + j] = sum(A_p[s, j, k] * x[t, k] for k in range(in_features))
+                h[t, p * R + j] = sum(A_p[o + j, k] * x[t, k] for k in range(in_features))
             for n in range(out_p):                      # expand, added in place
-                y_p[t, n] += sum(h[t, p * R + j] * Bt_p[s, j, n] for j in range(r))
+                y_p[t, n] += sum(h[t, p * R + j] * Bt_p[o + j, n] for j in range(r))
 
 ``h`` is rounded to the weights' dtype before the expand, as the torch path does. Two layouts:
 
@@ -59,15 +62,16 @@ def _shrink_tile(x_ptr, a_ptr, rows, row_ok, rank, k_lo, k_hi, sx_t, sx_k, sa_r,
 
 
 @jit(do_not_specialize=_OFFSETS)
-def sgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, ranks_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr,
-                        off0, off1, off2, K, R, P, sx_t, sx_k, sa_s, sa_r, sa_k, sh_t,
+def sgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, ranks_ptr, offsets_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr,
+                        off0, off1, off2, K, R, P, sx_t, sx_k, sa_r, sa_k, sh_t,
                         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                         SPLIT_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Segment shrink; grid (row blocks, segments, P * SPLIT_K). For each segment (start, len, s):
 
         for t in range(start, start + len):
             for p in range(P):
-                h[t, p*R : p*R + ranks[s, p]] = A_p[s, :ranks[s, p]] @ x[t]   # fp32; atomic under split-K
+                o, r = offsets[s], ranks[s, p]
+                h[t, p*R : p*R + r] = A_p[o : o + r] @ x[t]   # fp32; atomic under split-K
     """
     pid_m, seg, pid_pk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     p, split = pid_pk // SPLIT_K, pid_pk % SPLIT_K
@@ -82,7 +86,7 @@ def sgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, ranks_ptr, seg_start_ptr, seg_len_pt
     k_span = (K + SPLIT_K * BLOCK_K - 1) // (SPLIT_K * BLOCK_K) * BLOCK_K
     k_lo = split * k_span
     k_hi = tl.minimum(k_lo + k_span, K)
-    a_base = a_ptr + _pick(p, off0, off1, off2) + slot * sa_s
+    a_base = a_ptr + _pick(p, off0, off1, off2) + tl.load(offsets_ptr + slot).to(tl.int64) * sa_r
     acc = _shrink_tile(x_ptr, a_base, rows, row_ok, rank, k_lo, k_hi, sx_t, sx_k, sa_r, sa_k,
                        BLOCK_M, BLOCK_R, BLOCK_K, PRECISION, UPCAST)  # [BLOCK_M, BLOCK_R]
     cols = tl.arange(0, BLOCK_R)
@@ -95,14 +99,14 @@ def sgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, ranks_ptr, seg_start_ptr, seg_len_pt
 
 
 @jit(do_not_specialize=_OFFSETS)
-def bgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, ranks_ptr, token_slots_ptr, off0, off1, off2,
-                        K, R, P, sx_t, sx_k, sa_s, sa_r, sa_k, sh_t,
+def bgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, ranks_ptr, offsets_ptr, token_slots_ptr, off0, off1, off2,
+                        K, R, P, sx_t, sx_k, sa_r, sa_k, sh_t,
                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """Gather shrink; grid (tokens, P * SPLIT_K). For token t with slot s = token_slots[t] >= 0:
 
         for p in range(P):
             for j in range(ranks[s, p]):
-                h[t, p*R + j] = sum(A_p[s, j, k] * x[t, k] for k in range(K))   # fp32
+                h[t, p*R + j] = sum(A_p[offsets[s] + j, k] * x[t, k] for k in range(K))   # fp32
     """
     t, pid_pk = tl.program_id(0).to(tl.int64), tl.program_id(1)
     p, split = pid_pk // SPLIT_K, pid_pk % SPLIT_K
@@ -116,7 +120,7 @@ def bgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, ranks_ptr, token_slots_ptr, off0, of
     k_span = (K + SPLIT_K * BLOCK_K - 1) // (SPLIT_K * BLOCK_K) * BLOCK_K
     k_lo = split * k_span
     k_hi = tl.minimum(k_lo + k_span, K)
-    a_base = a_ptr + _pick(p, off0, off1, off2) + slot * sa_s
+    a_base = a_ptr + _pick(p, off0, off1, off2) + tl.load(offsets_ptr + slot).to(tl.int64) * sa_r
     acc = tl.full((BLOCK_R,), 0.0, tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -133,22 +137,22 @@ def bgmv_shrink_kernel(x_ptr, a_ptr, h_ptr, ranks_ptr, token_slots_ptr, off0, of
 
 
 @jit()
-def _bt_tile(b_ptr, p, slot, rank, tile, n_out, b0, b1, b2, bs0, bs1, bs2, br0, br1, br2, sb_n,
+def _bt_tile(b_ptr, p, row, rank, tile, n_out, b0, b1, b2, br0, br1, br2, sb_n,
              BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Bt_p[slot, :rank, tile's columns] as a [BLOCK_R, BLOCK_N] tile (zeros past rank and out_p),
-    with the tile's column indices and their in-range mask."""
+    """Bt_p[row : row + rank, tile's columns] as a [BLOCK_R, BLOCK_N] tile (zeros past rank and
+    out_p), with the tile's column indices and their in-range mask."""
     cols = tl.arange(0, BLOCK_R)
     ns = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < n_out
-    b_base = b_ptr + _pick(p, b0, b1, b2) + slot * _pick(p, bs0, bs1, bs2)
+    b_base = b_ptr + _pick(p, b0, b1, b2) + row * _pick(p, br0, br1, br2)
     bt = tl.load(b_base + cols[:, None] * _pick(p, br0, br1, br2) + ns[None, :] * sb_n,
                  mask=(cols[:, None] < rank) & n_ok[None, :], other=0.0)
     return bt, ns, n_ok
 
 
 @jit(do_not_specialize=["b0", "b1", "b2", "y0", "y1", "y2"])
-def sgmv_expand_kernel(h_ptr, b_ptr, y_ptr, ranks_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr,
-                        n0, n1, n2, b0, b1, b2, bs0, bs1, bs2, br0, br1, br2, y0, y1, y2, ys0, ys1, ys2,
+def sgmv_expand_kernel(h_ptr, b_ptr, y_ptr, ranks_ptr, offsets_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr,
+                        n0, n1, n2, b0, b1, b2, br0, br1, br2, y0, y1, y2, ys0, ys1, ys2,
                         R, P, N_TILES, sh_t, sb_n,
                         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                         PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -156,8 +160,8 @@ def sgmv_expand_kernel(h_ptr, b_ptr, y_ptr, ranks_ptr, seg_start_ptr, seg_len_pt
 
         for t in range(start, start + len):
             for p in range(P):
-                r = ranks[s, p]
-                y_p[t, :] += h[t, p*R : p*R + r] @ Bt_p[s, :r, :]   # fp32 accumulation, in place
+                o, r = offsets[s], ranks[s, p]
+                y_p[t, :] += h[t, p*R : p*R + r] @ Bt_p[o : o + r, :]   # fp32 accumulation, in place
     """
     pid_m, seg, pid_pn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     p, tile = pid_pn // N_TILES, pid_pn % N_TILES
@@ -171,7 +175,8 @@ def sgmv_expand_kernel(h_ptr, b_ptr, y_ptr, ranks_ptr, seg_start_ptr, seg_len_pt
     row_ok = local < seg_len
     rows = (tl.load(seg_start_ptr + seg) + local).to(tl.int64)  # [BLOCK_M]
     cols = tl.arange(0, BLOCK_R)
-    bt, ns, n_ok = _bt_tile(b_ptr, p, slot, rank, tile, n_out, b0, b1, b2, bs0, bs1, bs2, br0, br1, br2, sb_n,
+    row = tl.load(offsets_ptr + slot).to(tl.int64)
+    bt, ns, n_ok = _bt_tile(b_ptr, p, row, rank, tile, n_out, b0, b1, b2, br0, br1, br2, sb_n,
                             BLOCK_R, BLOCK_N)  # [BLOCK_R, BLOCK_N]
     ht = tl.load(h_ptr + rows[:, None] * sh_t + (p * R + cols)[None, :],
                  mask=row_ok[:, None] & (cols[None, :] < rank), other=0.0)  # [BLOCK_M, BLOCK_R]
@@ -183,16 +188,16 @@ def sgmv_expand_kernel(h_ptr, b_ptr, y_ptr, ranks_ptr, seg_start_ptr, seg_len_pt
 
 
 @jit(do_not_specialize=["b0", "b1", "b2", "y0", "y1", "y2"])
-def bgmv_expand_kernel(h_ptr, b_ptr, y_ptr, ranks_ptr, token_slots_ptr,
-                        n0, n1, n2, b0, b1, b2, bs0, bs1, bs2, br0, br1, br2, y0, y1, y2, ys0, ys1, ys2,
+def bgmv_expand_kernel(h_ptr, b_ptr, y_ptr, ranks_ptr, offsets_ptr, token_slots_ptr,
+                        n0, n1, n2, b0, b1, b2, br0, br1, br2, y0, y1, y2, ys0, ys1, ys2,
                         R, P, N_TILES, sh_t, sb_n,
                         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """Gather expand; grid (tokens, P * N_TILES). For token t with slot s = token_slots[t] >= 0:
 
         for p in range(P):
-            r = ranks[s, p]
+            o, r = offsets[s], ranks[s, p]
             for n in range(out_p):
-                y_p[t, n] += sum(h[t, p*R + j] * Bt_p[s, j, n] for j in range(r))   # fp32
+                y_p[t, n] += sum(h[t, p*R + j] * Bt_p[o + j, n] for j in range(r))   # fp32
     """
     t, pid_pn = tl.program_id(0).to(tl.int64), tl.program_id(1)
     p, tile = pid_pn // N_TILES, pid_pn % N_TILES
@@ -204,7 +209,8 @@ def bgmv_expand_kernel(h_ptr, b_ptr, y_ptr, ranks_ptr, token_slots_ptr,
     if rank == 0:
         return
     cols = tl.arange(0, BLOCK_R)
-    bt, ns, n_ok = _bt_tile(b_ptr, p, slot, rank, tile, n_out, b0, b1, b2, bs0, bs1, bs2, br0, br1, br2, sb_n,
+    row = tl.load(offsets_ptr + slot).to(tl.int64)
+    bt, ns, n_ok = _bt_tile(b_ptr, p, row, rank, tile, n_out, b0, b1, b2, br0, br1, br2, sb_n,
                             BLOCK_R, BLOCK_N)  # [BLOCK_R, BLOCK_N]
     ht = tl.load(h_ptr + t * sh_t + p * R + cols, mask=cols < rank, other=0.0)  # [BLOCK_R]
     ht = ht.to(bt.dtype).to(tl.float32)

@@ -1,7 +1,8 @@
 """Host side of the Triton LoRA apply: segment tables, layout and tile choice, kernel launches.
 
-``TritonLoraBackend`` is a drop-in for ``ops.lora_apply`` (same signature, same buffers:
-``lora_a`` [num_slots, max_rank, in], ``lora_bt`` [num_slots, max_rank, out]); the kernels and the
+``TritonLoraBackend`` is a drop-in for ``ops.lora_apply`` (same signature, same buffers: the row
+pools ``lora_a`` [pool_rows, in], ``lora_bt`` [pool_rows, out], slot ``s`` at rows ``offsets[s] ..
+offsets[s] + ranks[s] - 1``); the kernels and the
 loop they compute are in ``triton_kernels.py``. ``lora_shrink`` / ``lora_expand`` also take up to
 ``MAX_FUSED`` projections that share their input (q/k/v, gate/up) in one launch each. Layouts:
 'segment' (SGMV) when segments hold several tokens each (prefill), else 'gather' (BGMV, decode).
@@ -17,14 +18,14 @@ from dataclasses import dataclass
 import torch
 
 from ..triton_common import cdiv, dot_options, interpreted, next_pow2, triton_available
-from .mapping import LoraMapping
+from .mapping import LoraMapping, device_table, rank_bound
 from .triton_kernels import bgmv_expand_kernel, bgmv_shrink_kernel, sgmv_expand_kernel, sgmv_shrink_kernel
 
 MAX_FUSED = 3  # projections per launch (q/k/v); the kernels take this many offsets
 SGMV_MIN_TOKENS_PER_SEGMENT = 8  # below this the gather layout wins (decode)
 _TARGET_PROGRAMS = 512  # split-K fills the GPU when a shrink launches fewer programs than this
 INTERPRETER_TILE_SCALE = 4  # wider K/N tiles under the CPU interpreter, where each program costs Python time
-_RANKS_CACHE_SIZE = 64
+_TABLE_CACHE_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -114,28 +115,33 @@ def _split_k(programs: int, k_blocks: int, device: torch.device, requested: int 
 
 
 def _check_stacks(stacks: list[torch.Tensor], what: str, same_shape: bool) -> None:
-    """Fused [num_slots, R, cols] stacks share num_slots, R and the column stride (A: all strides)."""
+    """Fused [pool_rows, cols] pools share pool_rows and the column stride (A: all strides)."""
     first = stacks[0]
     for s in stacks:
-        if s.dim() != 3 or s.shape[:2] != first.shape[:2] or s.stride(2) != first.stride(2):
-            raise ValueError(f"fused {what} stacks must share num_slots, max rank and column stride")
+        if s.dim() != 2 or s.shape[0] != first.shape[0] or s.stride(1) != first.stride(1):
+            raise ValueError(f"fused {what} pools must share pool rows and column stride")
         if same_shape and (s.shape != first.shape or s.stride() != first.stride()):
-            raise ValueError(f"fused {what} stacks must share shape and strides")
+            raise ValueError(f"fused {what} pools must share shape and strides")
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor | Sequence[torch.Tensor], ranks: torch.Tensor,
-                token_slots: torch.Tensor, segments: SegmentTensors, layout: str | None = None,
-                out_dtype: torch.dtype = torch.float32, split_k: int | None = None) -> torch.Tensor:
-    """h [T, P * max_rank] = per token and projection ``A_p[slot] @ x[t]``.
+                offsets: torch.Tensor, max_rank: int, token_slots: torch.Tensor, segments: SegmentTensors,
+                layout: str | None = None, out_dtype: torch.dtype = torch.float32,
+                split_k: int | None = None) -> torch.Tensor:
+    """h [T, P * max_rank] = per token and projection ``A_p[o : o + r] @ x[t]`` (o = offsets[slot],
+    r = ranks[slot, p]).
 
     Only the cells of tokens with a slot and columns below the slot's rank are written.
 
-    ``x`` [T, in]; ``lora_a`` one [num_slots, max_rank, in] stack or up to 3 of them (fused
-    projections sharing ``x``); ``ranks`` [num_slots] or [num_slots, P]. Split-K needs fp32 ``h``.
+    ``x`` [T, in]; ``lora_a`` one [pool_rows, in] pool or up to 3 of them (fused projections
+    sharing ``x`` and the offsets); ``ranks`` [num_slots] or [num_slots, P], each <= ``max_rank``;
+    ``offsets`` [num_slots] int32. Split-K needs fp32 ``h``.
     """
     stacks = _as_list(lora_a)
     _check_stacks(stacks, "A", same_shape=True)
-    num_slots, max_rank, k = stacks[0].shape
+    k = stacks[0].shape[1]
+    offsets = offsets.to(device=x.device, dtype=torch.int32)  # [num_slots], as is when already so
+    num_slots = offsets.shape[0]
     num_proj, num_tokens = len(stacks), x.shape[0]
     ranks = _ranks_2d(ranks, num_slots, num_proj, x.device)
     layout = layout or choose_layout(segments)
@@ -160,10 +166,10 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor | Sequence[torch.Tensor], 
     args = (*offs, k, max_rank, num_proj, *x.stride(), *base.stride(), h.stride(0))
     grid = (*grid[:-1], grid[-1] * split)
     if layout == "segment":
-        kernel[grid](x, base, h, ranks, segments.starts, segments.lens, segments.slots, *args,
+        kernel[grid](x, base, h, ranks, offsets, segments.starts, segments.lens, segments.slots, *args,
                      SPLIT_K=split, **tiles, **dot_options(kernel, x.dtype))
     else:
-        kernel[grid](x, base, h, ranks, token_slots, *args, SPLIT_K=split, **tiles)
+        kernel[grid](x, base, h, ranks, offsets, token_slots, *args, SPLIT_K=split, **tiles)
     return h
 
 
@@ -183,19 +189,22 @@ def _output_slices(y: torch.Tensor | Sequence[torch.Tensor], outs: list[int]) ->
 
 
 def lora_expand(y: torch.Tensor | Sequence[torch.Tensor], h: torch.Tensor,
-                lora_bt: torch.Tensor | Sequence[torch.Tensor], ranks: torch.Tensor, token_slots: torch.Tensor,
-                segments: SegmentTensors, layout: str | None = None) -> None:
-    """In place: ``y_p[t] += h[t, p*R : p*R + rank] @ Bt_p[slot, :rank]`` for every token with a slot.
+                lora_bt: torch.Tensor | Sequence[torch.Tensor], ranks: torch.Tensor, offsets: torch.Tensor,
+                token_slots: torch.Tensor, segments: SegmentTensors, layout: str | None = None) -> None:
+    """In place: ``y_p[t] += h[t, p*R : p*R + r] @ Bt_p[o : o + r]`` for every token with a slot
+    (o = offsets[slot], r = ranks[slot, p], R = h's columns per projection).
 
-    ``lora_bt`` one [num_slots, max_rank, out] stack or up to 3 (out may differ; strides are read,
-    so views pass uncopied); ``y`` one tensor ([T, out], or [T, sum out_p] written slice by slice)
-    or a list of [T, out_p].
+    ``lora_bt`` one [pool_rows, out] pool or up to 3 (out may differ; strides are read, so views
+    pass uncopied); ``y`` one tensor ([T, out], or [T, sum out_p] written slice by slice) or a list
+    of [T, out_p].
     """
     stacks = _as_list(lora_bt)
     _check_stacks(stacks, "Bt", same_shape=False)
-    num_slots, max_rank, _ = stacks[0].shape
+    offsets = offsets.to(device=h.device, dtype=torch.int32)  # [num_slots], as is when already so
+    num_slots = offsets.shape[0]
     num_proj, num_tokens = len(stacks), h.shape[0]
-    outs = [b.shape[2] for b in stacks]
+    max_rank = h.shape[1] // num_proj
+    outs = [b.shape[1] for b in stacks]
     ys = _output_slices(y, outs)
     if segments.count == 0 or num_tokens == 0:
         return
@@ -207,18 +216,19 @@ def lora_expand(y: torch.Tensor | Sequence[torch.Tensor], h: torch.Tensor,
     n_tiles = cdiv(max(outs), tiles["BLOCK_N"])
     b_base, b_offs = _offsets(stacks)
     y_base, y_offs = _offsets(ys)
-    args = (*_padded(outs), *b_offs, *_padded([b.stride(0) for b in stacks]), *_padded([b.stride(1) for b in stacks]),
-            *y_offs, *_padded([t.stride(0) for t in ys]), max_rank, num_proj, n_tiles, h.stride(0), b_base.stride(2))
+    args = (*_padded(outs), *b_offs, *_padded([b.stride(0) for b in stacks]),
+            *y_offs, *_padded([t.stride(0) for t in ys]), max_rank, num_proj, n_tiles, h.stride(0), b_base.stride(1))
     if layout == "segment":
         grid = (cdiv(segments.max_len, tiles["BLOCK_M"]), segments.count, num_proj * n_tiles)
-        kernel[grid](h, b_base, y_base, ranks, segments.starts, segments.lens, segments.slots, *args,
+        kernel[grid](h, b_base, y_base, ranks, offsets, segments.starts, segments.lens, segments.slots, *args,
                      **tiles, **dot_options(kernel, b_base.dtype))
     else:
-        kernel[(num_tokens, num_proj * n_tiles)](h, b_base, y_base, ranks, token_slots, *args, **tiles)
+        kernel[(num_tokens, num_proj * n_tiles)](h, b_base, y_base, ranks, offsets, token_slots, *args, **tiles)
 
 
-def triton_lora_apply(y, x: torch.Tensor, lora_a, lora_bt, ranks: torch.Tensor, token_slots: torch.Tensor,
-                      segments: SegmentTensors, layout: str | None = None) -> None:
+def triton_lora_apply(y, x: torch.Tensor, lora_a, lora_bt, ranks: torch.Tensor, offsets: torch.Tensor,
+                      max_rank: int, token_slots: torch.Tensor, segments: SegmentTensors,
+                      layout: str | None = None) -> None:
     """``ops.lora_apply`` semantics on the GPU (optionally fused over up to 3 projections).
 
     ``y`` [T, out] (or fused outputs, see ``lora_expand``) += the LoRA delta of every token with a
@@ -227,21 +237,22 @@ def triton_lora_apply(y, x: torch.Tensor, lora_a, lora_bt, ranks: torch.Tensor, 
     if segments.count == 0:
         return
     layout = layout or choose_layout(segments)
-    h = lora_shrink(x, lora_a, ranks, token_slots, segments, layout)  # [T, P * max_rank] fp32
-    lora_expand(y, h, lora_bt, ranks, token_slots, segments, layout)
+    h = lora_shrink(x, lora_a, ranks, offsets, max_rank, token_slots, segments, layout)  # [T, P * max_rank] fp32
+    lora_expand(y, h, lora_bt, ranks, offsets, token_slots, segments, layout)
 
 
 class TritonLoraBackend:
     """Drop-in for ``ops.lora_apply`` (same signature, same ``lora_bt`` layout) running the kernels.
 
     One per model: it keeps the current step's segment tensors (one mapping per step, shared by
-    every layer) and device copies of the per-module rank lists, so no layer copies host to device.
+    every layer) and device copies of rank and offset lists given as lists (a layer's ``SlotTable``
+    is already on the device), so no layer copies host to device.
     """
 
     def __init__(self) -> None:
         self._mapping: LoraMapping | None = None
         self._segments: SegmentTensors | None = None
-        self._ranks: dict[tuple, torch.Tensor] = {}
+        self._tables: dict[tuple, torch.Tensor] = {}
 
     def segments_for(self, mapping: LoraMapping) -> SegmentTensors:
         if mapping is not self._mapping or self._segments is None:
@@ -249,41 +260,43 @@ class TritonLoraBackend:
             self._mapping = mapping
         return self._segments
 
-    def ranks_for(self, ranks, device: torch.device) -> torch.Tensor:
-        """[num_slots] int32 on ``device``: a module's ``SlotRanks.table`` as is, else a copy of
-        the list cached by value (a slot change makes a new key)."""
-        table = getattr(ranks, "table", None)
-        if table is not None:
-            return table
-        key = (tuple(ranks), str(device))
-        if key not in self._ranks:
-            if len(self._ranks) >= _RANKS_CACHE_SIZE:
-                self._ranks.clear()
-            self._ranks[key] = torch.tensor(key[0], dtype=torch.int32, device=device)
-        return self._ranks[key]
+    def table_for(self, values, device: torch.device) -> torch.Tensor:
+        """[num_slots] int32 on ``device``: a ``SlotTable``'s device table (ranks or row offsets)
+        as is, else a copy of the list cached by value (a slot change makes a new key)."""
+        if getattr(values, "table", None) is not None:
+            return device_table(values, device)
+        key = (tuple(values), str(device))
+        if key not in self._tables:
+            if len(self._tables) >= _TABLE_CACHE_SIZE:
+                self._tables.clear()
+            self._tables[key] = device_table(key[0], device)
+        return self._tables[key]
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.Tensor,
-                 ranks, mapping: LoraMapping) -> None:
-        """``y`` [T, out] += each token's delta, in place; ``x`` [T, in]; ``ranks`` per slot
-        (``SlotRanks`` or a list). A static mapping launches the gather kernels over every row
-        with no host reads, so the launch can be captured in a CUDA graph."""
+                 ranks, offsets, mapping: LoraMapping) -> None:
+        """``y`` [T, out] += each token's delta, in place; ``x`` [T, in]; ``ranks`` and ``offsets``
+        per slot (``SlotTable`` or a list). A static mapping launches the gather kernels over every
+        row with no host reads, so the launch can be captured in a CUDA graph."""
         if not (mapping.is_static or mapping.segments):
             return
         segments, layout = self.step_inputs(mapping)
-        triton_lora_apply(y, x, lora_a, lora_bt, self.ranks_for(ranks, x.device), mapping.token_slots,
-                          segments, layout)
+        triton_lora_apply(y, x, lora_a, lora_bt, self.table_for(ranks, x.device), self.table_for(offsets, x.device),
+                          rank_bound(ranks), mapping.token_slots, segments, layout)
 
-    def shrink(self, x: torch.Tensor, lora_as: Sequence[torch.Tensor], ranks: torch.Tensor,
-               mapping: LoraMapping) -> torch.Tensor:
-        """h [T, P * max_rank] fp32 for up to 3 projections sharing ``x`` [T, in], one launch;
-        ``ranks`` [num_slots, P] int32 on the device. Pair with ``expand`` per projection."""
+    def shrink(self, x: torch.Tensor, lora_as: Sequence[torch.Tensor], ranks: torch.Tensor, offsets,
+               max_rank: int, mapping: LoraMapping) -> torch.Tensor:
+        """h [T, P * max_rank] fp32 for up to 3 projections sharing ``x`` [T, in] and ``offsets``,
+        one launch; ``ranks`` [num_slots, P] int32 on the device. Pair with ``expand`` per projection."""
         segments, layout = self.step_inputs(mapping)
-        return lora_shrink(x, list(lora_as), ranks, mapping.token_slots, segments, layout)
+        return lora_shrink(x, list(lora_as), ranks, self.table_for(offsets, x.device), max_rank,
+                           mapping.token_slots, segments, layout)
 
-    def expand(self, y: torch.Tensor, h: torch.Tensor, lora_bt: torch.Tensor, ranks, mapping: LoraMapping) -> None:
+    def expand(self, y: torch.Tensor, h: torch.Tensor, lora_bt: torch.Tensor, ranks, offsets,
+               mapping: LoraMapping) -> None:
         """``y`` [T, out] += ``h`` [T, max_rank] (one projection's columns of a fused shrink) @ Bt."""
         segments, layout = self.step_inputs(mapping)
-        lora_expand(y, h, lora_bt, self.ranks_for(ranks, y.device), mapping.token_slots, segments, layout)
+        lora_expand(y, h, lora_bt, self.table_for(ranks, y.device), self.table_for(offsets, y.device),
+                    mapping.token_slots, segments, layout)
 
     def step_inputs(self, mapping: LoraMapping) -> tuple[SegmentTensors, str]:
         """The step's segment tensors and layout (gather for a static mapping)."""

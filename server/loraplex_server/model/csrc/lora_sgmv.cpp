@@ -1,13 +1,14 @@
-// Segmented LoRA apply (SGMV) over per-slot stacked weights, for CPU decode and mixed steps:
+// Segmented LoRA apply (SGMV) over a pool of weight rows, for CPU decode and mixed steps:
 //
 //     for (start, end, s) in segments:           # tokens start..end-1 all use slot s
-//         r = ranks[s]                           # the slot's rank for this module (0: untouched)
+//         r, o = ranks[s], offsets[s]            # the slot's rank for this module (0: untouched), first row
 //         for t in start .. end-1:
-//             h = A[s, :r] @ x[t]                # shrink: [r]
-//             y[t] += h @ Bt[s, :r]              # expand: [out] (the LoRA scale is folded in Bt)
+//             h = A[o : o+r] @ x[t]              # shrink: [r]
+//             y[t] += h @ Bt[o : o+r]            # expand: [out] (the LoRA scale is folded in Bt)
 //
-// A is [slots, R, in] and Bt [slots, R, out], so a slot's first r rank rows are contiguous and
-// read at the true rank. Weights may be bf16 (the model's dtype) or fp32; x and y are f32 or bf16;
+// A is [pool_rows, in] and Bt [pool_rows, out]; a slot's r rows are contiguous and read at the
+// true rank. A segment whose slot, rank or rows fall outside the tables or the pool is refused
+// (nonzero return) before anything is computed. Weights may be bf16 (the model's dtype) or fp32; x and y are f32 or bf16;
 // everything accumulates in fp32 and y is rounded once (h stays fp32). Work is split into tiles of up to TILE
 // tokens of one segment; each tile reads its slot's weights once (later tiles of the slot find
 // them in cache) and is computed by one thread, so the result does not depend on the split.
@@ -23,7 +24,7 @@ namespace {
 constexpr int64_t TILE = 4;
 
 struct Problem {
-    int64_t x_stride, y_stride, a_slot_stride, b_slot_stride, in, out;
+    int64_t x_stride, y_stride, in, out;
 };
 
 // One tile, any sizes: tokens t0 .. t0+n-1 (n <= TILE) of one slot at rank r. ws: h [TILE][r].
@@ -90,8 +91,8 @@ void tile(const Problem &p, const typename XE::T *x, typename XE::T *y, const ty
 
 template <class XE, class WE>
 int sgmv(const void *x_, void *y_, const void *a_, const void *bt_, const Problem &p, const int32_t *ranks,
-         const int32_t *segments, int64_t num_segments, int64_t num_tokens, int64_t num_slots, int64_t max_rank,
-         int num_threads) {
+         const int32_t *offsets, const int32_t *segments, int64_t num_segments, int64_t num_tokens, int64_t num_slots,
+         int64_t pool_rows, int64_t max_rank, int num_threads) {
     using XT = typename XE::T;
     using WT = typename WE::T;
     const XT *x = static_cast<const XT *>(x_);
@@ -103,6 +104,7 @@ int sgmv(const void *x_, void *y_, const void *a_, const void *bt_, const Proble
         if (slot < 0 || slot >= num_slots || start < 0 || end < start || end > num_tokens) return 1;
         if (ranks[slot] < 0 || ranks[slot] > max_rank) return 2;
         if (ranks[slot] == 0) continue;
+        if (offsets[slot] < 0 || int64_t(offsets[slot]) + ranks[slot] > pool_rows) return 3;
         for (int64_t t = start; t < end; t += TILE) tiles.insert(tiles.end(), {i, t});
     }
     const int64_t num_tiles = int64_t(tiles.size()) / 2;
@@ -118,7 +120,8 @@ int sgmv(const void *x_, void *y_, const void *a_, const void *bt_, const Proble
         for (int64_t k = 0; k < num_tiles; k++) {
             const int64_t i = tiles[2 * k], t0 = tiles[2 * k + 1];
             const int32_t end = segments[3 * i + 1], slot = segments[3 * i + 2];
-            tile<XE, WE>(p, x, y, a + slot * p.a_slot_stride, bt + slot * p.b_slot_stride, t0,
+            const int64_t row = offsets[slot];
+            tile<XE, WE>(p, x, y, a + row * p.in, bt + row * p.out, t0,
                          std::min<int64_t>(TILE, end - t0), ranks[slot], ws.data());
         }
     }
@@ -129,12 +132,12 @@ int sgmv(const void *x_, void *y_, const void *a_, const void *bt_, const Proble
 
 #define LORAPLEX_SGMV_ARGS                                                                                \
     const void *x, int64_t x_stride, void *y, int64_t y_stride, const void *a, const void *bt,             \
-        int64_t a_slot_stride, int64_t b_slot_stride, int64_t in, int64_t out, const int32_t *ranks,       \
-        const int32_t *segments, int64_t num_segments, int64_t num_tokens, int64_t num_slots,                \
-        int64_t max_rank, int num_threads
+        int64_t in, int64_t out, const int32_t *ranks, const int32_t *offsets, const int32_t *segments,   \
+        int64_t num_segments, int64_t num_tokens, int64_t num_slots, int64_t pool_rows, int64_t max_rank,    \
+        int num_threads
 #define LORAPLEX_SGMV(XT, WT)                                                                             \
-    sgmv<XT, WT>(x, y, a, bt, Problem{x_stride, y_stride, a_slot_stride, b_slot_stride, in, out}, ranks,   \
-                 segments, num_segments, num_tokens, num_slots, max_rank, num_threads)
+    sgmv<XT, WT>(x, y, a, bt, Problem{x_stride, y_stride, in, out}, ranks, offsets, segments, num_segments,     \
+                 num_tokens, num_slots, pool_rows, max_rank, num_threads)
 
 extern "C" int loraplex_sgmv_f32_f32(LORAPLEX_SGMV_ARGS) { return LORAPLEX_SGMV(F32, F32); }
 extern "C" int loraplex_sgmv_bf16_f32(LORAPLEX_SGMV_ARGS) { return LORAPLEX_SGMV(BF16, F32); }
