@@ -1,0 +1,171 @@
+"""The LoRA row pool in the engine, against PEFT (fp32, CPU).
+
+64 adapters of ranks 1..64 run in ONE step with ``max_loras=64`` over a pool of exactly their summed
+ranks (2,080 rows, not 64 * 64): every row's first-step logits are within 1e-4 of PEFT's for its
+adapter alone and its greedy tokens equal PEFT's. Under row pressure, eviction never takes a running
+request's adapter or a pinned one. The model is SmolLM2-135M cut to its first two layers (real
+weights, so greedy choices are not near-ties; PEFT stays fast for 64 adapters).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from helpers import engine_config, load_fresh, make_peft_adapter, run_to_completion, tokens_of
+from loraplex_server.engine.engine import LLMEngine
+from loraplex_server.engine.request import Prompt, SamplingParams
+from loraplex_server.model.loader import LoadedModel
+
+NUM_ADAPTERS = 64
+RANKS = list(range(1, NUM_ADAPTERS + 1))
+POOL_ROWS = sum(RANKS)  # 2080
+NEW_TOKENS = 8
+LOGITS_ATOL = 1e-4
+TARGETS = [["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], ["q_proj", "v_proj"],
+           ["gate_proj", "up_proj", "down_proj"], ["k_proj", "o_proj"]]
+WORDS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,",
+         "Here is a recipe for pancakes. First,", "Write a poem about the sea:"]
+
+
+def name(i: int) -> str:
+    return f"r{RANKS[i]}"
+
+
+def prompt(i: int) -> str:
+    return f"{WORDS[i % len(WORDS)]} ({i})"
+
+
+@pytest.fixture(scope="module")
+def two_layer_model(model_dir) -> torch.nn.Module:
+    full = load_fresh(model_dir)
+    config = copy.deepcopy(full.config)
+    config.num_hidden_layers = 2
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:2]
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, _ = model.load_state_dict(full.state_dict(), strict=False)
+    assert not missing
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def pool_adapters(two_layer_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pool_adapters")
+    return {name(i): make_peft_adapter(copy.deepcopy(two_layer_model), root / name(i), rank, 2 * rank,
+                                       TARGETS[i % len(TARGETS)], seed=100 + i)
+            for i, rank in enumerate(RANKS)}
+
+
+@pytest.fixture(scope="module")
+def peft_reference(two_layer_model, pool_adapters, tokenizer):
+    """Per adapter i (on prompt i): PEFT's greedy tokens, last-position logits, the base's logits."""
+    names = list(pool_adapters)
+    model = PeftModel.from_pretrained(copy.deepcopy(two_layer_model), str(pool_adapters[names[0]]),
+                                      adapter_name=names[0])
+    for n in names[1:]:
+        model.load_adapter(str(pool_adapters[n]), adapter_name=n)
+    model.eval()
+    out = []
+    for i, n in enumerate(names):
+        ids = torch.tensor([tokenizer.encode(prompt(i))])
+        with torch.no_grad():
+            model.set_adapter(n)
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                 do_sample=False)
+            logits = model(input_ids=ids).logits[0, -1]
+            with model.disable_adapter():
+                base = model(input_ids=ids).logits[0, -1]
+        out.append((gen[0, ids.shape[1]:].tolist(), logits, base))
+    return out
+
+
+def pool_engine(two_layer_model, tokenizer, pool_adapters, **config) -> LLMEngine:
+    loaded = LoadedModel(copy.deepcopy(two_layer_model), tokenizer, "two-layer", torch.device("cpu"), torch.float32)
+    config.setdefault("max_cpu_loras", NUM_ADAPTERS)  # every adapter's weights stay in memory: all ready at once
+    engine = LLMEngine(engine_config(**config), loaded=loaded)
+    for n, path in pool_adapters.items():
+        engine.lora.add_adapter(n, path)
+    return engine
+
+
+def submit(engine, rows) -> None:
+    for i in rows:
+        sampling = SamplingParams(max_new_tokens=NEW_TOKENS)
+        engine.add_request(engine.make_request(Prompt(text=prompt(i)), sampling, adapter_id=name(i),
+                                               request_id=f"row{i}"))
+
+
+ONE_STEP = dict(max_loras=NUM_ADAPTERS, max_rank=64, pool_rows=POOL_ROWS, max_tokens=2048, max_seqs=NUM_ADAPTERS)
+
+
+def test_64_adapters_of_ranks_1_to_64_in_one_step_match_peft_logits(two_layer_model, tokenizer, pool_adapters,
+                                                                     peft_reference):
+    engine = pool_engine(two_layer_model, tokenizer, pool_adapters, **ONE_STEP)
+    layer = next(iter(engine.lora.layers.values()))
+    assert layer.lora_a.shape[0] == POOL_ROWS < NUM_ADAPTERS * 64  # rows, not max_loras * max_rank
+    submit(engine, range(NUM_ADAPTERS))
+    batch = engine.scheduler.schedule()
+    assert len(batch.scheduled) == NUM_ADAPTERS and len(batch.adapter_keys) == NUM_ADAPTERS
+    slots = engine.lora.activate(batch.adapter_keys, engine.scheduler.running_adapter_keys())
+    assert engine.lora.slots.rows.free_rows == 0 and engine.lora.slots.num_evictions == 0  # every row in use
+    packed = engine.runner.pack(batch, slots)
+    logits = engine.runner.forward_logits(packed)
+    for row, req in enumerate(packed.sampling_requests):
+        i = int(req.request_id[3:])
+        diff = (logits[row] - peft_reference[i][1]).abs().max().item()
+        assert diff < LOGITS_ATOL, f"row {i} (rank {RANKS[i]}): max |diff| {diff}"
+        moved = (peft_reference[i][1] - peft_reference[i][2]).abs().max().item()
+        assert moved > 10 * LOGITS_ATOL, f"row {i}: the adapter barely moves the logits ({moved})"
+
+
+def test_64_adapters_of_ranks_1_to_64_greedy_equal_peft_alone(two_layer_model, tokenizer, pool_adapters,
+                                                              peft_reference):
+    engine = pool_engine(two_layer_model, tokenizer, pool_adapters, **ONE_STEP)
+    submit(engine, range(NUM_ADAPTERS))
+    outputs = run_to_completion(engine)
+    for i in range(NUM_ADAPTERS):
+        assert tokens_of(outputs[f"row{i}"]) == peft_reference[i][0], f"row {i} (rank {RANKS[i]}) diverged from PEFT"
+    assert engine.lora.slots.num_evictions == 0
+
+
+def test_row_pressure_never_evicts_a_running_or_pinned_adapter(two_layer_model, tokenizer, pool_adapters,
+                                                               peft_reference, monkeypatch):
+    """A 64-row pool, max rank 32: a pinned rank-16 adapter and requests for ranks 20..32 that cannot
+    all be resident at once. Each eviction is checked when it happens; outputs stay exact."""
+    rows = [19, 23, 27, 31, 21, 15, 25]  # ranks 20, 24, 28, 32, 22, 16 (the pinned one), 26
+    used = {name(i): pool_adapters[name(i)] for i in rows}
+    engine = pool_engine(two_layer_model, tokenizer, used, max_loras=8, max_rank=32, pool_rows=64)
+    engine.pin_adapter(name(15))  # rank 16, pinned
+    pinned_key = engine.lora.resolve(name(15)).key
+    slots = engine.lora.slots
+    evicted = []
+    drop = slots._drop
+
+    def checked_drop(key):
+        assert key not in engine.scheduler.running_adapter_keys(), f"evicted {key} of a running request"
+        assert key not in slots.pinned and key != pinned_key, f"evicted pinned {key}"
+        evicted.append(key)
+        drop(key)
+    monkeypatch.setattr(slots, "_drop", checked_drop)
+    submit(engine, rows)
+    outputs = run_to_completion(engine)
+    for i in rows:
+        assert tokens_of(outputs[f"row{i}"]) == peft_reference[i][0], f"row {i} (rank {RANKS[i]}) diverged"
+    assert evicted and slots.num_evictions == len(evicted)
+    assert slots.slot_of(pinned_key) is not None
+
+
+def test_a_rank_above_the_pool_is_refused_at_registration(two_layer_model, tokenizer, pool_adapters):
+    """As a rank above max_lora_rank is: a clear error when the adapter is added, never a queue
+    that waits for rows that cannot exist."""
+    from loraplex_server.errors import AdapterLoadError
+
+    engine = pool_engine(two_layer_model, tokenizer, {}, max_loras=4, max_rank=64, pool_rows=16)
+    engine.lora.add_adapter("r16", pool_adapters[name(15)])
+    with pytest.raises(AdapterLoadError, match="rank 17 exceeds max_lora_rank 16"):
+        engine.lora.add_adapter("r17", pool_adapters[name(16)])
