@@ -4,7 +4,7 @@ HTTP_PORT ?= 8000
 METRICS_PORT ?= 9090
 
 .PHONY: install lint test test-fast serve protos bench bench-smoke bench-decode vllm-venv bench-vllm soak bench-structured \
-	bench-prefix
+	bench-prefix bench-many
 
 # torch is pinned first so pip takes the CPU build on disk instead of a multi-GB CUDA wheel. Then the
 # two distributions, editable: the client (client/, `loraplex`) first, then the server, which needs it.
@@ -46,6 +46,7 @@ soak:
 bench: install
 	$(PYTHON) benchmarks/offline.py --profile --repeats 3 --out benchmarks/results
 	$(PREFIX_BENCH)
+	$(MANY_BENCH)
 
 bench-smoke: install
 	$(PYTHON) benchmarks/offline.py --smoke
@@ -75,3 +76,9 @@ bench-structured: install
 PREFIX_BENCH = $(PYTHON) benchmarks/prefix_cache.py --json benchmarks/results/prefix_cache.json
 bench-prefix: install
 	$(PREFIX_BENCH)
+
+# Many adapters: 10,000 registered lazily (hard links: little disk), 128 requests at concurrency 32 spread
+# uniformly over 1 / 16 / 256 / 1,000 of them; tok/s vs 1, registration time, host bytes per adapter.
+MANY_BENCH = $(PYTHON) benchmarks/many_adapters.py --json benchmarks/results/many_adapters.json
+bench-many: install
+	$(MANY_BENCH)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -39,3 +40,25 @@ def write_adapter(out: Path, config, rank: int, targets=ALL7, alpha: float | Non
            "bias": "none", "use_dora": False, "use_rslora": False, "modules_to_save": None}
     (out / "adapter_config.json").write_text(json.dumps(cfg, indent=1))
     return out
+
+
+def write_linked_pool(root: Path, config, count: int, rank: int = 4, distinct: int = 8) -> list[Path]:
+    """``count`` adapter directories ``root/a00000`` ..., each holding hard links to the files of one
+    of ``distinct`` adapters written next to ``root`` (``<root>-sources``; seeds 0..distinct-1,
+    round-robin): many ids, little disk. Directories already complete are reused."""
+    sources = [root.with_name(f"{root.name}-sources") / f"s{s}" for s in range(distinct)]
+    for seed, source in enumerate(sources):
+        if not (source / "adapter_config.json").is_file():
+            write_adapter(source, config, rank, seed=seed)
+    paths = []
+    for i in range(count):
+        path = root / f"a{i:05d}"
+        paths.append(path)
+        if (path / "adapter_model.safetensors").is_file():
+            continue
+        path.mkdir(parents=True, exist_ok=True)
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            target = path / name
+            target.unlink(missing_ok=True)
+            os.link(sources[i % distinct] / name, target)
+    return paths

@@ -87,7 +87,8 @@ class AdapterInfo:
     (``"unspecified"`` if the server did not say). ``version`` bumps on every hot-swap;
     ``owner`` is the owning tenant ("" = public). ``error`` is why its weights could not be read
     (while ``retrying``, the last transient error); ``content_sha256``, ``source_bytes`` and
-    ``source_mtime_unix`` describe the files this version was read from.
+    ``source_mtime_unix`` describe the files this version was read from (``content_sha256`` is
+    empty for an adapter registered lazily, by discovery, until its weights are first read).
     """
 
     adapter_id: str

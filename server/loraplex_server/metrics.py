@@ -37,6 +37,11 @@ class LabelCap:
             if len(self._allowed) < self.limit:
                 self._allowed.add(value)
 
+    def values(self) -> list[str]:
+        """The values with a label of their own."""
+        with self._lock:
+            return list(self._allowed)
+
     def __call__(self, value: str | None) -> str:
         if not value:
             return BASE_LABEL

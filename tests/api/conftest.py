@@ -74,3 +74,20 @@ def start_server(engine_factory):
     yield start
     for srv in servers:
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def start_module_server(model_dir, tokenizer):
+    """``start_server`` for one server shared by several tests of a module: only for tests that
+    leave no state behind (refused requests, reads), so that their order does not matter."""
+    servers = []
+
+    def start(adapter_root, adapters=(), server_overrides=None, **engine_kwargs):
+        config = make_config(adapter_root, adapters, server_overrides, **engine_kwargs)
+        srv = ServerThread(config, lambda cfg: LLMEngine(cfg, loaded=fresh_loaded(model_dir, tokenizer)))
+        servers.append(srv)
+        return srv.start()
+
+    yield start
+    for srv in servers:
+        srv.stop()

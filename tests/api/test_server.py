@@ -32,6 +32,19 @@ def client(server):
         yield c
 
 
+@pytest.fixture(scope="module")
+def shared_server(start_module_server):
+    """The same server, one for the module: for tests that change nothing on it (a server per
+    test cost an engine each: 11 of them)."""
+    return start_module_server(ADAPTERS, adapters=[("upper", "upper"), ("json", "json")], max_loras=2, max_rank=16)
+
+
+@pytest.fixture(scope="module")
+def shared_client(shared_server):
+    with Client(shared_server.target, timeout=60) as c:
+        yield c
+
+
 def metric_samples(server) -> dict:
     body = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics").read().decode()
     out = {}
@@ -63,7 +76,8 @@ def test_concurrent_mixed_adapter_requests_equal_the_engine(server, make_engine)
     assert results[1].text.startswith("THE CAPITAL") and results[2].text.startswith('{"answer"')
 
 
-def test_stream_deltas_add_up_to_the_unary_result(client):
+def test_stream_deltas_add_up_to_the_unary_result(shared_client):
+    client = shared_client
     unary = client.generate("The capital of France is", max_new_tokens=12, ignore_eos=True, request_id="u-1")
     chunks = list(client.generate_stream("The capital of France is", max_new_tokens=12, ignore_eos=True))
     assert "".join(c.text for c in chunks) == unary.text
@@ -83,14 +97,16 @@ def test_stream_deltas_add_up_to_the_unary_result(client):
     (dict(token_ids=[10**8]), cerr.InvalidArgumentError, "prompt_token_ids"),
     (dict(prompt="hi", request_id="bad id with spaces"), cerr.InvalidArgumentError, "request_id"),
 ])
-def test_bad_requests_get_the_right_status_and_name_the_field(client, kwargs, error, field):
+def test_bad_requests_get_the_right_status_and_name_the_field(shared_client, kwargs, error, field):
+    client = shared_client
     with pytest.raises(error) as exc:
         client.generate(**kwargs)
     assert field in exc.value.details
     assert client.generate("still fine", max_new_tokens=2).usage.completion_tokens == 2
 
 
-def test_missing_input_is_invalid_argument(server):
+def test_missing_input_is_invalid_argument(shared_server):
+    server = shared_server
     from loraplex.v1 import loraplex_pb2 as pb, loraplex_pb2_grpc as pb_grpc
     with grpc.insecure_channel(server.target) as ch:
         with pytest.raises(grpc.RpcError) as exc:
@@ -216,7 +232,8 @@ def test_graceful_shutdown_lets_in_flight_requests_finish(server):
     assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 40
 
 
-def test_reflection_lists_the_service(server):
+def test_reflection_lists_the_service(shared_server):
+    server = shared_server
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
     with grpc.insecure_channel(server.target) as ch:
         services = set(ProtoReflectionDescriptorDatabase(ch).get_services())

@@ -16,6 +16,7 @@ import torch
 from helpers import ASSETS, BENCHMARKS, dummy_engine_factory
 from loraplex_server.api.discovery import AdapterDiscovery
 from loraplex_server.engine.loop import EngineLoop
+from loraplex_server.lora.adapter_root import find_adapters
 
 sys.path.insert(0, str(BENCHMARKS))
 from synthetic_adapters import write_adapter  # noqa: E402
@@ -72,6 +73,9 @@ def test_registration_is_lazy(loop, engine, make_adapter, tmp_path):
     assert AdapterDiscovery(loop, root).sweep() == ["disc-lazy"]
     infos = {i.meta.adapter_id: i for i in loop.call(lambda e: e.lora.info()).result(30)}
     assert infos["disc-lazy"].state == "disk"  # weights not read until first use
+    assert infos["disc-lazy"].fingerprint.sha256 is None  # taken at the first full read
+    only = loop.call(lambda e: e.lora.info(["disc-lazy", "never-registered"])).result(30)
+    assert [i.meta.adapter_id for i in only] == ["disc-lazy"]
 
 
 def test_later_sweeps_register_only_new_directories(loop, engine, make_adapter, tmp_path):
@@ -84,6 +88,7 @@ def test_later_sweeps_register_only_new_directories(loop, engine, make_adapter, 
     make_adapter(root / "disc-second")
     assert discovery.sweep() == ["disc-second"]
     assert engine.lora.resolve("disc-first").version == version  # not registered again
+    assert list(find_adapters(root, skip={"disc-first"})) == ["disc-second"]  # known ids: not checked again
 
 
 def test_an_adapter_unloaded_after_discovery_stays_unloaded(loop, engine, make_adapter, tmp_path):

@@ -11,7 +11,7 @@ from loraplex_server.lora.ops import NativeLoraApply
 from loraplex_server.lora.weights import LoraModuleWeights, ModuleKey
 from loraplex_server.model import native
 from loraplex_server.model.merged_linear import ColumnSlice, merge_projections
-from loraplex_server.model.packed_linear import pack_linears
+from loraplex_server.model.packed_linear import pack_linears, packing_available
 
 NAMES = ("q_proj", "k_proj", "v_proj")
 RUNS = [(0, 3), (-1, 2), (1, 4), (0, 1)]  # (slot, tokens): adapted, base, another adapter, again
@@ -55,8 +55,8 @@ def test_one_matmul_and_column_deltas_equal_each_member_alone(dtype, native_appl
         members = merge_projections(block, NAMES, "merged_qkv")
         assert [(m.lo, m.hi) for m in members] == [(0, 96), (96, 128), (128, 160)]
         assert isinstance(block.k_proj, ColumnSlice) and isinstance(block.q_proj.base, ColumnSlice)
-        if dtype == torch.bfloat16:
-            assert pack_linears(block) == 1  # only the merged linear: the members keep no weights
+        if dtype == torch.bfloat16:  # only the merged linear: the members keep no weights (0 without bf16 oneDNN)
+            assert pack_linears(block) == (1 if packing_available() else 0)
         y = block.merged_qkv(x).view(x.shape[1], -1)
         for member in members:
             member.add_delta(y, x)

@@ -8,7 +8,7 @@ from loraplex_server.lora.layers import LoraLinear, LoraStepState
 from loraplex_server.lora.weights import ModuleKey
 from loraplex_server.model.packed_linear import PackedLinear, pack_linears, packing_available
 
-pytestmark = pytest.mark.skipif(not packing_available(), reason="torch built without oneDNN")
+pytestmark = pytest.mark.skipif(not packing_available(), reason="oneDNN bf16 packing unavailable (torch build or CPU)")
 
 
 @pytest.mark.parametrize("bias", [False, True])

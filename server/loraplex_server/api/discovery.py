@@ -28,9 +28,7 @@ class AdapterDiscovery:
     def sweep(self) -> list[AdapterId]:
         """Register directories not seen before; returns the ids registered now."""
         added = []
-        for adapter_id, directory in find_adapters(self.root).items():
-            if adapter_id in self._seen:
-                continue
+        for adapter_id, directory in find_adapters(self.root, skip=self._seen).items():
             files = _files_state(directory)
             if self._refused.get(adapter_id) == files:
                 continue  # refused before and unchanged since

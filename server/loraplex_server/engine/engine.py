@@ -272,7 +272,7 @@ class LLMEngine:
             running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
             kv_blocks_used=self.blocks.num_blocks - self.blocks.num_free_blocks,
             kv_blocks_total=self.blocks.num_blocks, adapters_device=len(slots.resident),
-            adapters_cpu=registry.num_in_cpu_cache, adapters_registered=len(registry.adapter_ids),
+            adapters_cpu=registry.num_in_cpu_cache, adapters_registered=registry.num_registered,
             device_loads=slots.num_loads, device_evictions=slots.num_evictions,
             cpu_loads=registry.num_cpu_loads, cpu_evictions=registry.num_cpu_evictions,
             preemptions=self.scheduler.num_preemptions,

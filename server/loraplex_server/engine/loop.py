@@ -277,7 +277,8 @@ class EngineLoop:
             self.metrics.record_step(self.engine.stats(time.perf_counter() - start))
             if time.monotonic() - self._adapters_recorded > ADAPTER_METRICS_PERIOD_S:
                 self._adapters_recorded = time.monotonic()
-                self.metrics.record_adapters(self.engine.lora.info())
+                # only the labelled adapters have gauges: not a walk over thousands registered
+                self.metrics.record_adapters(self.engine.lora.info(self.metrics.adapter_label.values()))
         return outputs
 
     @property

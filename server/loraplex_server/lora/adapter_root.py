@@ -6,6 +6,7 @@ lists; a Ray replica loads what ``adapter_dir`` finds on first use.
 
 from __future__ import annotations
 
+from collections.abc import Container
 from pathlib import Path, PurePosixPath
 
 from .adapter_files import CONFIG_FILE
@@ -16,16 +17,18 @@ def holds_adapter(directory: Path) -> bool:
     return (directory / CONFIG_FILE).is_file()
 
 
-def find_adapters(root: Path) -> dict[AdapterId, Path]:
+def find_adapters(root: Path, skip: Container[str] = ()) -> dict[AdapterId, Path]:
     """Adapter id -> directory, for every directory under ``root`` holding an adapter config (not
-    the root itself, nor one a symlink leads to outside the root)."""
+    the root itself, nor one a symlink leads to outside the root). Ids in ``skip`` are left out
+    unchecked (a sweep over thousands of known adapters costs a directory walk, not their checks)."""
     root = Path(root).resolve()
     found = {}
     for config in sorted(root.rglob(CONFIG_FILE)):
         directory = config.parent
-        if directory == root or root not in directory.resolve().parents:
+        adapter_id = AdapterId(directory.relative_to(root).as_posix())
+        if adapter_id in skip or directory == root or root not in directory.resolve().parents:
             continue
-        found[AdapterId(directory.relative_to(root).as_posix())] = directory
+        found[adapter_id] = directory
     return found
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from safetensors.torch import load as load_safetensors
 
 from ..errors import AdapterLoadError
 from .adapter_config import check_agreement, check_field_types, module_name, pattern_entry
-from .adapter_files import CONFIG_FILE, WEIGHTS_FILE, AdapterFiles, read_adapter_files
+from .adapter_files import CONFIG_FILE, WEIGHTS_FILE, AdapterFiles, read_adapter_files, read_adapter_head
 from .safetensors_header import HeaderError, parse_header
 from .weights import AdapterMeta, Fingerprint, LoraAdapter, LoraModuleWeights, ModuleKey, TargetShape
 
@@ -55,9 +56,9 @@ def check_config(adapter_id: str, config: dict) -> None:
             raise AdapterLoadError(adapter_id, message)
 
 
-def _read_shapes(adapter_id: str, weights: bytes) -> dict[str, tuple[int, ...]]:
+def _read_shapes(adapter_id: str, weights: bytes, size: int) -> dict[str, tuple[int, ...]]:
     try:
-        return {name: info.shape for name, info in parse_header(weights).items()}
+        return {name: info.shape for name, info in parse_header(weights, size).items()}
     except HeaderError as exc:
         raise AdapterLoadError(adapter_id, f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from exc
 
@@ -121,13 +122,13 @@ class AdapterPlan:
 def inspect_adapter(adapter_id: str, path: Path, targets: dict[ModuleKey, TargetShape], max_rank: int,
                     max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES, files: AdapterFiles | None = None) -> AdapterPlan:
     """Validation of config and header (no tensor conversion): what registration needs. Reads the
-    files unless ``files`` (their bytes) are given."""
+    config and the weights header unless ``files`` are given."""
     path = Path(path)
-    files = files or read_adapter_files(adapter_id, path, max_bytes)
+    files = files or read_adapter_head(adapter_id, path, max_bytes)
     config = _parse_config(adapter_id, files.config)
     check_config(adapter_id, config)
     check_field_types(adapter_id, config)
-    shapes = _read_shapes(adapter_id, files.weights)
+    shapes = _read_shapes(adapter_id, files.weights, files.weights_size)
     pairs = _group_pairs(adapter_id, shapes, targets)
     alpha = float(config.get("lora_alpha", config.get("r", 8)))
     rslora = bool(config.get("use_rslora", False))
@@ -140,7 +141,7 @@ def inspect_adapter(adapter_id: str, path: Path, targets: dict[ModuleKey, Target
     check_agreement(adapter_id, config, {module_name(p["A"]): ranks[k] for k, p in pairs.items()})
     size = sum(4 * (shapes[p["A"]][0] * shapes[p["A"]][1] + shapes[p["B"]][0] * shapes[p["B"]][1])
                for p in pairs.values())  # resident bytes once converted to fp32
-    meta = AdapterMeta(adapter_id, path, max(ranks.values()), tuple(sorted({k.name for k in pairs})), size)
+    meta = AdapterMeta(adapter_id, path, max(ranks.values()), tuple(sorted({sys.intern(k.name) for k in pairs})), size)
     return AdapterPlan(meta, {k: (p["A"], p["B"]) for k, p in pairs.items()}, scales, alpha, rslora,
                        config.get("base_model_name_or_path"), files.fingerprint)
 

@@ -7,7 +7,7 @@ version key (``id@n``), so a hot-swap never mixes two versions in one request.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from torch import nn
@@ -174,10 +174,14 @@ class LoraManager:
     def set_mapping(self, mapping: LoraMapping | None) -> None:
         self.state.mapping = mapping
 
-    def info(self) -> list[AdapterInfo]:
-        """Every published adapter with its tier (call on the engine thread)."""
+    def info(self, adapter_ids: Iterable[str] | None = None) -> list[AdapterInfo]:
+        """Every published adapter (or those of ``adapter_ids`` that are) with its tier (call on the
+        engine thread)."""
         out = []
-        for adapter_id in self.registry.adapter_ids:
+        wanted = self.registry.adapter_ids if adapter_ids is None else [AdapterId(a) for a in sorted(adapter_ids)]
+        for adapter_id in wanted:
+            if adapter_id not in self.registry:
+                continue
             v = self.registry.current(adapter_id)
             load = self.registry.load_state(v.key)
             out.append(AdapterInfo(v.meta, self._tier(v.key), adapter_id in self.pinned_ids,

@@ -11,7 +11,12 @@
   last error and whether a retry is pending.
 - A version is the bytes read at registration (its ``Fingerprint``). A later read of the same
   version (after a CPU-cache eviction) whose bytes differ is refused: the source changed without a
-  LoadAdapter, and serving it would mix contents under one version.
+  LoadAdapter, and serving it would mix contents under one version. A lazy registration reads only
+  the config and the safetensors header, so its fingerprint has no sha256 yet, only the files'
+  identity (size, mtime, inode of each; the config and header bytes): the first full read is
+  refused if that identity changed, and its sha256 becomes the version's for every later read.
+- What a registered version costs in host memory is its ``AdapterVersion`` (a few hundred bytes:
+  meta, fingerprint, source path); nothing of the files is kept until its weights load.
 - Every request holds a reference on its version from ``acquire`` (when it is made, on any thread)
   to ``release`` (when it ends); a retired version is forgotten only once nothing references it.
 """
@@ -29,6 +34,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..errors import AdapterLoadError, AdapterNotFoundError, AdapterSourceUnavailableError
+from .adapter_files import same_source
 from .ids import AdapterId, VersionKey, version_key
 from .loader import DEFAULT_MAX_ADAPTER_BYTES, inspect_adapter, load_adapter
 from .weights import AdapterMeta, Fingerprint, LoraAdapter, ModuleKey, TargetShape
@@ -74,7 +80,7 @@ def meta_of(adapter: LoraAdapter, source: Path) -> AdapterMeta:
     return AdapterMeta(adapter.adapter_id, source, adapter.rank, adapter.target_modules, size)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class AdapterVersion:
     """One published version of an adapter; requests are bound to it for their whole life."""
 
@@ -98,10 +104,18 @@ class AdapterVersion:
 def _check_same_bytes(version: AdapterVersion, weights: LoraAdapter) -> None:
     """Refuse a re-read whose bytes are not the ones this version was registered with."""
     old, new = version.fingerprint, weights.fingerprint
-    if old is not None and new is not None and old.sha256 != new.sha256:
+    if old is not None and new is not None and not same_source(old, new):
         raise AdapterLoadError(version.adapter_id, f"the source {version.meta.source} changed since LoadAdapter "
-                                                   f"(sha256 {old.sha256[:12]} -> {new.sha256[:12]}); "
-                                                   "call LoadAdapter again to serve the new files")
+                                                   f"({_change(old, new)}); call LoadAdapter again to serve the "
+                                                   "new files")
+
+
+def _change(old: Fingerprint, new: Fingerprint) -> str:
+    if old.sha256 is not None and new.sha256 is not None:
+        return f"sha256 {old.sha256[:12]} -> {new.sha256[:12]}"
+    if (old.size_bytes, old.mtime) != (new.size_bytes, new.mtime):
+        return f"{old.size_bytes} -> {new.size_bytes} bytes, mtime {old.mtime:.3f} -> {new.mtime:.3f}"
+    return "another file, config or header of the same size and mtime"
 
 
 class AdapterRegistry:
@@ -137,6 +151,10 @@ class AdapterRegistry:
     @property
     def adapter_ids(self) -> list[AdapterId]:
         return sorted(self._current)
+
+    @property
+    def num_registered(self) -> int:
+        return len(self._current)
 
     def current(self, adapter_id: AdapterId) -> AdapterVersion:
         try:
@@ -295,6 +313,8 @@ class AdapterRegistry:
             return
         with self._lock:
             version.load_latency_s = latency
+            if version.fingerprint is None or version.fingerprint.sha256 is None:
+                version.fingerprint = weights.fingerprint  # first full read of a lazy registration
             state.retrying = False
             self._put_cpu(version.key, weights)
             self._loading.pop(version.key, None)

@@ -51,13 +51,14 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return parse_header(path.read_bytes())
 
 
-def parse_header(data: bytes) -> dict[str, TensorInfo]:
-    """Like ``read_header``, from a safetensors file's bytes already in memory."""
-    size = len(data)
-    if size < 8:
+def parse_header(data: bytes, size: int | None = None) -> dict[str, TensorInfo]:
+    """Like ``read_header``, from a safetensors file's bytes already in memory: all of them, or
+    (with ``size``, the whole file's size) at least its first 8 + header-length bytes."""
+    size = len(data) if size is None else size
+    if size < 8 or len(data) < 8:
         raise HeaderError("file is too short to be safetensors")
     (n,) = struct.unpack("<Q", data[:8])
-    if n > MAX_HEADER_BYTES or 8 + n > size:
+    if n > MAX_HEADER_BYTES or 8 + n > size or 8 + n > len(data):
         raise HeaderError(f"header length {n} is impossible for a {size}-byte file")
     try:
         header = json.loads(data[8:8 + n])

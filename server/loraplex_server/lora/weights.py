@@ -24,13 +24,14 @@ class TargetShape:
     out_features: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Fingerprint:
     """The adapter files' bytes that a version was read from."""
 
-    sha256: str  # of the config and the weights file
+    sha256: str | None  # of the config and the weights file; None until first read in full
     size_bytes: int  # both files together
     mtime: float  # the newer file's modification time (unix)
+    identity: bytes = b""  # digest of both files' stats, the config and the weights header
 
 
 @dataclass
@@ -63,7 +64,7 @@ class LoraAdapter:
         return tuple(sorted({k.name for k in self.modules}))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AdapterMeta:
     """What is known of a registered adapter without holding its weights."""
 

@@ -18,9 +18,12 @@ log = logging.getLogger(__name__)
 
 
 def packing_available() -> bool:
+    """oneDNN's bf16 linear packing works here: the torch build has the ops and the CPU the
+    instructions (avx512bw/vl/dq or avx_ne_convert; an AVX2-only CPU has neither)."""
     ops = getattr(torch.ops, "mkldnn", None)
     return (torch.backends.mkldnn.is_available() and ops is not None
-            and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
+            and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
+            and hasattr(ops, "_is_mkldnn_bf16_supported") and bool(ops._is_mkldnn_bf16_supported()))
 
 
 class PackedLinear(nn.Module):
@@ -42,7 +45,7 @@ def pack_linears(model: nn.Module) -> int:
     """Replace every bf16 CPU ``nn.Linear`` of ``model`` (LoRA-wrapped bases and the LM head
     included) with a ``PackedLinear``; returns how many were packed (0 when unavailable)."""
     if not packing_available():
-        log.warning("oneDNN linear packing unavailable in this torch build: bf16 linears stay unpacked")
+        log.warning("oneDNN bf16 linear packing unavailable (torch build or CPU): bf16 linears stay unpacked")
         return 0
     targets = [(name, m) for name, m in model.named_modules()
                if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"]
