@@ -58,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-loras", type=int, help="device slots")
     p.add_argument("--max-cpu-loras", type=int, help="adapters kept in host memory")
     p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--max-lora-rank", type=int, default=None, help="largest rank a slot may hold (default: --rank)")
+    p.add_argument("--lora-pool-rows", type=int, default=None,
+                   help="rank rows of the LoRA row pool (default: max_loras x max_lora_rank)")
     p.add_argument("--files", type=int, default=8, help="distinct adapter files behind the hard links")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -111,7 +114,8 @@ def run_point(engine, args, names: list[str], distinct: int, vocab: int) -> dict
 def markdown(results: dict) -> str:
     reg, cfg = results["registration"], results["config"]
     lines = [f"# Many adapters: {reg['registered']:,} registered, {cfg['requests']} requests at concurrency "
-             f"{cfg['concurrency']}, max_loras {cfg['max_loras']}, max_cpu_loras {cfg['max_cpu_loras']}",
+             f"{cfg['concurrency']}, max_loras {cfg['max_loras']}, max_cpu_loras {cfg['max_cpu_loras']}, "
+             f"LoRA pool rows {cfg.get('lora_pool_rows') or 'max_loras x max_lora_rank'}",
              "", f"Model {cfg['model']}, {cfg['dtype']}, {cfg['threads']} thread(s); {cfg['prompt_tokens']} prompt "
              f"+ {cfg['new_tokens']} output tokens. Registration: {reg['register_s']} s, RSS "
              f"+{reg['rss_growth_mib']} MiB = {reg['bytes_per_adapter']:,} bytes per registered adapter.", "",
@@ -138,7 +142,8 @@ def run(argv=None) -> dict:
         log(f"writing / reusing {args.registered} adapter directories under {root}")
         paths = write_linked_pool(root, base_config, args.registered, args.rank, args.files)
         engine = loraplex_engine(spec, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
-                                 max_lora_rank=args.rank, max_num_seqs=args.concurrency)
+                                 max_lora_rank=args.max_lora_rank or args.rank, max_num_seqs=args.concurrency,
+                                 lora_pool_rows=args.lora_pool_rows)
         registration = register_all(engine, paths)
         log(f"registration: {registration}")
         vocab = base_config.vocab_size
@@ -150,6 +155,8 @@ def run(argv=None) -> dict:
     for p in points:
         p["ratio_vs_1"] = round(p["output_tokens_per_s"] / one, 3)
     config = {k: getattr(args, k) for k in SIZES} | {"rank": args.rank, "files": args.files, "threads": args.threads,
+                                                     "max_lora_rank": args.max_lora_rank or args.rank,
+                                                     "lora_pool_rows": args.lora_pool_rows,
                                                      "dtype": spec.dtype, "model": model_name(spec)}
     results = {"config": config, "registration": registration, "points": points, "host": host_info(),
                "git": git_info()}

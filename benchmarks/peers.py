@@ -261,12 +261,13 @@ class PeftPeer:
 # ---- Loraplex --------------------------------------------------------------------------------
 def loraplex_engine(spec: ModelSpec, *, max_loras: int, max_cpu_loras: int, max_lora_rank: int,
                     max_num_seqs: int = 64, max_batch_tokens: int = 512,
-                    kv_cache_bytes: int | None = None) -> LLMEngine:
+                    kv_cache_bytes: int | None = None, lora_pool_rows: int | None = None) -> LLMEngine:
     cache = CacheConfig() if kv_cache_bytes is None else CacheConfig(kv_cache_bytes=kv_cache_bytes)
     config = EngineConfig(
         model=spec.model_config(), cache=cache,
         scheduler=SchedulerConfig(max_num_batched_tokens=max_batch_tokens, max_num_seqs=max_num_seqs),
-        lora=LoraConfig(max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank))
+        lora=LoraConfig(max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
+                        lora_pool_rows=lora_pool_rows))
     return LLMEngine(config, loaded=spec.load())
 
 

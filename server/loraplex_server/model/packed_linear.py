@@ -44,11 +44,11 @@ class PackedLinear(nn.Module):
 def pack_linears(model: nn.Module) -> int:
     """Replace every bf16 CPU ``nn.Linear`` of ``model`` (LoRA-wrapped bases and the LM head
     included) with a ``PackedLinear``; returns how many were packed (0 when unavailable)."""
-    if not packing_available():
-        log.warning("oneDNN bf16 linear packing unavailable (torch build or CPU): bf16 linears stay unpacked")
-        return 0
     targets = [(name, m) for name, m in model.named_modules()
                if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"]
+    if targets and not packing_available():
+        log.warning("oneDNN bf16 linear packing unavailable (torch build or CPU): bf16 linears stay unpacked")
+        return 0
     for name, module in targets:
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, PackedLinear(module))
