@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -53,21 +54,22 @@ def make_config(adapter_root, adapters=(), server_overrides=None, **engine_kwarg
     return Config(engine=engine, server=replace(server, **(server_overrides or {})))
 
 
-@pytest.fixture
-def engine_factory(model_dir, tokenizer):
+def make_engine_factory(model_dir, tokenizer):
     """Config -> engine on a fresh copy of the embedded model."""
     def factory(cfg):
         return LLMEngine(cfg, loaded=fresh_loaded(model_dir, tokenizer))
     return factory
 
 
-@pytest.fixture
-def start_server(engine_factory):
+@contextmanager
+def server_starter(default_factory):
+    """A ``start(...)`` that starts servers on ``default_factory`` (or the one given); all of them
+    are stopped on exit."""
     servers = []
 
     def start(adapter_root, adapters=(), factory=None, wait_ready=True, server_overrides=None, **engine_kwargs):
         config = make_config(adapter_root, adapters, server_overrides, **engine_kwargs)
-        srv = ServerThread(config, factory or engine_factory)
+        srv = ServerThread(config, factory or default_factory)
         servers.append(srv)
         return srv.start(wait_ready)
 
@@ -76,18 +78,20 @@ def start_server(engine_factory):
         srv.stop()
 
 
+@pytest.fixture
+def engine_factory(model_dir, tokenizer):
+    return make_engine_factory(model_dir, tokenizer)
+
+
+@pytest.fixture
+def start_server(engine_factory):
+    with server_starter(engine_factory) as start:
+        yield start
+
+
 @pytest.fixture(scope="module")
 def start_module_server(model_dir, tokenizer):
     """``start_server`` for one server shared by several tests of a module: only for tests that
     leave no state behind (refused requests, reads), so that their order does not matter."""
-    servers = []
-
-    def start(adapter_root, adapters=(), server_overrides=None, **engine_kwargs):
-        config = make_config(adapter_root, adapters, server_overrides, **engine_kwargs)
-        srv = ServerThread(config, lambda cfg: LLMEngine(cfg, loaded=fresh_loaded(model_dir, tokenizer)))
-        servers.append(srv)
-        return srv.start()
-
-    yield start
-    for srv in servers:
-        srv.stop()
+    with server_starter(make_engine_factory(model_dir, tokenizer)) as start:
+        yield start
