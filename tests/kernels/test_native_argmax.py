@@ -26,6 +26,23 @@ def test_ties_nan_and_infinities_as_torch(native_kernels):
     assert native_kernels.argmax(x).tolist() == x.argmax(dim=1).tolist() == [1, 0, 1, 1, 1]
 
 
+@pytest.mark.parametrize("placed", [
+    {511: 9.0}, {512: 9.0}, {0: 9.0, 1999: 9.0},                  # chunk edges; tie across chunks
+    {700: 9.0, 1500: 9.0, 100: 8.0},                               # tie in two later chunks
+    {100: 9.0, 1500: float("nan")},                                # NaN in a later chunk still wins
+    {1500: float("nan"), 1600: float("nan"), 3: float("inf")},     # first NaN, after an inf
+    {1999: float("inf")}, {1024: -1.0},                            # last column; max in a middle chunk
+])
+def test_chunk_boundaries_ties_and_nan_across_chunks(placed, native_kernels):
+    """The kernel reads rows in 512-column chunks: answers across chunk edges are torch's."""
+    x = torch.full((3, 2000), -5.0)
+    x[1] = float("-inf")  # all -inf but the placed values
+    x[2] = torch.randn(2000, generator=torch.Generator().manual_seed(7)) - 10.0
+    for col, value in placed.items():
+        x[:, col] = value
+    assert torch.equal(native_kernels.argmax(x), x.argmax(dim=1))
+
+
 def test_strided_rows_and_refusals(native_kernels):
     x = torch.randn(6, 40)[::2, :30]  # row stride 80, unit column stride
     assert torch.equal(native_kernels.argmax(x), x.argmax(dim=1))
