@@ -7,7 +7,10 @@ is nearly free and what remains is the engine's own work per step: scheduling, p
 and its LoRA mapping, sampling over the vocabulary, detokenizing-free output processing. For each
 batch size, ``seqs`` requests (half on the base model, half spread over ``adapters`` adapters when
 there are any) are prefilled, then ``steps`` pure decode steps are timed; the runner's
-``forward_logits`` is timed separately and subtracted. Prints a Markdown table (ms per step).
+``forward_logits`` and its sampler are timed separately. The sampler is its own column: on a GPU
+its work (argmax over N x vocab logits) runs on the device, on the CPU it is a memory-bound pass
+over the logits (256 x 49,152 fp32 = 50 MB). "host" is what remains: the engine's Python work per
+step. Prints a Markdown table (ms per step).
 Issue target: host time <= 3 ms at 256 sequences with 16 adapters.
 """
 
@@ -35,21 +38,24 @@ TINY_LLAMA = dict(model_type="llama", hidden_size=64, intermediate_size=128, num
                   rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
 
 
-class TimedForward:
-    """Wraps ``runner.forward_logits`` and adds up the time spent inside it."""
+class Timed:
+    """Wraps a callable (``runner.forward_logits``, the sampler) and adds up the time spent in it."""
 
-    def __init__(self, forward):
-        self.forward, self.seconds = forward, 0.0
+    def __init__(self, fn):
+        self.fn, self.seconds = fn, 0.0
 
-    def __call__(self, packed):
+    def __call__(self, *args):
         start = time.perf_counter()
         try:
-            return self.forward(packed)
+            return self.fn(*args)
         finally:
             self.seconds += time.perf_counter() - start
 
+    def __getattr__(self, name):  # the sampler's other methods (release) pass through
+        return getattr(self.fn, name)
 
-def measure(engine: LLMEngine, timer: TimedForward, seqs: int, adapters: list[str], steps: int) -> dict:
+
+def measure(engine: LLMEngine, timers: dict[str, Timed], seqs: int, adapters: list[str], steps: int) -> dict:
     names: list[str | None] = [None] * max(1, seqs // 2 if adapters else seqs)
     names += [adapters[i % len(adapters)] for i in range(seqs - len(names))] if adapters else []
     for i, name in enumerate(names[:seqs]):
@@ -58,18 +64,20 @@ def measure(engine: LLMEngine, timer: TimedForward, seqs: int, adapters: list[st
                                                AdapterId(name) if name else None))
     while engine.last_batch != (seqs, seqs):  # prefill (and any chunks) until a pure decode step
         engine.step()
-    totals, hosts = [], []
+    times: dict[str, list[float]] = {"step": [], "forward": [], "sampling": [], "host": []}
     for _ in range(steps):
-        timer.seconds = 0.0
+        for timer in timers.values():
+            timer.seconds = 0.0
         start = time.perf_counter()
         engine.step()
         total = time.perf_counter() - start
-        totals.append(total * 1e3)
-        hosts.append((total - timer.seconds) * 1e3)
+        forward, sampling = timers["forward"].seconds, timers["sampling"].seconds
+        for name, seconds in (("step", total), ("forward", forward), ("sampling", sampling),
+                              ("host", total - forward - sampling)):
+            times[name].append(seconds * 1e3)
     while engine.has_work:
         engine.step()
-    return {"seqs": seqs, "step_ms": statistics.median(totals), "host_ms": statistics.median(hosts),
-            "forward_ms": statistics.median(totals) - statistics.median(hosts)}
+    return {"seqs": seqs, **{f"{name}_ms": statistics.median(values) for name, values in times.items()}}
 
 
 def main(argv=None) -> list[dict]:
@@ -95,14 +103,17 @@ def main(argv=None) -> list[dict]:
             engine.lora.add_adapter(AdapterId(f"a{i}"), write_adapter(Path(tmp) / f"a{i}", engine.loaded.model.config,
                                                            (8, 16)[i % 2], seed=i))
             adapters.append(f"a{i}")
-        timer = TimedForward(engine.runner.forward_logits)
-        engine.runner.forward_logits = timer  # type: ignore[method-assign]  # timed, on this engine only
-        measure(engine, timer, 4, adapters, 4)  # warm-up
-        rows = [measure(engine, timer, seqs, adapters, args.steps) for seqs in args.seqs]
+        runner = engine.runner
+        timers = {"forward": Timed(runner.forward_logits), "sampling": Timed(runner.sampler)}
+        runner.forward_logits = timers["forward"]  # type: ignore[method-assign]  # timed, on this engine only
+        runner.sampler = timers["sampling"]  # type: ignore[assignment]
+        measure(engine, timers, 4, adapters, 4)  # warm-up
+        rows = [measure(engine, timers, seqs, adapters, args.steps) for seqs in args.seqs]
     print(f"threads={args.threads} adapters={args.adapters} (median of {args.steps} decode steps, ms)")
-    print("| sequences | step | forward | host (step - forward) |\n|---:|---:|---:|---:|")
+    print("| sequences | step | forward | sampling | host (step - forward - sampling) |\n|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['seqs']} | {row['step_ms']:.2f} | {row['forward_ms']:.2f} | {row['host_ms']:.2f} |")
+        print(f"| {row['seqs']} | {row['step_ms']:.2f} | {row['forward_ms']:.2f} | {row['sampling_ms']:.2f} "
+              f"| {row['host_ms']:.2f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return rows

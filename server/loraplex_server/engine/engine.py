@@ -20,6 +20,7 @@ from ..metrics import StepStats
 from ..model.attention import register_paged_attention
 from ..model.fused_ops import install_fused_ops
 from ..model.loader import LoadedModel, load_model
+from ..model.logits_head import reuse_logits_memory
 from ..model.native import load_native_kernels
 from ..model.packed_linear import pack_linears
 from ..model.triton_attention import select_attention_function
@@ -91,6 +92,7 @@ class LLMEngine:
             if native is not None:  # merges q/k/v and gate/up: before packing, after LoRA injection
                 log.info("fused native norms and activations in %d modules", install_fused_ops(model, native))
             log.info("packed %d bf16 linear layers for oneDNN", pack_linears(model))
+            reuse_logits_memory(model)  # after packing: a packed head allocates its own output
         self.inputs = InputProcessor(self.loaded.tokenizer, model.config.vocab_size, model_len,
                                      self.blocks.capacity_tokens)
         self.outputs = OutputProcessor(self.loaded.tokenizer, eos_token_ids(self.loaded),

@@ -33,6 +33,9 @@ class FcfsOrder:
     def charge(self, request: Request, num_tokens: int) -> None:
         pass
 
+    def charge_all(self, charges: Iterable[tuple[Request, int]]) -> None:
+        pass
+
 
 class VirtualTokenCounter:
     def __init__(self, weight_of: Callable[[str], float] = lambda tenant: 1.0):
@@ -64,9 +67,16 @@ class VirtualTokenCounter:
                 del queues[tenant]
 
     def charge(self, request: Request, num_tokens: int) -> None:
-        """Service for ``num_tokens`` computed this step: prompt tokens at the input weight, the
-        rest (decodes) at the output weight."""
-        prompt_part = max(0, min(num_tokens, request.num_prompt_tokens - request.num_computed_tokens))
-        cost = INPUT_WEIGHT * prompt_part + OUTPUT_WEIGHT * (num_tokens - prompt_part)
-        tenant = request.tenant
-        self.counters[tenant] = self.counters.get(tenant, 0.0) + cost / self.weight_of(tenant)
+        """Service for ``num_tokens`` computed this step."""
+        self.charge_all(((request, num_tokens),))
+
+    def charge_all(self, charges: Iterable[tuple[Request, int]]) -> None:
+        """Service for each (request, tokens computed this step): prompt tokens at the input
+        weight, the rest (decodes) at the output weight; each tenant's weight read once."""
+        cost: dict[str, float] = {}
+        for request, num_tokens in charges:
+            prompt_part = max(0, min(num_tokens, request.num_prompt_tokens - request.num_computed_tokens))
+            cost[request.tenant] = (cost.get(request.tenant, 0.0) + INPUT_WEIGHT * prompt_part
+                                    + OUTPUT_WEIGHT * (num_tokens - prompt_part))
+        for tenant, total in cost.items():
+            self.counters[tenant] = self.counters.get(tenant, 0.0) + total / self.weight_of(tenant)

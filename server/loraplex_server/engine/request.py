@@ -174,9 +174,11 @@ class RequestTimings:
         return self.finished - self.arrival
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RequestOutput:
-    """One delta for one request: the tokens and text produced since the previous delta."""
+    """One delta for one request: the tokens and text produced since the previous delta. Not
+    frozen, for speed (a frozen dataclass took 4.5 us to build, one per request per step), but
+    never changed once made: consumers treat it as a value."""
 
     request_id: str
     token_ids: tuple[int, ...]
@@ -233,6 +235,11 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_at(self, position: int) -> int:
+        """Token ``position`` of prompt + output."""
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without copying the whole sequence."""

@@ -64,14 +64,18 @@ class ModelRunner:
 
     def _packed_order(self, batch: SchedulerOutput, slot: Callable[[ScheduledRequest], int]) -> list[ScheduledRequest]:
         """Base-model rows first, then by the slot's first pool row (by slot without LoRA layers)."""
+        return [s for _, s in self._slotted_order(batch, slot)]
+
+    def _slotted_order(self, batch: SchedulerOutput,
+                       slot: Callable[[ScheduledRequest], int]) -> list[tuple[int, ScheduledRequest]]:
+        """(LoRA slot, scheduled sequence) in packed order, each slot looked up once."""
+        slotted = [(slot(s), s) for s in batch.scheduled]
         lora = self.lora
         if lora is None:
-            return sorted(batch.scheduled, key=slot)
-        return sorted(batch.scheduled, key=lambda s: lora.pack_order(slot(s)))
+            return sorted(slotted, key=lambda pair: pair[0])
+        return sorted(slotted, key=lambda pair: lora.pack_order(pair[0]))
 
     def pack(self, batch: SchedulerOutput, lora_slots: dict[VersionKey, int]) -> PackedBatch:
-        slot = self._slot_of(lora_slots)
-        order = self._packed_order(batch, slot)
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -84,20 +88,24 @@ class ModelRunner:
         logits_rows: list[int] = []
         sampling: list[Request] = []
         offset = 0
-        for s in order:
+        for lora_slot, s in self._slotted_order(batch, self._slot_of(lora_slots)):
             req, n = s.request, s.num_new_tokens
-            start, end = req.num_computed_tokens, req.num_computed_tokens + n
+            start = req.num_computed_tokens
             blocks = req.block_ids
-            ids.extend(req.token_slice(start, end))
-            positions.extend(range(start, end))
-            new_slots.extend(cache_slot(blocks, bs, p) for p in range(start, end))
-            if n == 1 and start > 0:
+            if n == 1 and start > 0:  # a decode: one token reading the cache in place
+                ids.append(req.token_at(start))
+                positions.append(start)
+                new_slots.append(blocks[start // bs] * bs + start % bs)
                 decode_rows.append(offset)
                 decode_tables.append(blocks)
-                decode_lens.append(end)
+                decode_lens.append(start + 1)
             else:
+                end = start + n
+                ids.extend(req.token_slice(start, end))
+                positions.extend(range(start, end))
+                new_slots.extend(cache_slot(blocks, bs, p) for p in range(start, end))
                 prefills.append(PrefillSpan(offset, n, end, self.slots_of(req, end) if start > 0 else None))
-            runs.append((slot(s), n))
+            runs.append((lora_slot, n))
             if s.samples:
                 logits_rows.append(offset + n - 1)
                 sampling.append(req)
@@ -143,7 +151,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_logits(self, packed: PackedBatch) -> torch.Tensor:
-        """[num_sampling (or 1), vocab] logits at each sampling request's last token."""
+        """[num_sampling (or 1), vocab] logits at each sampling request's last token. On the CPU
+        they may live in the LM head's reused buffer (``model/logits_head.py``): valid until the
+        next forward; copy them to keep them longer."""
         if self.lora is not None:
             self.lora.set_mapping(packed.lora)
         try:

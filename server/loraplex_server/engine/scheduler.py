@@ -30,7 +30,7 @@ from .kv_blocks import BlockManager
 from .request import Request, RequestStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     request: Request
     num_new_tokens: int  # tokens computed this step (a prefill chunk, or 1 for a decode)
@@ -105,9 +105,11 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                self._take(out, request, n)
+                out.scheduled.append(ScheduledRequest.of(request, n))
                 budget -= n
                 i += 1
+        # charged before admission, which reads the counters
+        self.fairness.charge_all((s.request, s.num_new_tokens) for s in out.scheduled)
         return budget
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:

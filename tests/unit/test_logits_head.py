@@ -1,0 +1,57 @@
+"""The reused-memory LM head (model/logits_head.py): F.linear's logits, bit for bit, in one buffer."""
+
+import pytest
+import torch
+from torch import nn
+
+from loraplex_server.model.logits_head import ReusedLogitsHead, reuse_logits_memory
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_same_bits_as_the_plain_head_and_one_buffer_across_steps(dtype):
+    torch.manual_seed(0)
+    plain = nn.Linear(64, 1000, bias=False).to(dtype)
+    head = ReusedLogitsHead(plain)
+    pointers = set()
+    with torch.inference_mode():
+        for rows in (256, 3, 256, 1, 17):  # largest first: every later step fits the same memory
+            hidden = torch.randn(1, rows, 64).to(dtype)
+            out = head(hidden)
+            assert out.shape == (1, rows, 1000) and out.dtype == dtype
+            assert torch.equal(out, plain(hidden))
+            pointers.add(out.data_ptr())
+    assert pointers == {head._buffer.data_ptr()}
+
+
+def test_grows_for_a_larger_step_and_leaves_training_paths_alone():
+    plain = nn.Linear(8, 50, bias=False)
+    head = ReusedLogitsHead(plain)
+    with torch.inference_mode():
+        head(torch.randn(2, 8))
+        small = head._buffer
+        big = head(torch.randn(9, 8))
+    assert head._buffer.shape == (9, 50) and head._buffer is not small and big.data_ptr() == head._buffer.data_ptr()
+    x = torch.randn(4, 8, requires_grad=True)
+    y = head(x)  # grad enabled: a fresh tensor from the plain head, not the buffer
+    assert y.requires_grad and y.data_ptr() != head._buffer.data_ptr()
+
+
+def test_wraps_only_a_bias_free_cpu_linear_head():
+    class Model(nn.Module):
+        def __init__(self, head):
+            super().__init__()
+            self.lm_head = head
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+        def set_output_embeddings(self, head):
+            self.lm_head = head
+
+    model = Model(nn.Linear(8, 50, bias=False))
+    weight = model.lm_head.weight
+    assert reuse_logits_memory(model) and isinstance(model.lm_head, ReusedLogitsHead)
+    assert model.lm_head.weight is weight  # tied embeddings stay tied
+    assert not reuse_logits_memory(Model(nn.Linear(8, 50, bias=True)))
+    with pytest.raises(ValueError, match="bias-free"):
+        ReusedLogitsHead(nn.Linear(8, 50))
