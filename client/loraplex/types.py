@@ -125,6 +125,9 @@ class ServerInfo:
     max_cpu_loras: int = 0
     kv_cache_tokens: int = 0
     prefix_caching: bool = False
+    lora_pool_rows: int = 0  # rank rows of the LoRA weight pool (a rank-r adapter holds r while resident)
+    lora_pool_bytes: int = 0  # device bytes of that pool
+    kv_cache_bytes: int = 0  # device bytes of the KV cache
 
 
 @dataclass(frozen=True)

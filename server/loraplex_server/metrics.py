@@ -73,6 +73,10 @@ class StepStats:
     grammar_compile_seconds: tuple[float, ...] = ()  # compiles finished since the previous step
     prefix_cache_queries: int = 0  # cumulative: tokens of admitted requests looked up in the prefix cache
     prefix_cache_hits: int = 0  # cumulative: of those, tokens found cached (not computed)
+    kv_block_bytes: int = 0  # device bytes of one KV block (all layers, K and V)
+    lora_rows_used: int = 0  # rows of the LoRA weight pool held by resident adapters
+    lora_rows_total: int = 0
+    lora_row_bytes: int = 0  # device bytes of one pool row (every LoRA layer's A and B)
 
 
 class Metrics:
@@ -124,6 +128,10 @@ class Metrics:
         self.step_seconds = self._histogram("step_seconds", "Engine step duration", LATENCY_BUCKETS)
         self.kv_used = self._gauge("kv_blocks_used", "KV cache blocks in use")
         self.kv_total = self._gauge("kv_blocks_total", "KV cache blocks in all")
+        self.pool_bytes = self._gauge("memory_pool_bytes", "Device memory of the KV cache (pool=kv_cache) and the "
+                                      "LoRA weight pool (pool=lora_weights): used or total", ("pool", "state"))
+        self.lora_rows = self._gauge("lora_pool_rows", "Rank rows of the LoRA weight pool: used (held by resident "
+                                     "adapters, rank r holds r) or total", ("state",))
         self.adapters_resident = self._gauge("adapters_resident", "Adapters per tier", ("tier",))
         self.adapter_loads = self._counter("adapter_loads_total", "Adapter loads into a tier", ("tier",))
         self.adapter_evictions = self._counter("adapter_evictions_total", "Adapter evictions from a tier", ("tier",))
@@ -185,6 +193,12 @@ class Metrics:
         self.waiting.set(s.waiting)
         self.kv_used.set(s.kv_blocks_used)
         self.kv_total.set(s.kv_blocks_total)
+        for pool, used, total, unit in (("kv_cache", s.kv_blocks_used, s.kv_blocks_total, s.kv_block_bytes),
+                                        ("lora_weights", s.lora_rows_used, s.lora_rows_total, s.lora_row_bytes)):
+            self.pool_bytes.labels(pool, "used").set(used * unit)
+            self.pool_bytes.labels(pool, "total").set(total * unit)
+        self.lora_rows.labels("used").set(s.lora_rows_used)
+        self.lora_rows.labels("total").set(s.lora_rows_total)
         self.adapters_resident.labels("device").set(s.adapters_device)
         self.adapters_resident.labels("cpu").set(s.adapters_cpu)
         self.adapters_resident.labels("registered").set(s.adapters_registered)

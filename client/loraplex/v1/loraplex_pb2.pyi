@@ -252,7 +252,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("model", "dtype", "device", "max_loras", "max_lora_rank", "context_length", "version", "max_cpu_loras", "kv_cache_tokens", "prefix_caching")
+    __slots__ = ("model", "dtype", "device", "max_loras", "max_lora_rank", "context_length", "version", "max_cpu_loras", "kv_cache_tokens", "prefix_caching", "lora_pool_rows", "lora_pool_bytes", "kv_cache_bytes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -263,6 +263,9 @@ class GetServerInfoResponse(_message.Message):
     MAX_CPU_LORAS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
+    LORA_POOL_ROWS_FIELD_NUMBER: _ClassVar[int]
+    LORA_POOL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     model: str
     dtype: str
     device: str
@@ -273,4 +276,7 @@ class GetServerInfoResponse(_message.Message):
     max_cpu_loras: int
     kv_cache_tokens: int
     prefix_caching: bool
-    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., context_length: _Optional[int] = ..., version: _Optional[str] = ..., max_cpu_loras: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., prefix_caching: _Optional[bool] = ...) -> None: ...
+    lora_pool_rows: int
+    lora_pool_bytes: int
+    kv_cache_bytes: int
+    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., context_length: _Optional[int] = ..., version: _Optional[str] = ..., max_cpu_loras: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., prefix_caching: _Optional[bool] = ..., lora_pool_rows: _Optional[int] = ..., lora_pool_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...

@@ -73,6 +73,7 @@ class LLMEngine:
         self.lora = LoraManager(model, config.lora, load_fn=adapter_load_fn, native_kernels=native)
         spec = KVCacheSpec.from_model_config(model.config, self.loaded.dtype)
         num_blocks = num_blocks_for(spec, config.cache)
+        self.kv_block_bytes = spec.bytes_per_block(config.cache.block_size)
         self.blocks = BlockManager(num_blocks, config.cache.block_size, config.cache.prefix_caching)
         graphs = graph_mode(config.model.cuda_graphs, self.loaded.device)
         # captured decode steps park their padding rows in one extra block no sequence owns
@@ -283,14 +284,18 @@ class LLMEngine:
             grammar_compile_seconds=self.grammars.drain_compile_seconds(),
             running_adapters=_adapter_ids(self.scheduler.running),
             waiting_adapters=_adapter_ids(self.scheduler.waiting),
-            max_loras=slots.max_loras)
+            max_loras=slots.max_loras, kv_block_bytes=self.kv_block_bytes,
+            lora_rows_used=slots.used_rows, lora_rows_total=slots.pool_rows, lora_row_bytes=slots.row_bytes)
 
     def server_info(self) -> ServerInfo:
         lora = self.config.lora
         return ServerInfo(model=self.loaded.name, dtype=str(self.loaded.dtype).removeprefix("torch."),
                           device=str(self.loaded.device), max_loras=lora.max_loras, max_lora_rank=lora.max_lora_rank,
                           max_cpu_loras=lora.max_cpu_loras, context_length=self.inputs.max_model_len,
-                          kv_cache_tokens=self.blocks.capacity_tokens, prefix_caching=self.blocks.prefix_caching)
+                          kv_cache_tokens=self.blocks.capacity_tokens, prefix_caching=self.blocks.prefix_caching,
+                          lora_pool_rows=self.lora.slots.pool_rows,
+                          lora_pool_bytes=self.lora.slots.pool_rows * self.lora.slots.row_bytes,
+                          kv_cache_bytes=self.blocks.num_blocks * self.kv_block_bytes)
 
     def set_tenant_weights(self, weight_of: Callable[[str], float]) -> None:
         """Tenant share weights for fair scheduling (no effect under FCFS)."""

@@ -18,3 +18,6 @@ class ServerInfo:
     context_length: int  # the longest prompt plus output, in tokens
     kv_cache_tokens: int  # tokens the KV cache holds
     prefix_caching: bool
+    lora_pool_rows: int = 0  # rank rows of the LoRA weight pool (a rank-r adapter holds r while resident)
+    lora_pool_bytes: int = 0  # device bytes of that pool
+    kv_cache_bytes: int = 0  # device bytes of the KV cache

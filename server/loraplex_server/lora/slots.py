@@ -37,6 +37,8 @@ class SlotManager:
         self.max_loras = max_loras
         first = next(iter(layers.values()))
         self.rows = RowPool(first.lora_a.shape[0])
+        # device bytes of one pool row: that row of lora_a and of lora_bt in every LoRA layer
+        self.row_bytes = sum(la.lora_a[0].nbytes + la.lora_bt[0].nbytes for la in layers.values())
         # the row offset tables (one object shared by every layer of a model)
         self._offset_tables: list[SlotTable] = list({id(la.slot_offsets): la.slot_offsets
                                                      for la in layers.values()}.values())
@@ -51,6 +53,11 @@ class SlotManager:
     @property
     def pool_rows(self) -> int:
         return self.rows.num_rows
+
+    @property
+    def used_rows(self) -> int:
+        """Rows held by resident adapter versions (free rows between extents count as free)."""
+        return self.rows.num_rows - self.rows.free_rows
 
     def slot_of(self, key: VersionKey) -> int | None:
         return self._slot_of.get(key)
