@@ -20,9 +20,10 @@ lint:
 	$(PYTHON) -m ruff check $(LINT_PATHS)
 	$(PYTHON) -m mypy
 
-# Set up and run the whole test suite (CI runs `make install lint test`).
+# Set up and run the whole test suite (CI runs `make install lint test`): two workers (pytest-xdist),
+# each test file whole on one worker so module-scoped servers and engines are built once.
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"
