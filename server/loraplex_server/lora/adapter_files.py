@@ -41,6 +41,11 @@ class AdapterFiles:
     weights_size: int  # of the whole weights file
     fingerprint: Fingerprint
 
+    @property
+    def header_bytes(self) -> bytes:
+        """The weights file's first 8 bytes and the header they announce."""
+        return _head(self.weights)
+
 
 def _check_layout(adapter_id: str, path: Path, max_bytes: int) -> None:
     if not path.is_dir():

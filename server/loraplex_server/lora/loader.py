@@ -19,6 +19,7 @@ from safetensors.torch import load as load_safetensors
 from ..errors import AdapterLoadError
 from .adapter_config import check_agreement, check_field_types, module_name, pattern_entry
 from .adapter_files import CONFIG_FILE, WEIGHTS_FILE, AdapterFiles, read_adapter_files, read_adapter_head
+from .content_memo import ContentMemo
 from .safetensors_header import HeaderError, parse_header
 from .weights import AdapterMeta, Fingerprint, LoraAdapter, LoraModuleWeights, ModuleKey, TargetShape
 
@@ -119,31 +120,75 @@ class AdapterPlan:
     fingerprint: Fingerprint
 
 
-def inspect_adapter(adapter_id: str, path: Path, targets: dict[ModuleKey, TargetShape], max_rank: int,
-                    max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES, files: AdapterFiles | None = None) -> AdapterPlan:
-    """Validation of config and header (no tensor conversion): what registration needs. Reads the
-    config and the weights header unless ``files`` are given."""
-    path = Path(path)
-    files = files or read_adapter_head(adapter_id, path, max_bytes)
-    config = _parse_config(adapter_id, files.config)
-    check_config(adapter_id, config)
-    check_field_types(adapter_id, config)
+@dataclass(frozen=True)
+class HeaderLayout:
+    """The weights header, validated against the model's targets and the largest rank served."""
+
+    tensors: dict[ModuleKey, tuple[str, str]]  # module -> (lora_A name, lora_B name)
+    ranks: dict[ModuleKey, int]
+    resident_bytes: int  # once converted to fp32
+    target_names: tuple[str, ...]  # the module names it adapts, sorted
+
+
+@dataclass(frozen=True)
+class ConfigTerms:
+    """What the config adds to a layout, once checked against it."""
+
+    scales: dict[ModuleKey, float]
+    lora_alpha: float
+    use_rslora: bool
+    base_model_name: str | None
+
+
+def _header_layout(adapter_id: str, files: AdapterFiles, targets: dict[ModuleKey, TargetShape],
+                   max_rank: int) -> HeaderLayout:
     shapes = _read_shapes(adapter_id, files.weights, files.weights_size)
     pairs = _group_pairs(adapter_id, shapes, targets)
+    ranks = {key: _check_shapes(adapter_id, key, pair, shapes, targets[key], max_rank) for key, pair in pairs.items()}
+    size = sum(4 * (shapes[p["A"]][0] * shapes[p["A"]][1] + shapes[p["B"]][0] * shapes[p["B"]][1])
+               for p in pairs.values())
+    return HeaderLayout({k: (p["A"], p["B"]) for k, p in pairs.items()}, ranks, size,
+                        tuple(sorted({sys.intern(k.name) for k in pairs})))
+
+
+def _checked_config(adapter_id: str, config_bytes: bytes) -> dict:
+    config = _parse_config(adapter_id, config_bytes)
+    check_config(adapter_id, config)
+    check_field_types(adapter_id, config)
+    return config
+
+
+def _config_terms(adapter_id: str, config: dict, layout: HeaderLayout) -> ConfigTerms:
     alpha = float(config.get("lora_alpha", config.get("r", 8)))
     rslora = bool(config.get("use_rslora", False))
-    scales, ranks = {}, {}
-    for key, pair in pairs.items():
-        ranks[key] = _check_shapes(adapter_id, key, pair, shapes, targets[key], max_rank)
-        alpha_entry = pattern_entry(config.get("alpha_pattern"), module_name(pair["A"]))
+    scales = {}
+    for key, (name_a, _) in layout.tensors.items():
+        rank = layout.ranks[key]
+        alpha_entry = pattern_entry(config.get("alpha_pattern"), module_name(name_a))
         module_alpha = float(alpha_entry[1]) if alpha_entry else alpha
-        scales[key] = module_alpha / (math.sqrt(ranks[key]) if rslora else ranks[key])
-    check_agreement(adapter_id, config, {module_name(p["A"]): ranks[k] for k, p in pairs.items()})
-    size = sum(4 * (shapes[p["A"]][0] * shapes[p["A"]][1] + shapes[p["B"]][0] * shapes[p["B"]][1])
-               for p in pairs.values())  # resident bytes once converted to fp32
-    meta = AdapterMeta(adapter_id, path, max(ranks.values()), tuple(sorted({sys.intern(k.name) for k in pairs})), size)
-    return AdapterPlan(meta, {k: (p["A"], p["B"]) for k, p in pairs.items()}, scales, alpha, rslora,
-                       config.get("base_model_name_or_path"), files.fingerprint)
+        scales[key] = module_alpha / (math.sqrt(rank) if rslora else rank)
+    check_agreement(adapter_id, config, {module_name(a): layout.ranks[k] for k, (a, _) in layout.tensors.items()})
+    return ConfigTerms(scales, alpha, rslora, config.get("base_model_name_or_path"))
+
+
+def inspect_adapter(adapter_id: str, path: Path, targets: dict[ModuleKey, TargetShape], max_rank: int,
+                    max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES, files: AdapterFiles | None = None,
+                    memo: ContentMemo | None = None) -> AdapterPlan:
+    """Validation of config and header (no tensor conversion): what registration needs. Reads the
+    config and the weights header unless ``files`` are given. With a ``memo`` (one per model and
+    max rank), a header and a config already validated together are not validated again."""
+    path = Path(path)
+    files = files or read_adapter_head(adapter_id, path, max_bytes)
+    memo = ContentMemo(0) if memo is None else memo
+    head = files.header_bytes  # the config is checked first, then the header, then the two together
+    config = memo.get_or_make(("config", files.config), lambda: _checked_config(adapter_id, files.config))
+    layout = memo.get_or_make(("layout", head, files.weights_size, max_rank),
+                              lambda: _header_layout(adapter_id, files, targets, max_rank))
+    terms = memo.get_or_make(("terms", files.config, head, files.weights_size, max_rank),
+                             lambda: _config_terms(adapter_id, config, layout))
+    meta = AdapterMeta(adapter_id, path, max(layout.ranks.values()), layout.target_names, layout.resident_bytes)
+    return AdapterPlan(meta, layout.tensors, terms.scales, terms.lora_alpha, terms.use_rslora, terms.base_model_name,
+                       files.fingerprint)
 
 
 def load_adapter(adapter_id: str, path: Path, targets: dict[ModuleKey, TargetShape], max_rank: int,

@@ -35,6 +35,7 @@ from typing import TypeVar
 
 from ..errors import AdapterLoadError, AdapterNotFoundError, AdapterSourceUnavailableError
 from .adapter_files import same_source
+from .content_memo import ContentMemo
 from .ids import AdapterId, VersionKey, version_key
 from .loader import DEFAULT_MAX_ADAPTER_BYTES, inspect_adapter, load_adapter
 from .weights import AdapterMeta, Fingerprint, LoraAdapter, ModuleKey, TargetShape
@@ -125,6 +126,7 @@ class AdapterRegistry:
                  sleep: Callable[[float], None] = time.sleep):
         self.targets = targets
         self.max_rank = max_rank
+        self.validated = ContentMemo()  # headers and configs validated for these targets and max rank
         self.max_cpu_loras = max(1, max_cpu_loras)
         self.adapter_root = adapter_root
         self.max_adapter_bytes = max_adapter_bytes
@@ -201,7 +203,7 @@ class AdapterRegistry:
             meta, fingerprint = meta_of(weights[0], path), weights[0].fingerprint
         else:
             plan = self._with_retry(adapter_id, lambda: inspect_adapter(
-                adapter_id, path, self.targets, self.max_rank, self.max_adapter_bytes))
+                adapter_id, path, self.targets, self.max_rank, self.max_adapter_bytes, memo=self.validated))
             weights, meta, fingerprint = None, plan.meta, plan.fingerprint
         with self._lock:
             number = version if version is not None else self._next_version  # restored: keep its number
