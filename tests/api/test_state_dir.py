@@ -64,6 +64,10 @@ def test_registrations_survive_a_restart_and_unload_forgets_them(start_server, r
             assert (new.source, new.version, new.pinned, new.owner, new.error) == \
                    (old.source, old.version, old.pinned, old.owner, ""), name
         assert after["gone"].error.startswith("not restored at start-up") and "json" in after["gone"].error
+        # restored lazily: "j" is registered from its header, its weights not read until used;
+        # the pinned "u" was read in full (a pin holds a device slot)
+        assert (after["j"].state, after["j"].content_sha256) == ("disk", "")
+        assert after["u"].state == "device" and after["u"].content_sha256
         with pytest.raises(cerr.NotFoundError):
             c.generate("hi", adapter_id="gone", max_new_tokens=1)
         assert c.generate("hi", adapter_id="j", max_new_tokens=2).usage.completion_tokens == 2

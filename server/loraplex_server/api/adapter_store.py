@@ -78,12 +78,16 @@ class AdapterStore:
 def restore_adapters(loop, store: AdapterStore) -> dict[str, tuple[StoredAdapter, str]]:
     """Register every stored adapter on ``loop`` (an EngineLoop) with its version, pin and owner.
 
-    An entry that cannot be restored (its source is gone, or no longer valid) is kept in the
-    database and returned with its error, for ListAdapters to show; nothing is silently dropped."""
+    Registration is lazy (config and header validated, weights read at first use), as discovery's,
+    so that thousands of stored adapters do not hold health at NOT_SERVING while every weights file
+    is read and hashed; pinned ones are read now (a pin holds a device slot). An entry that cannot
+    be restored (its source is gone, or no longer valid) is kept in the database and returned with
+    its error, for ListAdapters to show; nothing is silently dropped."""
     failures: dict[str, tuple[StoredAdapter, str]] = {}
     for entry in store.all():
         try:
-            loop.add_adapter(entry.adapter_id, entry.source, owner=entry.owner, version=entry.version)
+            loop.add_adapter(entry.adapter_id, entry.source, eager=entry.pinned, owner=entry.owner,
+                             version=entry.version)
             if entry.pinned:
                 loop.pin_adapter(entry.adapter_id).result()
         except LoraplexError as exc:
