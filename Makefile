@@ -80,6 +80,8 @@ bench-prefix: install
 
 # Many adapters: 10,000 registered lazily (hard links: little disk), 128 requests at concurrency 32 spread
 # uniformly over 1 / 16 / 256 / 1,000 of them; tok/s vs 1, registration time, host bytes per adapter.
-MANY_BENCH = $(PYTHON) benchmarks/many_adapters.py --json benchmarks/results/many_adapters.json
+# Then time to SERVING of a server process registering the same 10,000 at start (discovery) vs none.
+MANY_BENCH = $(PYTHON) benchmarks/many_adapters.py --json benchmarks/results/many_adapters.json && \
+	$(PYTHON) benchmarks/time_to_serving.py --json benchmarks/results/time_to_serving.json
 bench-many: install
 	$(MANY_BENCH)
