@@ -56,7 +56,8 @@ def time_to_serving(extra: list[str], expect_adapters: int) -> dict:
         with Client(f"127.0.0.1:{port}", timeout=5, retries=0) as client:
             while True:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()[-3000:]}")
+                    stderr = proc.stderr.read() if proc.stderr is not None else ""
+                    raise RuntimeError(f"server exited with {proc.returncode}: {stderr[-3000:]}")
                 if time.perf_counter() - start > START_TIMEOUT_S:
                     raise RuntimeError(f"not SERVING after {START_TIMEOUT_S} s")
                 try:
