@@ -75,6 +75,31 @@ def test_sgmv_matches_the_loop_reference(shape, variant, layout, native_kernels)
     assert torch.equal(y[zero_rank], y0[zero_rank])
 
 
+@pytest.mark.parametrize("shape", [(64, 48), (40, 24), (33, 17)])  # 16-wide, 8-wide and portable tiles
+def test_bf16_outputs_round_to_nearest_even_as_torch(shape, native_kernels):
+    """x one-hot and A's first column 1 make h exactly 1 for the rank-1 slot, so each output is
+    0 + 1 * Bt[o, c] in fp32 and its bf16 store must be torch's rounding of Bt, bit for bit: ties
+    to even, NaN kept NaN, infinities, subnormals, values rounding up to infinity."""
+    fin, fout = shape
+    specials = [1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), float("nan"), float("inf"), -float("inf"),
+                2 ** -130, 65504.0, 3.4e38]
+    bt_row = torch.randn(fout, generator=torch.Generator().manual_seed(3))
+    bt_row[:len(specials)] = torch.tensor(specials)
+    a = torch.zeros(1, fin)
+    a[0, 0] = 1.0
+    x = torch.zeros(5, fin, dtype=torch.bfloat16)
+    x[:, 0] = 1.0
+    y = torch.zeros(5, fout, dtype=torch.bfloat16)
+    ranks = SlotTable(1, torch.device("cpu"), bound=1)
+    offsets = SlotTable(1, torch.device("cpu"), bound=1)
+    ranks.set(0, 1)
+    sgmv(native_kernels, y, x, a, bt_row[None, :].clone(), ranks, offsets, LoraMapping.from_runs([(0, 5)]))
+    expected = bt_row.to(torch.bfloat16).expand(5, fout).contiguous()
+    nan = expected.isnan()
+    assert torch.equal(y.isnan(), nan) and nan[:, 3].all()
+    assert torch.equal(y[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
 @pytest.mark.parametrize("threads", [1, 3, 8])
 def test_same_result_for_any_thread_count(threads, native_kernels):
     y0, x, a, bt, ranks, offsets, mapping = make_case((96, 384), "bf16", "mixed", seed=1)

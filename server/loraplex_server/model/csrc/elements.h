@@ -1,12 +1,13 @@
 // Element types shared by the kernels: fp32 and bf16 (stored as uint16_t) loaded as fp32 and
-// stored back with round-to-nearest-even (NaN stays NaN), one element at a time (F32 / BF16) or
-// 16 at a time in AVX-512 registers (load16 / store16), with the same rounding either way.
+// stored back with round-to-nearest-even (NaN stays NaN), one element at a time (F32 / BF16),
+// 16 at a time in AVX-512 registers (load16 / store16) or 8 at a time in AVX2 registers (load8 /
+// store8), with the same rounding every way.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -63,6 +64,30 @@ inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 load8(const float *p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t *p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i *>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline void store8(float *p, __m256 x) { _mm256_storeu_ps(p, x); }
+inline void store8(uint16_t *p, __m256 x) {  // round to nearest even, NaN stays NaN: BF16::store
+    const __m256i u = _mm256_castps_si256(x), hi = _mm256_srli_epi32(u, 16);
+    const __m256i bias = _mm256_add_epi32(_mm256_and_si256(hi, _mm256_set1_epi32(1)), _mm256_set1_epi32(0x7fff));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
+    // 32 -> 16 bits (every value fits): packus works per 128-bit lane, then gather the two halves
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i *>(p), _mm256_castsi256_si128(packed));
+}
+inline float hsum8(__m256 x) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
 #endif
 
 }  // namespace

@@ -80,11 +80,46 @@ void tile_avx512(const Problem &p, const XT *x, XT *y, const WT *a, const WT *bt
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+// tile_avx512 with 8-wide AVX2 registers, for CPUs without AVX-512, when in and out are multiples
+// of 8. ws: xs [TILE][in], h [TILE][r].
+template <class XT, class WT>
+void tile_avx2(const Problem &p, const XT *x, XT *y, const WT *a, const WT *bt, int64_t t0, int64_t n, int64_t r,
+               float *ws) {
+    const int64_t in = p.in, out = p.out;
+    float *xs = ws, *h = xs + TILE * in;
+    for (int64_t t = 0; t < TILE; t++)
+        for (int64_t c = 0; c < in; c += 8)
+            _mm256_storeu_ps(xs + t * in + c, t < n ? load8(x + (t0 + t) * p.x_stride + c) : _mm256_setzero_ps());
+    for (int64_t j = 0; j < r; j++) {
+        __m256 acc[TILE];
+        for (int64_t t = 0; t < TILE; t++) acc[t] = _mm256_setzero_ps();
+        for (int64_t c = 0; c < in; c += 8) {
+            const __m256 av = load8(a + j * in + c);
+            for (int64_t t = 0; t < TILE; t++) acc[t] = _mm256_fmadd_ps(av, _mm256_loadu_ps(xs + t * in + c), acc[t]);
+        }
+        for (int64_t t = 0; t < TILE; t++) h[t * r + j] = hsum8(acc[t]);
+    }
+    for (int64_t c = 0; c < out; c += 8) {
+        __m256 acc[TILE];
+        for (int64_t t = 0; t < TILE; t++) acc[t] = t < n ? load8(y + (t0 + t) * p.y_stride + c) : _mm256_setzero_ps();
+        for (int64_t j = 0; j < r; j++) {
+            const __m256 bv = load8(bt + j * out + c);
+            for (int64_t t = 0; t < TILE; t++) acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(h[t * r + j]), bv, acc[t]);
+        }
+        for (int64_t t = 0; t < n; t++) store8(y + (t0 + t) * p.y_stride + c, acc[t]);
+    }
+}
+#endif
+
 template <class XE, class WE>
 void tile(const Problem &p, const typename XE::T *x, typename XE::T *y, const typename WE::T *a,
           const typename WE::T *bt, int64_t t0, int64_t n, int64_t r, float *ws) {
 #if defined(__AVX512F__)
     if (p.in % 16 == 0 && p.out % 16 == 0) return tile_avx512(p, x, y, a, bt, t0, n, r, ws);
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+    if (p.in % 8 == 0 && p.out % 8 == 0) return tile_avx2(p, x, y, a, bt, t0, n, r, ws);
 #endif
     tile_generic<XE, WE>(p, x, y, a, bt, t0, n, r, ws);
 }
