@@ -163,6 +163,75 @@ void attend_row_avx512(const Shape &sh, const T *q, const T *k, const T *v, T *o
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+// attend_row_avx512 with 8-lane AVX2 vectors, for CPUs without AVX-512, when the head size is a
+// multiple of 8 (C = D / 8 vectors per head; 64 and 128 unrolled). The portable path's softmax
+// calls the scalar exp once per score; here exp8 takes 8 at a time.
+inline void softmax8(float *s, int64_t n) {
+    __m256 m = _mm256_set1_ps(-INFINITY), sum = _mm256_setzero_ps();
+    const __m256 minus_inf = _mm256_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < n; j += 8) {
+        const __m256i lanes = lanes_below(n - j);
+        m = _mm256_max_ps(m, _mm256_blendv_ps(minus_inf, _mm256_maskload_ps(s + j, lanes), _mm256_castsi256_ps(lanes)));
+    }
+    const __m256 max = _mm256_set1_ps(hmax8(m));
+    for (int64_t j = 0; j < n; j += 8) {
+        const __m256i lanes = lanes_below(n - j);
+        const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_maskload_ps(s + j, lanes), max)),
+                                       _mm256_castsi256_ps(lanes));
+        _mm256_maskstore_ps(s + j, lanes, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    const __m256 inv = _mm256_set1_ps(1.f / hsum8(sum));
+    for (int64_t j = 0; j < n; j += 8) {
+        const __m256i lanes = lanes_below(n - j);
+        _mm256_maskstore_ps(s + j, lanes, _mm256_mul_ps(_mm256_maskload_ps(s + j, lanes), inv));
+    }
+}
+
+// ws: q [H][D] (scaled), acc [H][D], scores [H][n rounded up to 8].
+template <class T, int FIXED_C>
+void attend_row_avx2(const Shape &sh, const T *q, const T *k, const T *v, T *out, const int32_t *table,
+                     int64_t len, int64_t lo, float *ws) {
+    const int H = sh.num_heads, C = FIXED_C > 0 ? FIXED_C : sh.head_dim / 8, D = 8 * C;
+    const int G = sh.num_heads / sh.num_kv_heads;
+    const int64_t n = len - lo, stride = (n + 7) & ~int64_t(7);
+    float *qf = ws, *acc = qf + H * D, *s = acc + H * D;
+    const __m256 scale = _mm256_set1_ps(sh.scale);
+    __m256 row[32];
+    for (int h = 0; h < H; h++)
+        for (int c = 0; c < C; c++) _mm256_storeu_ps(qf + h * D + 8 * c, _mm256_mul_ps(load8(q + h * sh.q_stride_h + 8 * c), scale));
+    for_each_run(table, sh.block_size, lo, len, [&](int64_t first_slot, int64_t idx, int64_t count) {
+        for (int64_t t = 0; t < count; t++)
+            for (int g = 0; g < sh.num_kv_heads; g++) {
+                const T *kp = k + (first_slot + t) * sh.kv_stride_slot + g * sh.kv_stride_head;
+                for (int c = 0; c < C; c++) row[c] = load8(kp + 8 * c);
+                for (int h = g * G; h < (g + 1) * G; h++) {
+                    __m256 dot = _mm256_mul_ps(row[0], _mm256_loadu_ps(qf + h * D));
+                    for (int c = 1; c < C; c++) dot = _mm256_fmadd_ps(row[c], _mm256_loadu_ps(qf + h * D + 8 * c), dot);
+                    s[h * stride + idx + t] = hsum8(dot);
+                }
+            }
+    });
+    for (int h = 0; h < H; h++) softmax8(s + h * stride, n);
+    std::memset(acc, 0, sizeof(float) * H * D);
+    for_each_run(table, sh.block_size, lo, len, [&](int64_t first_slot, int64_t idx, int64_t count) {
+        for (int64_t t = 0; t < count; t++)
+            for (int g = 0; g < sh.num_kv_heads; g++) {
+                const T *vp = v + (first_slot + t) * sh.kv_stride_slot + g * sh.kv_stride_head;
+                for (int c = 0; c < C; c++) row[c] = load8(vp + 8 * c);
+                for (int h = g * G; h < (g + 1) * G; h++) {
+                    const __m256 w = _mm256_set1_ps(s[h * stride + idx + t]);
+                    float *ah = acc + h * D;
+                    for (int c = 0; c < C; c++) _mm256_storeu_ps(ah + 8 * c, _mm256_fmadd_ps(w, row[c], _mm256_loadu_ps(ah + 8 * c)));
+                }
+            }
+    });
+    for (int h = 0; h < H; h++)
+        for (int c = 0; c < C; c++) store8(out + h * sh.out_stride_h + 8 * c, _mm256_loadu_ps(acc + h * D + 8 * c));
+}
+#endif
+
 // One row through the fastest variant for the head size.
 template <class E>
 void attend(const Shape &sh, const typename E::T *q, const typename E::T *k, const typename E::T *v,
@@ -174,6 +243,15 @@ void attend(const Shape &sh, const typename E::T *q, const typename E::T *k, con
             case 64: return attend_row_avx512<T, 4>(sh, q, k, v, out, table, len, lo, ws);
             case 128: return attend_row_avx512<T, 8>(sh, q, k, v, out, table, len, lo, ws);
             default: return attend_row_avx512<T, 0>(sh, q, k, v, out, table, len, lo, ws);
+        }
+    }
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+    if (sh.head_dim % 8 == 0 && sh.head_dim <= 256) {
+        switch (sh.head_dim) {
+            case 64: return attend_row_avx2<T, 8>(sh, q, k, v, out, table, len, lo, ws);
+            case 128: return attend_row_avx2<T, 16>(sh, q, k, v, out, table, len, lo, ws);
+            default: return attend_row_avx2<T, 0>(sh, q, k, v, out, table, len, lo, ws);
         }
     }
 #endif
