@@ -195,3 +195,22 @@ def test_pinned_rows_count_against_the_pool():
     s.add(req("a", adapter="A"))  # + 8: does not
     assert set(scheduled(step(s))) == {"b"}
     assert {"P", "B", "A"} in seen
+
+
+def test_decodes_take_a_block_only_at_a_block_boundary_and_a_one_token_chunk_does_not_sample():
+    s, bm = make(budget=16, block_size=4)
+    s.add(req("a", 6))  # 6 tokens: two blocks, room for two more in the second
+    step(s)
+    a = s.running[0]
+    blocks_after_prefill = list(a.block_ids)
+    for _ in range(2):  # positions 6 and 7 fit the second block
+        out = step(s)
+        assert scheduled(out) == {"a": 1} and out.scheduled[0].samples and a.block_ids == blocks_after_prefill
+    out = step(s)  # position 8 opens a third block
+    assert scheduled(out) == {"a": 1} and len(a.block_ids) == 3 and a.block_ids[:2] == blocks_after_prefill
+
+    s, _ = make(budget=1, block_size=4)
+    s.add(req("p", 3))  # a prefill chunked one token per step: only the last chunk samples
+    outs = [step(s) for _ in range(3)]
+    assert [o.scheduled[0].samples for o in outs] == [False, False, True]
+    assert all(scheduled(o) == {"p": 1} for o in outs)

@@ -96,9 +96,17 @@ class Scheduler:
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         i = 0
+        block_size = self.blocks.block_size
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            computed = request.num_computed_tokens
+            remaining = request.num_tokens - computed
+            if remaining == 1 and computed < len(request.block_ids) * block_size:  # a decode, room in its block
+                out.scheduled.append(ScheduledRequest(request, 1, True))
+                budget -= 1
+                i += 1
+                continue
+            n = min(remaining, budget)
             while not self.blocks.allocate(request, n):
                 victim = self.running[-1]
                 self._preempt(victim, out)
