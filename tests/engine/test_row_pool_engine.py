@@ -133,15 +133,9 @@ def test_64_adapters_of_ranks_1_to_64_greedy_equal_peft_alone(two_layer_model, t
     assert engine.lora.slots.num_evictions == 0
 
 
-def test_row_pressure_never_evicts_a_running_or_pinned_adapter(two_layer_model, tokenizer, pool_adapters,
-                                                               peft_reference, monkeypatch):
-    """A 64-row pool, max rank 32: a pinned rank-16 adapter and requests for ranks 20..32 that cannot
-    all be resident at once. Each eviction is checked when it happens; outputs stay exact."""
-    rows = [19, 23, 27, 31, 21, 15, 25]  # ranks 20, 24, 28, 32, 22, 16 (the pinned one), 26
-    used = {name(i): pool_adapters[name(i)] for i in rows}
-    engine = pool_engine(two_layer_model, tokenizer, used, max_loras=8, max_rank=32, pool_rows=64)
-    engine.pin_adapter(name(15))  # rank 16, pinned
-    pinned_key = engine.lora.resolve(name(15)).key
+def checked_evictions(engine, monkeypatch, pinned_key=None) -> list:
+    """Check each adapter eviction when it happens (never a running request's adapter, never a
+    pinned one); returns the list of evicted keys, filled as the engine runs."""
     slots = engine.lora.slots
     evicted = []
     drop = slots._drop
@@ -152,12 +146,46 @@ def test_row_pressure_never_evicts_a_running_or_pinned_adapter(two_layer_model, 
         evicted.append(key)
         drop(key)
     monkeypatch.setattr(slots, "_drop", checked_drop)
+    return evicted
+
+
+def test_row_pressure_never_evicts_a_running_or_pinned_adapter(two_layer_model, tokenizer, pool_adapters,
+                                                               peft_reference, monkeypatch):
+    """A 64-row pool, max rank 32: a pinned rank-16 adapter and requests for ranks 20..32 that cannot
+    all be resident at once. Each eviction is checked when it happens; outputs stay exact."""
+    rows = [19, 23, 27, 31, 21, 15, 25]  # ranks 20, 24, 28, 32, 22, 16 (the pinned one), 26
+    used = {name(i): pool_adapters[name(i)] for i in rows}
+    engine = pool_engine(two_layer_model, tokenizer, used, max_loras=8, max_rank=32, pool_rows=64)
+    engine.pin_adapter(name(15))  # rank 16, pinned
+    pinned_key = engine.lora.resolve(name(15)).key
+    slots = engine.lora.slots
+    evicted = checked_evictions(engine, monkeypatch, pinned_key)
     submit(engine, rows)
     outputs = run_to_completion(engine)
     for i in rows:
         assert tokens_of(outputs[f"row{i}"]) == peft_reference[i][0], f"row {i} (rank {RANKS[i]}) diverged"
     assert evicted and slots.num_evictions == len(evicted)
     assert slots.slot_of(pinned_key) is not None
+
+
+def test_a_tiny_pool_and_a_tiny_kv_cache_evict_and_preempt_together_without_losing_a_request(
+        two_layer_model, tokenizer, pool_adapters, peft_reference, monkeypatch):
+    """48 LoRA rows for ranks 12..32 (two or three adapters resident at once) and 7 KV blocks of 4
+    tokens for requests of 16-20 tokens (5 blocks each once decoded): adapters are evicted and
+    requests preempted (recomputed) in the same run. Every request ends with PEFT's greedy tokens;
+    no eviction touches a running request's adapter."""
+    rows = [11, 31, 15, 27, 19, 23, 13, 29]  # ranks 12, 32, 16, 28, 20, 24, 14, 30
+    used = {name(i): pool_adapters[name(i)] for i in rows}
+    engine = pool_engine(two_layer_model, tokenizer, used, max_loras=8, max_rank=32, pool_rows=48,
+                         num_blocks=7, block_size=4)
+    evicted = checked_evictions(engine, monkeypatch)
+    submit(engine, rows)
+    outputs = run_to_completion(engine)
+    assert set(outputs) == {f"row{i}" for i in rows}
+    for i in rows:
+        assert outputs[f"row{i}"][-1].finish_reason is not None and outputs[f"row{i}"][-1].error is None
+        assert tokens_of(outputs[f"row{i}"]) == peft_reference[i][0], f"row {i} (rank {RANKS[i]}) diverged"
+    assert evicted and engine.scheduler.num_preemptions > 0
 
 
 def test_a_rank_above_the_pool_is_refused_at_registration(two_layer_model, tokenizer, pool_adapters):
