@@ -39,7 +39,8 @@ class OutputProcessor:
     def append(self, request: Request, token_id: int, logprob: TokenLogprob | None) -> RequestOutput | None:
         """Record a sampled token; sets ``request.finish_reason`` when the request is done."""
         state = self._states[request.request_id]
-        request.output_token_ids.append(token_id)
+        output_ids = request.output_token_ids
+        output_ids.append(token_id)
         if request.first_token_time is None:
             request.first_token_time = time.monotonic()
         if logprob is not None:
@@ -53,7 +54,8 @@ class OutputProcessor:
             state.text += state.detokenizer.add(token_id)
             if sp.stop and self._truncate_at_stop(state, sp.stop):
                 request.finish_reason = FinishReason.STOP
-            elif len(request.output_token_ids) >= sp.max_new_tokens or request.num_tokens >= self.max_total_tokens:
+            elif (len(output_ids) >= sp.max_new_tokens
+                  or len(request.prompt_token_ids) + len(output_ids) >= self.max_total_tokens):
                 request.finish_reason = FinishReason.LENGTH
         return self._delta(request, state)
 
@@ -68,28 +70,24 @@ class OutputProcessor:
         return True
 
     def _delta(self, request: Request, state: TextState) -> RequestOutput | None:
-        finished = request.finish_reason is not None
-        visible = len(state.text)
-        if not finished and request.sampling.stop:
-            visible = max(state.emitted_chars, visible - (max(len(s) for s in request.sampling.stop) - 1))
-        new_tokens = request.output_token_ids[state.emitted_tokens:]
-        if not finished and not new_tokens:
+        reason = request.finish_reason
+        finished = reason is not None
+        text, output_ids = state.text, request.output_token_ids
+        visible = len(text)
+        stop = request.sampling.stop
+        if stop and not finished:
+            visible = max(state.emitted_chars, visible - (max(len(s) for s in stop) - 1))
+        if not finished and state.emitted_tokens == len(output_ids):
             return None
-        out = RequestOutput(
-            request_id=request.request_id,
-            token_ids=tuple(new_tokens),
-            text=state.text[state.emitted_chars:visible],
-            finished=finished,
-            finish_reason=request.finish_reason,
-            prompt_tokens=request.num_prompt_tokens,
-            completion_tokens=len(request.output_token_ids),
-            logprobs=tuple(state.pending_logprobs),
-            adapter_id=request.adapter_id,
-            timings=request.timings() if finished else None,
-        )
+        logprobs = tuple(state.pending_logprobs) if state.pending_logprobs else ()
+        out = RequestOutput(request.request_id, tuple(output_ids[state.emitted_tokens:]),
+                            text[state.emitted_chars:visible], finished, reason, len(request.prompt_token_ids),
+                            len(output_ids), logprobs, None, request.adapter_id,
+                            request.timings() if finished else None)
         state.emitted_chars = visible
-        state.emitted_tokens = len(request.output_token_ids)
-        state.pending_logprobs = []
+        state.emitted_tokens = len(output_ids)
+        if logprobs:
+            state.pending_logprobs = []
         return out
 
     def final(self, request: Request, reason: FinishReason, error: LoraplexError | None = None) -> RequestOutput:
