@@ -21,6 +21,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,31 +50,39 @@ def time_to_serving(extra: list[str], expect_adapters: int) -> dict:
     port = free_port()
     cmd = [sys.executable, "-m", "loraplex_server", "--port", str(port), "--metrics-port", "-1",
            "--http-port", "-1", "--threads", "1", "--log-level", "WARNING", *extra]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        with Client(f"127.0.0.1:{port}", timeout=5, retries=0) as client:
-            while True:
-                if proc.poll() is not None:
-                    stderr = proc.stderr.read() if proc.stderr is not None else ""
-                    raise RuntimeError(f"server exited with {proc.returncode}: {stderr[-3000:]}")
-                if time.perf_counter() - start > START_TIMEOUT_S:
-                    raise RuntimeError(f"not SERVING after {START_TIMEOUT_S} s")
-                try:
-                    if client.health() == "SERVING":
-                        break
-                except cerr.LoraplexError:
-                    pass
-                time.sleep(0.05)
-            seconds = time.perf_counter() - start
-            listed = len(client.list_adapters())
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    with tempfile.TemporaryFile(mode="w+") as log_file:  # a file, not a pipe: a chatty server never blocks
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            seconds, listed = _wait_serving(proc, port, start, log_file)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     if listed != expect_adapters:
         raise RuntimeError(f"the server lists {listed} adapters, expected {expect_adapters}")
     return {"seconds_to_serving": round(seconds, 2), "adapters": listed}
+
+
+def _wait_serving(proc: subprocess.Popen, port: int, start: float, log_file) -> tuple[float, int]:
+    """(seconds from ``start`` to SERVING, adapters listed then); raises if the server exits first."""
+    with Client(f"127.0.0.1:{port}", timeout=5, retries=0) as client:
+        while True:
+            if proc.poll() is not None:
+                log_file.seek(0)
+                raise RuntimeError(f"server exited with {proc.returncode}: {log_file.read()[-3000:]}")
+            if time.perf_counter() - start > START_TIMEOUT_S:
+                raise RuntimeError(f"not SERVING after {START_TIMEOUT_S} s")
+            try:
+                if client.health() == "SERVING":
+                    return time.perf_counter() - start, len(client.list_adapters())
+            except cerr.LoraplexError:
+                pass
+            time.sleep(0.05)
 
 
 def main(argv=None) -> dict:

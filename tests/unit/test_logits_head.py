@@ -55,3 +55,16 @@ def test_wraps_only_a_bias_free_cpu_linear_head():
     assert not reuse_logits_memory(Model(nn.Linear(8, 50, bias=True)))
     with pytest.raises(ValueError, match="bias-free"):
         ReusedLogitsHead(nn.Linear(8, 50))
+
+
+def test_outside_inference_mode_it_is_the_plain_head():
+    """The buffer is made under inference_mode (an inference tensor): a later no_grad call must not
+    write into it (torch refuses that), so it takes the plain head."""
+    plain = nn.Linear(8, 50, bias=False)
+    head = ReusedLogitsHead(plain)
+    with torch.inference_mode():
+        head(torch.randn(3, 8))
+    with torch.no_grad():
+        x = torch.randn(3, 8)
+        y = head(x)
+    assert torch.equal(y, plain(x).detach()) and y.data_ptr() != head._buffer.data_ptr()

@@ -79,6 +79,7 @@ class LLMEngine:
         # captured decode steps park their padding rows in one extra block no sequence owns
         kv_caches = allocate_kv_cache(spec, num_blocks + (1 if graphs else 0), config.cache.block_size,
                                       self.loaded.device)
+        self.kv_cache_bytes = (num_blocks + (1 if graphs else 0)) * self.kv_block_bytes  # as allocated
         self.scheduler = Scheduler(config.scheduler, self.blocks, config.lora.max_loras,
                                    key_ready=self.lora.ready, reserved_keys=self.lora.reserved_keys,
                                    fairness=make_fairness(config.scheduler.fairness, tenant_weight),
@@ -295,7 +296,7 @@ class LLMEngine:
                           kv_cache_tokens=self.blocks.capacity_tokens, prefix_caching=self.blocks.prefix_caching,
                           lora_pool_rows=self.lora.slots.pool_rows,
                           lora_pool_bytes=self.lora.slots.pool_rows * self.lora.slots.row_bytes,
-                          kv_cache_bytes=self.blocks.num_blocks * self.kv_block_bytes)
+                          kv_cache_bytes=self.kv_cache_bytes)
 
     def set_tenant_weights(self, weight_of: Callable[[str], float]) -> None:
         """Tenant share weights for fair scheduling (no effect under FCFS)."""

@@ -101,7 +101,8 @@ class Scheduler:
             request = self.running[i]
             computed = request.num_computed_tokens
             remaining = request.num_tokens - computed
-            if remaining == 1 and computed < len(request.block_ids) * block_size:  # a decode, room in its block
+            # one token left (a decode, or a prefill's last one-token chunk), room in its last block
+            if remaining == 1 and computed < len(request.block_ids) * block_size:
                 out.scheduled.append(ScheduledRequest(request, 1, True))
                 budget -= 1
                 i += 1

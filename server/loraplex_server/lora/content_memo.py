@@ -3,9 +3,11 @@
 Thousands of adapters from one training pipeline share a weights layout (the safetensors header:
 module names, ranks, dtypes and offsets are the same whatever the weights' values) and usually a
 config. Validating each distinct one once turns registering 10,000 of them from 8 ms each (pure
-Python over ~400 tensor entries) into a read and a dictionary lookup. Keys hold the bytes
-themselves, so two different contents never share an entry. Failures are never stored: a file that
-fails validation fails again, with its own adapter id in the message.
+Python over ~400 tensor entries) into a read, a digest and a dictionary lookup. Callers key entries
+by a 256-bit digest of the validated bytes (a header may be megabytes; the memo stays small), so two
+different contents never share an entry. Failures are never stored: a file that fails validation
+fails again, with its own adapter id in the message. Results are shared by every adapter with the
+same bytes: they are never changed once made.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ from transformers import PreTrainedModel
 
 
 class ReusedLogitsHead(nn.Module):
-    """Drop-in for a bias-free ``nn.Linear`` LM head at inference on the CPU."""
+    """A bias-free ``nn.Linear`` LM head that, under ``torch.inference_mode`` (the runner's), writes
+    into its buffer; anywhere else (no_grad, training) it is the plain head."""
 
     def __init__(self, head: nn.Linear):
         super().__init__()
@@ -34,7 +35,8 @@ class ReusedLogitsHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.head.weight
-        if torch.is_grad_enabled() or hidden.dtype != weight.dtype or hidden.device != weight.device:
+        if (not torch.is_inference_mode_enabled() or hidden.dtype != weight.dtype  # the buffer is an
+                or hidden.device != weight.device):  # inference tensor: written only in inference mode
             return self.head(hidden)
         lead = hidden.shape[:-1]
         rows = lead.numel()
