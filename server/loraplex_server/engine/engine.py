@@ -77,9 +77,9 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.cache.block_size, config.cache.prefix_caching)
         graphs = graph_mode(config.model.cuda_graphs, self.loaded.device)
         # captured decode steps park their padding rows in one extra block no sequence owns
-        kv_caches = allocate_kv_cache(spec, num_blocks + (1 if graphs else 0), config.cache.block_size,
-                                      self.loaded.device)
-        self.kv_cache_bytes = (num_blocks + (1 if graphs else 0)) * self.kv_block_bytes  # as allocated
+        allocated_blocks = num_blocks + (1 if graphs else 0)
+        kv_caches = allocate_kv_cache(spec, allocated_blocks, config.cache.block_size, self.loaded.device)
+        self.kv_cache_bytes = allocated_blocks * self.kv_block_bytes
         self.scheduler = Scheduler(config.scheduler, self.blocks, config.lora.max_loras,
                                    key_ready=self.lora.ready, reserved_keys=self.lora.reserved_keys,
                                    fairness=make_fairness(config.scheduler.fairness, tenant_weight),

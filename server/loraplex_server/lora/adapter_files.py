@@ -40,11 +40,8 @@ class AdapterFiles:
     weights: bytes  # adapter_model.safetensors; from read_adapter_head, its first 8 + header-length bytes
     weights_size: int  # of the whole weights file
     fingerprint: Fingerprint
-
-    @property
-    def header_bytes(self) -> bytes:
-        """The weights file's first 8 bytes and the header they announce."""
-        return _head(self.weights)
+    config_digest: bytes  # blake2b-256 of the config, and of the weights file's 8-byte length + header:
+    header_digest: bytes  # taken once, at the read, for the fingerprint and the validation memo keys
 
 
 def _check_layout(adapter_id: str, path: Path, max_bytes: int) -> None:
@@ -86,7 +83,11 @@ def _read_head(file) -> bytes:
     return head + file.read(min(struct.unpack("<Q", head)[0], MAX_HEADER_BYTES + 1))
 
 
-def _read(adapter_id: str, path: Path, max_bytes: int, whole: bool) -> tuple[bytes, bytes, Fingerprint]:
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=32).digest()
+
+
+def _read(adapter_id: str, path: Path, max_bytes: int, whole: bool) -> AdapterFiles:
     """The config's bytes, the weights file's (``whole``) or its head's, and their fingerprint
     (with the sha256 only when ``whole``)."""
     try:
@@ -105,8 +106,8 @@ def _read(adapter_id: str, path: Path, max_bytes: int, whole: bool) -> tuple[byt
     size = after[1].st_size
     if size > max_bytes:  # grew between the size check and the read
         raise AdapterLoadError(adapter_id, f"{WEIGHTS_FILE} is {size} bytes, over the {max_bytes}-byte limit")
-    identity = hashlib.sha256(repr(_key(after)).encode() + len(config).to_bytes(8, "little") + config)
-    identity.update(_head(weights))
+    config_digest, header_digest = _digest(config), _digest(_head(weights))
+    identity = hashlib.sha256(repr(_key(after)).encode() + config_digest + header_digest)
     sha256 = None
     if whole:
         digest = hashlib.sha256()
@@ -114,19 +115,18 @@ def _read(adapter_id: str, path: Path, max_bytes: int, whole: bool) -> tuple[byt
         digest.update(weights)
         sha256 = digest.hexdigest()
     mtime = max(after[0].st_mtime, after[1].st_mtime)
-    return config, weights, Fingerprint(sha256, len(config) + size, mtime, identity.digest())
+    fingerprint = Fingerprint(sha256, len(config) + size, mtime, identity.digest())
+    return AdapterFiles(config, weights, len(weights) if whole else size, fingerprint, config_digest, header_digest)
 
 
 def read_adapter_files(adapter_id: str, path: Path, max_bytes: int) -> AdapterFiles:
     """Both files' bytes, read once, and their fingerprint."""
-    config, weights, fingerprint = _read(adapter_id, Path(path), max_bytes, whole=True)
-    return AdapterFiles(config, weights, len(weights), fingerprint)
+    return _read(adapter_id, Path(path), max_bytes, whole=True)
 
 
 def read_adapter_head(adapter_id: str, path: Path, max_bytes: int) -> AdapterFiles:
     """The config and the weights file's header (not its tensor data), fingerprinted without a sha256."""
-    config, head, fingerprint = _read(adapter_id, Path(path), max_bytes, whole=False)
-    return AdapterFiles(config, head, fingerprint.size_bytes - len(config), fingerprint)
+    return _read(adapter_id, Path(path), max_bytes, whole=False)
 
 
 def same_source(registered: Fingerprint, read: Fingerprint) -> bool:

@@ -5,7 +5,6 @@ Nothing is published until every check has passed, so an adapter is never half-l
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -172,10 +171,6 @@ def _config_terms(adapter_id: str, config: dict, layout: HeaderLayout) -> Config
     return ConfigTerms(scales, alpha, rslora, config.get("base_model_name_or_path"))
 
 
-def _digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=32).digest()
-
-
 def inspect_adapter(adapter_id: str, path: Path, targets: dict[ModuleKey, TargetShape], max_rank: int,
                     max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES, files: AdapterFiles | None = None,
                     memo: ContentMemo | None = None) -> AdapterPlan:
@@ -185,9 +180,9 @@ def inspect_adapter(adapter_id: str, path: Path, targets: dict[ModuleKey, Target
     path = Path(path)
     files = files or read_adapter_head(adapter_id, path, max_bytes)
     memo = ContentMemo(0) if memo is None else memo
-    # keys: digests of the validated bytes (a header may be megabytes); config first, then the
-    # header, then the two together
-    config_key, head_key = _digest(files.config), (_digest(files.header_bytes), files.weights_size, max_rank)
+    # keys: digests of the validated bytes, taken at the read (a header may be megabytes); config
+    # first, then the header, then the two together
+    config_key, head_key = files.config_digest, (files.header_digest, files.weights_size, max_rank)
     config = memo.get_or_make(("config", config_key), lambda: _checked_config(adapter_id, files.config))
     layout = memo.get_or_make(("layout", head_key), lambda: _header_layout(adapter_id, files, targets, max_rank))
     terms = memo.get_or_make(("terms", config_key, head_key), lambda: _config_terms(adapter_id, config, layout))
