@@ -93,6 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=1, help="torch threads for every system")
+    p.add_argument("--cpu-gemm", default="onednn", choices=["onednn", "torch"],
+                   help="Loraplex's CPU linears: packed for oneDNN, or F.linear (MKL)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--requests", type=int)
     p.add_argument("--adapters", type=int, help="distinct adapters in the comparison workload")
@@ -255,7 +257,8 @@ def run(argv=None) -> dict:
         if args.smoke and args.model is None:
             (workdir / "config.json").write_text(json.dumps(SMOKE_MODEL))
             args.model, args.load_format = str(workdir / "config.json"), "dummy"
-        spec = ModelSpec(args.model, args.load_format or "auto", args.device, args.dtype, args.threads, args.seed)
+        spec = ModelSpec(args.model, args.load_format or "auto", args.device, args.dtype, args.threads, args.seed,
+                         args.cpu_gemm)
         return _run(args, spec, args.adapter_dir or workdir / "adapters")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -318,6 +321,7 @@ def build_results(args, spec: ModelSpec, host: dict, runs: dict[str, RunResult],
             "command": "python benchmarks/offline.py " + shlex.join(args.argv),
             "model_name": model_name(spec), "model": spec.model, "load_format": spec.load_format,
             "device": spec.device, "dtype": spec.dtype, "threads": args.threads, "seed": args.seed,
+            "cpu_gemm": spec.cpu_gemm,
             "requests": args.requests, "adapters": args.adapters, "ranks": args.ranks,
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "batch_size": args.batch_size,
             "max_loras": args.max_loras or args.adapters, "max_cpu_loras": max(args.max_cpu_loras, args.adapters),

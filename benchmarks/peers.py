@@ -138,10 +138,11 @@ class ModelSpec:
     dtype: str = "float32"
     threads: int = 1
     seed: int = 0
+    cpu_gemm: str = "onednn"  # Loraplex's CPU linears (oneDNN-packed or F.linear)
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(model=self.model, load_format=self.load_format, device=self.device,
-                           dtype=self.dtype, threads=self.threads, seed=self.seed)
+                           dtype=self.dtype, threads=self.threads, seed=self.seed, cpu_gemm=self.cpu_gemm)
 
     def load(self) -> LoadedModel:
         """A fresh copy of the base model (the same weights every time: file or seeded dummy)."""

@@ -70,9 +70,9 @@ def make_peft_adapter(base: torch.nn.Module, out: Path, rank: int, alpha: int, t
 
 def engine_config(num_blocks=256, block_size=16, max_loras=4, max_rank=32, max_tokens=512, max_seqs=64,
                   max_cpu_loras=16, max_queued=1024, max_adapter_bytes=2 * 1024 ** 3,
-                  cpu_kernels="auto", max_failed_steps=3, pool_rows=None) -> EngineConfig:
+                  cpu_kernels="auto", max_failed_steps=3, pool_rows=None, cpu_gemm="onednn") -> EngineConfig:
     return EngineConfig(
-        model=ModelConfig(cpu_kernels=cpu_kernels),
+        model=ModelConfig(cpu_kernels=cpu_kernels, cpu_gemm=cpu_gemm),
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_tokens, max_num_seqs=max_seqs,
                                   max_queued_requests=max_queued, max_failed_steps=max_failed_steps),

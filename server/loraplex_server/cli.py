@@ -31,6 +31,8 @@ FLAGS: list[tuple[str, str, str, Callable[[str], Any], str]] = [
                                                                      "(default: --max-num-seqs)"),
     ("--cpu-kernels", "model", "cpu_kernels", str, "auto | off: native CPU kernels (decode attention "
                                                    "read in place; built once with the C++ compiler)"),
+    ("--cpu-gemm", "model", "cpu_gemm", str, "onednn | torch: CPU linears on weights packed once for "
+                                             "oneDNN (default), or F.linear (MKL)"),
     ("--kv-cache-bytes", "cache", "kv_cache_bytes", parse_size, "KV cache budget, e.g. 512MiB or 8G"),
     ("--block-size", "cache", "block_size", int, "tokens per KV block"),
     ("--prefix-caching", "cache", "prefix_caching", parse_switch, "on | off: reuse the KV blocks of prompt "

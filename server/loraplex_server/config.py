@@ -47,12 +47,17 @@ class ModelConfig:
     # native CPU kernels (model/csrc, built once with the system C++ compiler): auto = on a CPU
     # device when they build (else the torch path, with a warning), off = torch only
     cpu_kernels: str = "auto"
+    # CPU linears (with cpu_kernels auto): onednn = weights packed once for oneDNN where the torch
+    # build and CPU support the dtype; torch = F.linear (MKL) (model/packed_linear.py)
+    cpu_gemm: str = "onednn"
 
     def __post_init__(self):
         if self.cuda_graphs not in ("auto", "on", "off"):
             raise ValueError(f"cuda_graphs must be auto, on or off, got {self.cuda_graphs!r}")
         if self.cpu_kernels not in ("auto", "off"):
             raise ValueError(f"cpu_kernels must be auto or off, got {self.cpu_kernels!r}")
+        if self.cpu_gemm not in ("onednn", "torch"):
+            raise ValueError(f"cpu_gemm must be onednn or torch, got {self.cpu_gemm!r}")
         if self.cuda_graph_max_batch is not None and self.cuda_graph_max_batch < 1:
             raise ValueError(f"cuda_graph_max_batch must be >= 1, got {self.cuda_graph_max_batch}")
 

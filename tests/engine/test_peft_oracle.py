@@ -14,6 +14,7 @@ from helpers import ADAPTER_SPECS, engine_config, load_fresh, run_to_completion,
 from loraplex_server.engine.engine import LLMEngine
 from loraplex_server.engine.request import Prompt, SamplingParams
 from loraplex_server.model.loader import LoadedModel
+from loraplex_server.model.packed_linear import PackedLinear, packing_available
 
 NEW_TOKENS = 32
 LOGITS_ATOL = 1e-4
@@ -83,8 +84,22 @@ def assert_rows_match(outputs, reference, rows):
         assert ours == reference[i][0], f"row {i} ({ROW_ADAPTERS[i]}) diverged from PEFT"
 
 
-def test_first_step_logits_match_peft(make_engine, peft_adapters, tokenizer, reference):
-    engine = engine_with_adapters(make_engine, peft_adapters)
+# both CPU GEMM paths: F.linear (MKL, the one PEFT runs) and oneDNN's packed fp32 linears (the
+# default), which sum in another order
+CPU_GEMMS = [pytest.param("torch"), pytest.param("onednn", marks=pytest.mark.skipif(
+    not packing_available(torch.float32), reason="oneDNN linear packing unavailable in this torch build"))]
+
+
+def gemm_engine(make_engine, peft_adapters, cpu_gemm):
+    engine = engine_with_adapters(make_engine, peft_adapters, cpu_gemm=cpu_gemm)
+    packed = sum(isinstance(m, PackedLinear) for m in engine.loaded.model.modules())
+    assert (packed > 0) == (cpu_gemm == "onednn")  # the path under test really runs
+    return engine
+
+
+@pytest.mark.parametrize("cpu_gemm", CPU_GEMMS)
+def test_first_step_logits_match_peft(make_engine, peft_adapters, tokenizer, reference, cpu_gemm):
+    engine = gemm_engine(make_engine, peft_adapters, cpu_gemm)
     submit(engine, tokenizer, range(len(PROMPTS)))
     batch = engine.scheduler.schedule()
     slots = engine.lora.activate(batch.adapter_keys, engine.scheduler.running_adapter_keys())
@@ -99,8 +114,9 @@ def test_first_step_logits_match_peft(make_engine, peft_adapters, tokenizer, ref
             assert (reference[i][1] - reference[i][2]).abs().max().item() > 100 * LOGITS_ATOL
 
 
-def test_mixed_batch_greedy_equals_peft_alone(make_engine, peft_adapters, tokenizer, reference):
-    engine = engine_with_adapters(make_engine, peft_adapters)
+@pytest.mark.parametrize("cpu_gemm", CPU_GEMMS)
+def test_mixed_batch_greedy_equals_peft_alone(make_engine, peft_adapters, tokenizer, reference, cpu_gemm):
+    engine = gemm_engine(make_engine, peft_adapters, cpu_gemm)
     submit(engine, tokenizer, range(len(PROMPTS)))
     outputs = run_to_completion(engine)
     assert_rows_match(outputs, reference, range(len(PROMPTS)))

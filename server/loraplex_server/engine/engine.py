@@ -93,7 +93,7 @@ class LLMEngine:
             self.runner.use_native_kernels(native)
             if native is not None:  # merges q/k/v and gate/up: before packing, after LoRA injection
                 log.info("fused native norms and activations in %d modules", install_fused_ops(model, native))
-            log.info("packed %d bf16 linear layers for oneDNN", pack_linears(model))
+            log.info("CPU linears (cpu_gemm=%s): %s", config.model.cpu_gemm, pack_linears(model, config.model.cpu_gemm))
             reuse_logits_memory(model)  # after packing: a packed head allocates its own output
         self.inputs = InputProcessor(self.loaded.tokenizer, model.config.vocab_size, model_len,
                                      self.blocks.capacity_tokens)
