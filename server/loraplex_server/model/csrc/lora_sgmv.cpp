@@ -22,6 +22,12 @@
 namespace {
 
 constexpr int64_t TILE = 4;
+// The AVX2 expand reads r rows of Bt side by side, 8 columns at a time: r strided streams, more
+// than the hardware prefetcher follows. Asking for each row's line PREFETCH_AHEAD columns ahead
+// (two 64-byte lines of fp32) made a decode-sized call (57 tokens, 16 slots of rank 8/16/32,
+// 576 -> 1536, weights from DRAM) 25% faster on an AVX2 AMD EPYC (median 469 -> 342 us, 32 ahead
+// beating 16-512); results bit-equal. The AVX-512 tile is unmeasured with it and goes without.
+constexpr int64_t PREFETCH_AHEAD = 32;  // elements
 
 struct Problem {
     int64_t x_stride, y_stride, in, out;
@@ -103,7 +109,9 @@ void tile_avx2(const Problem &p, const XT *x, XT *y, const WT *a, const WT *bt, 
     for (int64_t c = 0; c < out; c += 8) {
         __m256 acc[TILE];
         for (int64_t t = 0; t < TILE; t++) acc[t] = t < n ? load8(y + (t0 + t) * p.y_stride + c) : _mm256_setzero_ps();
+        const bool prefetch = c % 16 == 0 && c + PREFETCH_AHEAD < out;
         for (int64_t j = 0; j < r; j++) {
+            if (prefetch) _mm_prefetch(reinterpret_cast<const char *>(bt + j * out + c + PREFETCH_AHEAD), _MM_HINT_T0);
             const __m256 bv = load8(bt + j * out + c);
             for (int64_t t = 0; t < TILE; t++) acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(h[t * r + j]), bv, acc[t]);
         }
