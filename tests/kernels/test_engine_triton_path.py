@@ -56,27 +56,32 @@ def test_engine_installs_what_the_selection_gives_for_its_device(make_engine, de
 
 
 def test_triton_path_generates_what_the_torch_path_generates(make_engine, device, monkeypatch):
+    """Through the engine with the Triton backend itself and the Triton attention, each asked for
+    with the engine's device: the generation equals the torch functions', and the projections
+    sharing an input share one shrink (per layer one for q/k/v, one for gate/up, one each for o and
+    down: 4 shrinks against 7 expands)."""
     force_selection(monkeypatch, ops.lora_apply, attention.paged_attention)
     expected = generate_mixed(make_engine())
 
-    calls = {"lora": 0, "attention": 0}
-    backend = triton_ops.TritonLoraBackend()
-
-    def counted_apply(*args):
-        calls["lora"] += 1
-        backend(*args)
+    counts = {"shrink": 0, "expand": 0, "attention": 0}
+    for name in ("shrink", "expand"):
+        launch = getattr(triton_ops, f"lora_{name}")
+        monkeypatch.setattr(triton_ops, f"lora_{name}",
+                            lambda *a, name=name, launch=launch, **k: (counts.__setitem__(name, counts[name] + 1),
+                                                                      launch(*a, **k))[1])
 
     def counted_attend(*args, **kwargs):
-        calls["attention"] += 1
+        counts["attention"] += 1
         return triton_attention.triton_paged_attention(*args, **kwargs)
 
-    asked = force_selection(monkeypatch, counted_apply, counted_attend)
+    backend = triton_ops.TritonLoraBackend()
+    asked = force_selection(monkeypatch, backend, counted_attend)
     engine = make_engine()
     assert [d.type for d in asked] == [device.type] * 2  # attention, then LoRA: each asked with the engine's device
-    assert engine.lora.state.apply is counted_apply and attention_of(engine) is counted_attend
-    got = generate_mixed(engine)
-    assert calls["lora"] > 0 and calls["attention"] > 0
-    assert_same_generation(got, expected)
+    assert engine.lora.state.apply is backend and attention_of(engine) is counted_attend
+    assert_same_generation(generate_mixed(engine), expected)
+    assert counts["attention"] > 0 and counts["expand"] > 0
+    assert counts["shrink"] * 7 == counts["expand"] * 4
 
 
 def test_captured_decode_steps_generate_what_packed_steps_generate(make_engine, device, monkeypatch):
@@ -97,23 +102,6 @@ def test_captured_decode_steps_generate_what_packed_steps_generate(make_engine, 
     graphs.run = lambda batch: (runs.append(len(batch)), run(batch))[1]
     assert_same_generation(generate_mixed(engine, requests), expected)
     assert 3 in runs
-
-
-def test_projections_sharing_an_input_share_one_shrink(make_engine, device, monkeypatch):
-    """Through the engine with the Triton backend itself (it has shrink/expand): per layer one
-    shrink for q/k/v, one for gate/up, one each for o and down (4), against 7 expands; the
-    generation equals the torch functions'."""
-    force_selection(monkeypatch, ops.lora_apply, attention.paged_attention)
-    expected = generate_mixed(make_engine())
-    counts = {"shrink": 0, "expand": 0}
-    for name in counts:
-        launch = getattr(triton_ops, f"lora_{name}")
-        monkeypatch.setattr(triton_ops, f"lora_{name}",
-                            lambda *a, name=name, launch=launch, **k: (counts.__setitem__(name, counts[name] + 1),
-                                                                      launch(*a, **k))[1])
-    force_selection(monkeypatch, triton_ops.TritonLoraBackend(), triton_attention.triton_paged_attention)
-    assert_same_generation(generate_mixed(make_engine()), expected)
-    assert counts["expand"] > 0 and counts["shrink"] * 7 == counts["expand"] * 4
 
 
 def test_prefix_cache_hits_on_the_triton_path_generate_what_a_cold_cache_generates(make_engine, device, monkeypatch):
