@@ -48,3 +48,17 @@ def test_lora_pool_rows_defaults_to_todays_memory_and_is_wired_like_the_other_lo
     assert load_config(flag_values(args), toml, env).engine.lora.lora_pool_rows == 300  # the flag beats both
     with pytest.raises(ValueError, match="at least 1"):
         _ = LoraConfig(lora_pool_rows=0).resolved_pool_rows
+
+
+def test_cpu_gemm_defaults_to_onednn_is_wired_and_refuses_other_values():
+    from loraplex_server.cli import build_parser, flag_values
+    from loraplex_server.config import ModelConfig, load_config
+
+    assert ModelConfig().cpu_gemm == "onednn"
+    assert engine_config_from_env({"LORAPLEX_CPU_GEMM": "torch"}).model.cpu_gemm == "torch"
+    args = build_parser().parse_args(["--cpu-gemm", "torch"])
+    assert load_config(flag_values(args), None, {}).engine.model.cpu_gemm == "torch"
+    with pytest.raises(ValueError, match="cpu_gemm must be onednn or torch"):
+        ModelConfig(cpu_gemm="mkl")
+    with pytest.raises(ValueError, match="cpu_gemm"):
+        engine_config_from_env({"LORAPLEX_CPU_GEMM": "auto"})
