@@ -4,7 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from loraplex_server.model import logits_head
 from loraplex_server.model.logits_head import ReusedLogitsHead, reuse_logits_memory
+from loraplex_server.model.packed_linear import PackedLinear, packing_available
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -68,3 +70,41 @@ def test_outside_inference_mode_it_is_the_plain_head():
         x = torch.randn(3, 8)
         y = head(x)
     assert torch.equal(y, plain(x).detach()) and y.data_ptr() != head._buffer.data_ptr()
+
+
+@pytest.mark.skipif(not packing_available(torch.float32), reason="oneDNN linear packing unavailable")
+def test_a_packed_head_returns_small_logits_fresh_and_writes_large_ones_into_the_buffer_in_chunks(monkeypatch):
+    """Below CHUNK_BYTES the packed head's own output (heap-served) is returned; above it, rows go
+    through the buffer in chunks of at most CHUNK_BYTES, and every row equals the packed head's."""
+    torch.manual_seed(0)
+    packed = PackedLinear(nn.Linear(64, 1000, bias=False))
+    head = ReusedLogitsHead(packed)
+    monkeypatch.setattr(logits_head, "CHUNK_BYTES", 7 * 1000 * 4)  # 7 rows of fp32 logits
+    chunk_rows = []
+    forward = packed.forward
+    monkeypatch.setattr(packed, "forward", lambda x: (chunk_rows.append(x.shape[:-1].numel()), forward(x))[1])
+    with torch.inference_mode():
+        small = torch.randn(1, 7, 64)
+        out = head(small)
+        assert head._buffer is None and chunk_rows == [7]  # one call, its own output
+        torch.testing.assert_close(out, forward(small), rtol=0, atol=0)
+        chunk_rows.clear()
+        big = torch.randn(1, 17, 64)
+        out = head(big)
+        assert chunk_rows == [7, 7, 3] and out.data_ptr() == head._buffer.data_ptr()
+        assert out.shape == (1, 17, 1000)
+        for start in (0, 7, 14):  # each chunk as the packed head computes those rows alone
+            rows = big[:, start:start + 7]
+            assert torch.equal(out[:, start:start + 7], forward(rows.reshape(-1, 64)).view(1, -1, 1000))
+    with pytest.raises(AttributeError):
+        _ = head.weight  # only the packed weight exists
+
+
+@pytest.mark.skipif(not packing_available(torch.float32), reason="oneDNN linear packing unavailable")
+def test_reuse_logits_memory_wraps_a_packed_head():
+    model = nn.Module()
+    model.lm_head = PackedLinear(nn.Linear(8, 50, bias=False))
+    model.get_output_embeddings = lambda: model.lm_head
+    model.set_output_embeddings = lambda head: setattr(model, "lm_head", head)
+    assert reuse_logits_memory(model) and isinstance(model.lm_head, ReusedLogitsHead)
+    assert isinstance(model.lm_head.head, PackedLinear)

@@ -94,7 +94,7 @@ class LLMEngine:
             if native is not None:  # merges q/k/v and gate/up: before packing, after LoRA injection
                 log.info("fused native norms and activations in %d modules", install_fused_ops(model, native))
             log.info("CPU linears (cpu_gemm=%s): %s", config.model.cpu_gemm, pack_linears(model, config.model.cpu_gemm))
-            reuse_logits_memory(model)  # after packing: a packed head allocates its own output
+            reuse_logits_memory(model)  # after packing: wraps the packed head too
         self.inputs = InputProcessor(self.loaded.tokenizer, model.config.vocab_size, model_len,
                                      self.blocks.capacity_tokens)
         self.outputs = OutputProcessor(self.loaded.tokenizer, eos_token_ids(self.loaded),
