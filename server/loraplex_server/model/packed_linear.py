@@ -1,5 +1,5 @@
-"""Linear layers whose weights are reordered once into oneDNN's blocked layout (CPU), and the
-choice, per weight shape, between that and ``F.linear`` (``[model] cpu_gemm``).
+"""Linear layers whose weights are reordered once into oneDNN's blocked layout (CPU), where
+``[model] cpu_gemm`` asks for it, in place of ``F.linear``.
 
 - bf16: ``F.linear`` repacks the weight for the AMX / avx512_bf16 kernels on every call; packing
   once at start and calling oneDNN's linear on the packed weight (what inductor does for a frozen
@@ -43,14 +43,6 @@ def packing_available(dtype: torch.dtype = torch.bfloat16) -> bool:
         ops._is_mkldnn_bf16_supported())
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
-
-
-def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
 class PackedLinear(nn.Module):
     """``y = x @ W^T + b`` over a weight packed once; drop-in for an ``nn.Linear`` at inference."""
 
@@ -60,11 +52,12 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("packed_weight", _pack(linear.weight.detach()), persistent=False)
+        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None),
+                             persistent=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _packed_linear(x, self.packed_weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
 
 @dataclass(frozen=True)
@@ -89,12 +82,14 @@ def pack_linears(model: nn.Module, cpu_gemm: str = "onednn") -> PackingReport:
     targets = [(name, m) for name, m in model.named_modules()
                if type(m) is nn.Linear and m.weight.device.type == "cpu"
                and m.weight.dtype in (torch.float32, torch.bfloat16)]
-    for dtype in {m.weight.dtype for _, m in targets}:
-        if cpu_gemm == "onednn" and not packing_available(dtype):
+    dtypes = {m.weight.dtype for _, m in targets}
+    packable = {dtype: cpu_gemm == "onednn" and packing_available(dtype) for dtype in dtypes}
+    for dtype, pack in packable.items():
+        if cpu_gemm == "onednn" and not pack:
             log.warning("oneDNN %s linear packing unavailable (torch build or CPU): those linears stay on F.linear",
                         dtype)
     for name, module in targets:
-        pack = cpu_gemm == "onednn" and packing_available(module.weight.dtype)
+        pack = packable[module.weight.dtype]
         counts = packed if pack else kept
         dtype_name = str(module.weight.dtype).removeprefix("torch.")
         counts[dtype_name] = counts.get(dtype_name, 0) + 1
