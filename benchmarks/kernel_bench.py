@@ -52,18 +52,20 @@ def peak_gbs(name: str, override: float | None) -> float | None:
 
 
 def lora_case(hidden: int, rank: int, adapters: int, tokens: int, dtype, device):
-    """Every adapter at ``rank``, side by side in row pools, tokens split evenly over them (decode:
-    one token per adapter run)."""
+    """Every adapter at ``rank``, side by side in flat A / Bt buffers (slot i's A at element
+    ``i * rank * hidden``, its Bt likewise), tokens split evenly over them (decode: one token per
+    adapter run)."""
     g = torch.Generator().manual_seed(0)
-    a = (torch.randn(adapters * rank, hidden, generator=g) / hidden ** 0.5).to(device, dtype)
-    bt = (torch.randn(adapters * rank, hidden, generator=g) * 0.01).to(device, dtype)
+    a = (torch.randn(adapters * rank * hidden, generator=g) / hidden ** 0.5).to(device, dtype)
+    bt = (torch.randn(adapters * rank * hidden, generator=g) * 0.01).to(device, dtype)
     runs = [(i % adapters, tokens // adapters + (i < tokens % adapters)) for i in range(min(adapters, tokens))]
     mapping = LoraMapping.from_runs(runs, device)
     x = torch.randn(tokens, hidden, generator=g).to(device, dtype)
     y = torch.randn(tokens, hidden, generator=g).to(device, dtype)
     ranks = torch.full((adapters,), rank, dtype=torch.int32, device=device)
-    offsets = torch.arange(adapters, dtype=torch.int32, device=device) * rank
-    return y, x, a, bt, ranks, offsets, mapping
+    a_offsets = torch.arange(adapters, dtype=torch.int32, device=device) * (rank * hidden)
+    b_offsets = a_offsets.clone()  # out = in = hidden here; a table of its own, as a layer keeps
+    return y, x, a, bt, ranks, a_offsets, b_offsets, mapping
 
 
 def moved_bytes(hidden, rank, tokens, active, elt) -> tuple[int, int]:
@@ -82,14 +84,15 @@ def bench_kernels(dtype, peak: float | None) -> None:
         for rank in RANKS:
             for adapters in ADAPTERS:
                 for tokens in TOKENS:
-                    y, x, a, bt, ranks, offs, mapping = lora_case(hidden, rank, adapters, tokens, dtype, "cuda")
+                    y, x, a, bt, ranks, a_offs, b_offs, mapping = lora_case(hidden, rank, adapters, tokens, dtype,
+                                                                            "cuda")
                     seg = triton_ops.SegmentTensors.from_segments(mapping.segments, "cuda")
                     layout = triton_ops.choose_layout(seg)
                     slots = mapping.token_slots
-                    h = triton_ops.lora_shrink(x, a, ranks, offs, rank, slots, seg, layout)
-                    t_s = do_bench(functools.partial(triton_ops.lora_shrink, x, a, ranks, offs, rank, slots, seg,
+                    h = triton_ops.lora_shrink(x, a, ranks, a_offs, rank, slots, seg, layout)
+                    t_s = do_bench(functools.partial(triton_ops.lora_shrink, x, a, ranks, a_offs, rank, slots, seg,
                                                      layout)) * 1e3
-                    t_e = do_bench(functools.partial(triton_ops.lora_expand, y, h, bt, ranks, offs, slots, seg,
+                    t_e = do_bench(functools.partial(triton_ops.lora_expand, y, h, bt, ranks, b_offs, slots, seg,
                                                      layout)) * 1e3
                     b_s, b_e = moved_bytes(hidden, rank, tokens, len(mapping.active_slots), x.element_size())
                     cells = []
@@ -184,13 +187,13 @@ def bench_decode(presets: list[str], batches: list[int], dtype_name: str, steps:
 
 def cpu_smoke() -> None:
     """Correctness only: one LoRA batch per layout against the loop, under the interpreter."""
-    y, x, a, bt, ranks, offsets, mapping = lora_case(576, 8, 3, 17, torch.float32, "cpu")
+    y, x, a, bt, ranks, a_offsets, b_offsets, mapping = lora_case(576, 8, 3, 17, torch.float32, "cpu")
     ref = y.clone()
-    lora_apply_reference(ref, x, a, bt, ranks.tolist(), offsets.tolist(), mapping.token_slots)
+    lora_apply_reference(ref, x, a, bt, ranks.tolist(), a_offsets.tolist(), b_offsets.tolist(), mapping.token_slots)
     seg = triton_ops.SegmentTensors.from_segments(mapping.segments, "cpu")
     for layout in ("segment", "gather"):
         out = y.clone()
-        triton_ops.triton_lora_apply(out, x, a, bt, ranks, offsets, 8, mapping.token_slots, seg, layout)
+        triton_ops.triton_lora_apply(out, x, a, bt, ranks, a_offsets, b_offsets, 8, mapping.token_slots, seg, layout)
         print(f"cpu smoke ({layout}, Triton interpreter): max |diff| vs loop = {(out - ref).abs().max():.2e}")
     print("kernel_bench needs CUDA for bandwidth and step-time numbers; this was a correctness smoke only.")
 

@@ -107,7 +107,8 @@ def test_64_adapters_of_ranks_1_to_64_in_one_step_match_peft_logits(two_layer_mo
                                                                      peft_reference):
     engine = pool_engine(two_layer_model, tokenizer, pool_adapters, **ONE_STEP)
     layer = next(iter(engine.lora.layers.values()))
-    assert layer.lora_a.shape[0] == POOL_ROWS < NUM_ADAPTERS * 64  # rows, not max_loras * max_rank
+    assert layer.pool_rows == POOL_ROWS < NUM_ADAPTERS * 64  # rows, not max_loras * max_rank
+    assert layer.lora_a.numel() == POOL_ROWS * layer.in_features
     submit(engine, range(NUM_ADAPTERS))
     batch = engine.scheduler.schedule()
     assert len(batch.scheduled) == NUM_ADAPTERS and len(batch.adapter_keys) == NUM_ADAPTERS

@@ -1,10 +1,9 @@
-"""Shared helpers for the kernel tests: the grid switch, tolerances and random batches."""
+"""Shared helpers for the kernel tests: the grid switch, tolerances, random batches, the flat
+weight buffers the kernels read (two placements of the slots in them) and the plain loop oracle."""
 
 import itertools
 
 import torch
-
-from loraplex_server.lora.ops import lora_apply_reference
 
 ON_GPU = torch.cuda.is_available()
 
@@ -17,6 +16,11 @@ TOLERANCES = {
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RANK_CHOICES = (4, 8, 16, 64)
+# How slots sit in the flat buffers: "rows", the row pool of before in element offsets (a_off = row
+# * in, b_off = row * out, one row table for every projection, a buffer per projection); "arena",
+# one buffer per side shared by every projection, each (slot, projection) block packed at an
+# unaligned element offset, A and Bt in unrelated orders.
+PLACEMENTS = ("rows", "arena")
 
 
 def grid(full: list[tuple], cpu: list[tuple]) -> list[tuple]:
@@ -49,7 +53,7 @@ def slot_ranks(num_slots: int, max_rank: int) -> torch.Tensor:
 
 def lora_stacks(num_slots: int, max_rank: int, fan_in: int, fan_out: int, ranks: torch.Tensor,
                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A [S, R, in] and Bt [S, R, out] in fp32, zero past each slot's rank (the buffers' contract)."""
+    """A [S, R, in] and Bt [S, R, out] in fp32, zero past each slot's rank."""
     a = torch.randn(num_slots, max_rank, fan_in, generator=gen) / fan_in ** 0.5
     bt = torch.randn(num_slots, max_rank, fan_out, generator=gen) / max_rank ** 0.5
     for s, r in enumerate(ranks.tolist()):
@@ -58,40 +62,73 @@ def lora_stacks(num_slots: int, max_rank: int, fan_in: int, fan_out: int, ranks:
     return a, bt
 
 
-def pool_layout(ranks: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, int]:
-    """Row offsets [S] int32 of slots in a row pool and its size: each slot holds an extent of its
-    largest rank over the projections (``ranks`` [S] or [S, P]; at least one row), in a shuffled
-    slot order with one free row before each extent (so neither slot order nor adjacency is assumed)."""
-    extents = ranks.reshape(ranks.shape[0], -1).amax(dim=1).clamp(min=1).tolist()
+def pool_rows(ranks: torch.Tensor, seed: int = 0) -> tuple[list[int], int]:
+    """Row offsets of slots in a row pool and its size: each slot holds an extent of its largest
+    rank over the projections (``ranks`` [S, P]; at least one row), in a shuffled slot order with
+    one free row before each extent (so neither slot order nor adjacency is assumed)."""
+    extents = ranks.amax(dim=1).clamp(min=1).tolist()
     order = torch.randperm(len(extents), generator=torch.Generator().manual_seed(seed)).tolist()
-    offsets, top = [0] * len(extents), 0
+    rows, top = [0] * len(extents), 0
     for s in order:
-        offsets[s] = top + 1
+        rows[s] = top + 1
         top += 1 + extents[s]
-    return torch.tensor(offsets, dtype=torch.int32), top + 1
+    return rows, top + 1
 
 
-def to_pool(stack: torch.Tensor, ranks: torch.Tensor, offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """A [S, R, cols] stack's true-rank rows moved into a [num_rows, cols] pool at ``offsets``;
-    every other row (free rows, rows past a slot's rank for this projection) is NaN, so a kernel
-    that reads a row it does not own returns NaN."""
-    pool = torch.full((num_rows, stack.shape[2]), float("nan"), dtype=stack.dtype)
-    for s, (o, r) in enumerate(zip(offsets.tolist(), ranks.tolist())):
-        pool[o:o + r] = stack[s, :r]
-    return pool
+def pack(blocks: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """Blocks ([r, cols] each, keyed) flattened into one 1-D buffer back to back in a shuffled
+    order, each after a gap of 1-7 elements (so offsets are unaligned); NaN in every gap. Returns
+    the buffer and each key's element offset (an empty block gets a gap's offset: never read)."""
+    keys = list(blocks)
+    order = torch.randperm(len(keys), generator=gen).tolist()
+    parts, offsets, top = [], {}, 0
+    for i in order:
+        gap = 1 + int(torch.randint(0, 7, (), generator=gen))
+        block = blocks[keys[i]].reshape(-1)
+        parts += [torch.full((gap,), float("nan")), block]
+        offsets[keys[i]] = top + gap if block.numel() else top
+        top += gap + block.numel()
+    parts.append(torch.full((3,), float("nan")))
+    return torch.cat(parts), offsets
+
+
+def flat_buffers(a_list, bt_list, ranks, placement: str, device, dtype=torch.float32, seed: int = 0):
+    """Each projection's A [S, R, in] / Bt [S, R, out_p] stacks at their true ranks (``ranks``
+    [S, P]) in flat buffers, NaN in every element no (slot, projection) owns, so a kernel that
+    reads another block, a gap or past a rank returns NaN or a wrong sum. Returns, on ``device``,
+    the A buffers, Bt buffers (P each: separate tensors, or P times the one arena, in ``dtype``)
+    and the [S, P] int32 element offsets of A and Bt."""
+    num_slots, num_proj = ranks.shape
+    if placement == "rows":
+        rows, num_rows = pool_rows(ranks, seed)
+        sides = []
+        for stacks in (a_list, bt_list):
+            bufs = []
+            for p, st in enumerate(stacks):
+                buf = torch.full((num_rows, st.shape[2]), float("nan"))
+                for s, r in enumerate(ranks[:, p].tolist()):
+                    buf[rows[s]:rows[s] + r] = st[s, :r]
+                bufs.append(buf.reshape(-1).to(device, dtype))
+            offs = torch.tensor([[rows[s] * st.shape[2] for st in stacks] for s in range(num_slots)])
+            sides.append((bufs, offs))
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        sides = []
+        for stacks in (a_list, bt_list):
+            keys = [(s, p) for s in range(num_slots) for p in range(num_proj)]
+            buf, where = pack({(s, p): stacks[p][s, :int(ranks[s, p])] for s, p in keys}, gen)
+            offs = torch.tensor([[where[s, p] for p in range(num_proj)] for s in range(num_slots)])
+            sides.append(([buf.to(device, dtype)] * num_proj, offs))
+    (a_bufs, a_off), (bt_bufs, b_off) = sides
+    return a_bufs, bt_bufs, a_off.to(device, torch.int32), b_off.to(device, torch.int32)
 
 
 def stack_reference(y, x, a, bt, ranks, token_slots) -> None:
-    """``lora_apply_reference`` on [S, R, cols] stacks: slot s is rows s*R.. of the flattened pool."""
-    num_slots, max_rank = a.shape[:2]
-    lora_apply_reference(y, x, a.reshape(num_slots * max_rank, -1), bt.reshape(num_slots * max_rank, -1),
-                         [int(r) for r in ranks], [s * max_rank for s in range(num_slots)], token_slots)
+    """The oracle, a plain loop on [S, R, cols] stacks (no buffers, no offsets), in place:
 
-
-def poison_padding(stack: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
-    """A copy with NaN past each slot's rank: a kernel that reads padding returns NaN."""
-    out = stack.clone()
-    for s, r in enumerate(ranks.tolist()):
-        out[s, r:] = float("nan")
-    return out
-
+        for t with s = token_slots[t] >= 0:  r = ranks[s];  y[t] += (a[s, :r] @ x[t]) @ bt[s, :r]
+    """
+    for t, s in enumerate(token_slots.tolist()):
+        if s >= 0:
+            r = int(ranks[s])
+            y[t] += (a[s, :r] @ x[t]) @ bt[s, :r]

@@ -88,7 +88,7 @@ def test_captured_decode_steps_generate_what_packed_steps_generate(make_engine, 
     """``cuda_graphs=on`` with the Triton kernels generates what the torch functions generate
     without graphs: real CUDA graph captures and replays on a GPU, the same static padded step
     run eagerly under the interpreter. The adapters are added after
-    the steps were built, so the LoRA graphs read pool rows, ranks and row offsets (``SlotTable.table``)
+    the steps were built, so the LoRA graphs read weight buffers, ranks and offsets (``SlotTable.table``)
     written after capture; three sequences replay the size-4 step (one padding row)."""
     requests = [("a0", 13), (None, 5), ("a1", 9)]
     force_selection(monkeypatch, ops.lora_apply, attention.paged_attention)

@@ -1,10 +1,11 @@
-"""Triton LoRA shrink/expand (segment and gather layouts) against ``lora_apply_reference``."""
+"""Triton LoRA shrink/expand (segment and gather layouts) against the plain loop in
+``kernel_cases.stack_reference``, over flat A / Bt buffers addressed by element offsets."""
 
 import pytest
 import torch
 import triton  # noqa: F401  (required: CI installs it; this file fails without it)
-from kernel_cases import (DTYPES, ON_GPU, TOLERANCES, grid, lora_stacks, pool_layout, product, random_runs,
-                          slot_ranks, stack_reference, to_pool)
+from kernel_cases import (DTYPES, ON_GPU, PLACEMENTS, TOLERANCES, flat_buffers, grid, lora_stacks, product,
+                          random_runs, slot_ranks, stack_reference)
 
 from loraplex_server.lora import triton_ops
 from loraplex_server.lora.layers import SlotTable
@@ -13,11 +14,11 @@ from loraplex_server.lora.mapping import LoraMapping
 HIDDEN, RANKS, ADAPTERS, TOKENS = (576, 4096, 5120), (4, 8, 16, 64), (1, 7, 32), (1, 17, 256)
 # CPU: every value of every axis at least once, big hidden sizes with few tokens (interpreter speed).
 CPU_CASES = [
-    (576, 4, 1, 17, "fp32"), (576, 8, 7, 256, "bf16"), (576, 64, 32, 17, "fp16"), (576, 16, 32, 256, "fp32"),
-    (576, 64, 7, 1, "bf16"), (4096, 16, 7, 17, "bf16"), (4096, 8, 1, 1, "fp16"), (5120, 4, 32, 17, "fp32"),
-    (5120, 16, 1, 256, "fp16"),
+    (576, 4, 1, 17, "fp32", "arena"), (576, 8, 7, 256, "bf16", "rows"), (576, 64, 32, 17, "fp16", "arena"),
+    (576, 16, 32, 256, "fp32", "rows"), (576, 64, 7, 1, "bf16", "arena"), (4096, 16, 7, 17, "bf16", "rows"),
+    (4096, 8, 1, 1, "fp16", "arena"), (5120, 4, 32, 17, "fp32", "arena"), (5120, 16, 1, 256, "fp16", "rows"),
 ]
-CASES = grid(product(HIDDEN, RANKS, ADAPTERS, TOKENS, DTYPES), CPU_CASES)
+CASES = grid(product(HIDDEN, RANKS, ADAPTERS, TOKENS, DTYPES, PLACEMENTS), CPU_CASES)
 
 
 def make_batch(hidden, max_rank, num_adapters, num_tokens, device, seed=0, fan_out=None):
@@ -39,12 +40,11 @@ def expected(y, x, a, bt, ranks, mapping, dtype):
     return f64[0]
 
 
-def pools(a, bt, ranks, device, dtype=torch.float32, seed=0):
-    """Row pools of the stacks (shuffled slot order, NaN in every row no slot owns) on the device,
-    with their offsets."""
-    offsets, num_rows = pool_layout(ranks, seed)
-    a_pool, bt_pool = (to_pool(t, ranks, offsets, num_rows).to(device, dtype) for t in (a, bt))
-    return a_pool, bt_pool, offsets.to(device)
+def buffers(a, bt, ranks, device, placement="arena", dtype=torch.float32, seed=0):
+    """One module's flat A and Bt buffers on the device (NaN in every element no slot owns) and its
+    [S] element offsets into each."""
+    a_bufs, bt_bufs, a_off, b_off = flat_buffers([a], [bt], ranks[:, None], placement, device, dtype, seed)
+    return a_bufs[0], bt_bufs[0], a_off[:, 0], b_off[:, 0]
 
 
 def assert_matches(out, ref, y, mapping, dtype):
@@ -54,42 +54,43 @@ def assert_matches(out, ref, y, mapping, dtype):
     assert torch.equal(out.cpu()[base], y.to(dtype)[base]), "rows without an adapter must stay bit-identical"
 
 
-def run_apply(y, x, a, bt, ranks, mapping, dtype, device, layout, split_k=None):
-    """Kernels on the given dtype over row pools with NaN in every row no slot owns (never read)."""
+def run_apply(y, x, a, bt, ranks, mapping, dtype, device, layout, placement, split_k=None):
+    """Kernels on the given dtype over flat buffers with NaN in every element no slot owns."""
     yk = y.to(device, dtype).clone()
-    ak, bk, offsets = pools(a, bt, ranks, device, dtype)
+    ak, bk, a_off, b_off = buffers(a, bt, ranks, device, placement, dtype)
     segments = triton_ops.SegmentTensors.from_segments(mapping.segments, device)
     rk = ranks.to(device)
-    h = triton_ops.lora_shrink(x.to(device, dtype), ak, rk, offsets, a.shape[1], mapping.token_slots, segments, layout,
+    h = triton_ops.lora_shrink(x.to(device, dtype), ak, rk, a_off, a.shape[1], mapping.token_slots, segments, layout,
                                split_k=split_k)
-    triton_ops.lora_expand(yk, h, bk, rk, offsets, mapping.token_slots, segments, layout)
+    triton_ops.lora_expand(yk, h, bk, rk, b_off[:, None], mapping.token_slots, segments, layout)  # [S, 1] too
     return yk
 
 
 @pytest.mark.parametrize("layout", ["segment", "gather"])
-@pytest.mark.parametrize("hidden,max_rank,num_adapters,num_tokens,dtype", CASES)
-def test_shrink_expand_match_reference(hidden, max_rank, num_adapters, num_tokens, dtype, layout, device):
+@pytest.mark.parametrize("hidden,max_rank,num_adapters,num_tokens,dtype,placement", CASES)
+def test_shrink_expand_match_reference(hidden, max_rank, num_adapters, num_tokens, dtype, placement, layout,
+                                       device):
     dtype = DTYPES[dtype]
     y, x, a, bt, ranks, mapping = make_batch(hidden, max_rank, num_adapters, num_tokens, device)
-    out = run_apply(y, x, a, bt, ranks, mapping, dtype, device, layout)
+    out = run_apply(y, x, a, bt, ranks, mapping, dtype, device, layout, placement)
     assert_matches(out, expected(y, x, a, bt, ranks, mapping, dtype), y, mapping, dtype)
 
 
 @pytest.mark.parametrize("layout", ["segment", "gather"])
-@pytest.mark.parametrize("split_k,dtype", [(2, "fp32"), (3, "bf16"), (5, "fp16")])
-def test_split_k_matches_reference(split_k, dtype, layout, device):
+@pytest.mark.parametrize("split_k,dtype,placement", [(2, "fp32", "rows"), (3, "bf16", "arena"), (5, "fp16", "arena")])
+def test_split_k_matches_reference(split_k, dtype, placement, layout, device):
     dtype = DTYPES[dtype]
     y, x, a, bt, ranks, mapping = make_batch(576, 16, 7, 17, device, seed=1)
-    out = run_apply(y, x, a, bt, ranks, mapping, dtype, device, layout, split_k=split_k)
+    out = run_apply(y, x, a, bt, ranks, mapping, dtype, device, layout, placement, split_k=split_k)
     assert_matches(out, expected(y, x, a, bt, ranks, mapping, dtype), y, mapping, dtype)
 
 
 def test_shrink_into_input_dtype_buffer(device):
     y, x, a, bt, ranks, mapping = make_batch(576, 8, 7, 17, device, seed=2)
     segments = triton_ops.SegmentTensors.from_segments(mapping.segments, device)
-    ak, _, offsets = pools(a, bt, ranks, device, torch.float16)
+    ak, _, a_off, _ = buffers(a, bt, ranks, device, dtype=torch.float16)
     for layout in ("segment", "gather"):
-        h = triton_ops.lora_shrink(x.to(device, torch.float16), ak, ranks, offsets, 8, mapping.token_slots,
+        h = triton_ops.lora_shrink(x.to(device, torch.float16), ak, ranks, a_off, 8, mapping.token_slots,
                                    segments, layout, out_dtype=torch.float16)  # [T, R]
         assert h.dtype == torch.float16 and h.shape == (17, 8)
         for t, s in enumerate(mapping.token_slots.tolist()):  # only these cells are defined
@@ -97,61 +98,80 @@ def test_shrink_into_input_dtype_buffer(device):
                 r = int(ranks[s])
                 torch.testing.assert_close(h[t, :r].float().cpu(), a[s, :r] @ x[t], atol=1e-2, rtol=1e-2)
     with pytest.raises(ValueError, match="split-K"):
-        triton_ops.lora_shrink(x.to(device), ak.float(), ranks, offsets, 8, mapping.token_slots, segments, "gather",
+        triton_ops.lora_shrink(x.to(device), ak.float(), ranks, a_off, 8, mapping.token_slots, segments, "gather",
                                out_dtype=torch.float16, split_k=2)
 
 
 @pytest.mark.parametrize("num_tokens,num_adapters", [(1, 1), (17, 7), (256, 32)] if ON_GPU else [(17, 7), (64, 3)])
 def test_backend_is_a_drop_in_for_lora_apply(num_tokens, num_adapters, device):
-    """The ``lora_apply`` signature and buffers: list ranks and offsets, a ``LoraMapping``, row
-    pools; the layout is chosen per step."""
+    """The ``lora_apply`` signature and buffers: list ranks and A / Bt element offsets, a
+    ``LoraMapping``, flat buffers; the layout is chosen per step."""
     y, x, a, bt, ranks, mapping = make_batch(576, 16, num_adapters, num_tokens, device, seed=3)
-    ak, bk, offsets = pools(a, bt, ranks, device)
+    ak, bk, a_off, b_off = buffers(a, bt, ranks, device)
     backend = triton_ops.TritonLoraBackend()
     out = y.to(device).clone()
-    backend(out, x.to(device), ak, bk, ranks.tolist(), offsets.tolist(), mapping)
+    backend(out, x.to(device), ak, bk, ranks.tolist(), a_off.tolist(), b_off.tolist(), mapping)
     assert_matches(out, expected(y, x, a, bt, ranks, mapping, torch.float32), y, mapping, torch.float32)
     assert backend.segments_for(mapping) is backend.segments_for(mapping)  # built once per step
 
 
-def test_backend_on_a_static_mapping_reads_the_device_rank_table(device):
-    """A captured decode step: a static mapping (token slots only) and a module's rank and offset
-    ``SlotTable``s (their device tables are what the kernels read)."""
+def test_backend_on_a_static_mapping_reads_the_device_tables(device):
+    """A captured decode step: a static mapping (token slots only) and a module's rank, A offset
+    and Bt offset ``SlotTable``s (their device tables are what the kernels read)."""
     y, x, a, bt, ranks, mapping = make_batch(576, 16, 7, 17, device, seed=5)
-    ak, bk, offsets = pools(a, bt, ranks, device)
-    slot_ranks = SlotTable(len(ranks), device, bound=16)
-    slot_offsets = SlotTable(len(ranks), device, bound=ak.shape[0])
-    for slot, (rank, offset) in enumerate(zip(ranks.tolist(), offsets.tolist())):
-        slot_ranks.set(slot, rank)
-        slot_offsets.set(slot, offset)
+    ak, bk, a_off, b_off = buffers(a, bt, ranks, device, seed=5)
+    tables = [SlotTable(len(ranks), device, bound=bound) for bound in (16, ak.numel(), bk.numel())]
+    for table, values in zip(tables, (ranks, a_off, b_off)):
+        for slot, value in enumerate(values.tolist()):
+            table.set(slot, value)
     backend = triton_ops.TritonLoraBackend()
-    assert backend.table_for(slot_ranks, device) is slot_ranks.table
-    assert backend.table_for(slot_offsets, device) is slot_offsets.table
+    assert all(backend.table_for(table, device) is table.table for table in tables)
     out = y.to(device).clone()
-    backend(out, x.to(device), ak, bk, slot_ranks, slot_offsets, LoraMapping.static(mapping.token_slots))
+    backend(out, x.to(device), ak, bk, *tables, LoraMapping.static(mapping.token_slots))
     assert_matches(out, expected(y, x, a, bt, ranks, mapping, torch.float32), y, mapping, torch.float32)
 
 
-def test_strided_bt_is_read_through_its_strides(device):
-    """A Bt that is a view (here of [out, rows] storage) is not copied: strides are read."""
+def test_buffers_may_be_views_of_one_arena(device):
+    """A and Bt as 1-D views (storage offsets) of one buffer, Bt first: offsets count from each
+    view's own start, and nothing is copied."""
     y, x, a, bt, ranks, mapping = make_batch(576, 16, 7, 17, device, seed=4, fan_out=320)
-    ak, bk, offsets = pools(a, bt, ranks, device)
-    bt_view = bk.t().contiguous().t()  # [rows, out], out stride rows
-    assert not bt_view.is_contiguous()
+    ak, bk, a_off, b_off = buffers(a, bt, ranks, device, seed=4)
+    arena = torch.cat([torch.full((5,), float("nan"), device=device), bk, ak])
+    bt_view, a_view = arena[5:5 + bk.numel()], arena[5 + bk.numel():]
     for layout in ("segment", "gather"):
         out = y.to(device).clone()
         segments = triton_ops.SegmentTensors.from_segments(mapping.segments, device)
-        triton_ops.triton_lora_apply(out, x.to(device), ak, bt_view, ranks.to(device), offsets, 16,
+        triton_ops.triton_lora_apply(out, x.to(device), a_view, bt_view, ranks.to(device), a_off, b_off, 16,
                                      mapping.token_slots, segments, layout)
         assert_matches(out, expected(y, x, a, bt, ranks, mapping, torch.float32), y, mapping, torch.float32)
+
+
+def test_buffer_and_table_shapes_are_checked(device):
+    """2-D or strided buffers, and offset or rank tables of the wrong shape, are refused."""
+    y, x, a, bt, ranks, mapping = make_batch(576, 8, 3, 5, device)
+    ak, bk, a_off, b_off = buffers(a, bt, ranks, device)
+    segments = triton_ops.SegmentTensors.from_segments(mapping.segments, device)
+    args = (8, mapping.token_slots, segments)
+    for bad in (ak[: 576 * 8].view(8, 576), ak[::2]):
+        with pytest.raises(ValueError, match="1-D and contiguous"):
+            triton_ops.lora_shrink(x.to(device), bad, ranks, a_off, *args)
+    for bad_off in (a_off[:-1], a_off[:, None].repeat(1, 2)):
+        with pytest.raises(ValueError, match="a_offsets must be"):
+            triton_ops.lora_shrink(x.to(device), ak, ranks, bad_off, *args)
+    with pytest.raises(ValueError, match="ranks must be"):
+        triton_ops.lora_shrink(x.to(device), ak, ranks[:, None].repeat(1, 2), a_off, *args)
+    h = triton_ops.lora_shrink(x.to(device), ak, ranks, a_off, *args)
+    with pytest.raises(ValueError, match="b_offsets must be"):
+        triton_ops.lora_expand(y.to(device), h, bk, ranks, b_off[:-1], mapping.token_slots, segments)
 
 
 def test_no_segments_changes_nothing(device):
     y, x, a, bt, ranks, _ = make_batch(576, 8, 3, 5, device)
     mapping = LoraMapping.from_runs([(-1, 5)], device)
-    ak, bk, offsets = pools(a, bt, ranks, device)
+    ak, bk, a_off, b_off = buffers(a, bt, ranks, device)
     out = y.to(device).clone()
-    triton_ops.TritonLoraBackend()(out, x.to(device), ak, bk, ranks.tolist(), offsets.tolist(), mapping)
+    triton_ops.TritonLoraBackend()(out, x.to(device), ak, bk, ranks.tolist(), a_off.tolist(), b_off.tolist(),
+                                   mapping)
     assert torch.equal(out.cpu(), y)
 
 
@@ -163,13 +183,13 @@ def test_layout_choice_follows_tokens_per_segment():
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU every test already runs the GPU tile sizes")
-@pytest.mark.parametrize("layout,dtype", [("segment", "bf16"), ("gather", "fp32")])
-def test_gpu_tile_sizes_under_the_interpreter(layout, dtype, device, monkeypatch):
+@pytest.mark.parametrize("layout,dtype,placement", [("segment", "bf16", "arena"), ("gather", "fp32", "rows")])
+def test_gpu_tile_sizes_under_the_interpreter(layout, dtype, placement, device, monkeypatch):
     """The interpreter widens K/N tiles for speed; this runs the exact GPU tiling once per layout."""
     monkeypatch.setattr(triton_ops, "INTERPRETER_TILE_SCALE", 1)
     dtype = DTYPES[dtype]
     y, x, a, bt, ranks, mapping = make_batch(1000, 64, 7, 40, device, seed=5, fan_out=700)
-    out = run_apply(y, x, a, bt, ranks, mapping, dtype, device, layout, split_k=2)
+    out = run_apply(y, x, a, bt, ranks, mapping, dtype, device, layout, placement, split_k=2)
     assert_matches(out, expected(y, x, a, bt, ranks, mapping, dtype), y, mapping, dtype)
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from loraplex_server.lora.layers import LoraLinear, LoraStepState, SlotTable
+from loraplex_server.lora.layers import LoraLinear, LoraStepState
 from loraplex_server.lora.mapping import LoraMapping
 from loraplex_server.lora.slots import SlotManager, SlotsExhaustedError
 from loraplex_server.lora.weights import LoraAdapter, LoraModuleWeights, ModuleKey
@@ -13,8 +13,7 @@ KEYS = [ModuleKey(0, "q_proj"), ModuleKey(0, "v_proj")]
 def layers(max_loras=2, rank=8, pool_rows=None):
     state = LoraStepState()
     rows = max_loras * rank if pool_rows is None else pool_rows
-    offsets = SlotTable(max_loras, torch.device("cpu"), bound=rows)
-    return {k: LoraLinear(nn.Linear(16, 16), k, max_loras, rank, state, rows, offsets) for k in KEYS}, state
+    return {k: LoraLinear(nn.Linear(16, 16), k, max_loras, rank, state, rows) for k in KEYS}, state
 
 
 def adapter(name, rank=4, keys=KEYS, value=1.0):
@@ -40,15 +39,15 @@ def test_activate_loads_once_and_reuses():
     assert sm.activate({"a"}, fetch) == {"a": 0}
     assert fetched == ["a"] and sm.num_loads == 1
     q = ls[KEYS[0]]
-    assert q.slot_ranks == [4, 0] and q.slot_offsets == [0, 0] and sm.rows_of("a") == (0, 4)
-    torch.testing.assert_close(q.lora_bt[0:4], torch.full((4, 16), 0.5))  # scale folded into B
-    assert q.lora_a[4:].abs().sum() == 0  # rows past the adapter's extent are untouched
+    assert q.slot_ranks == [4, 0] and q.a_offsets == [0, 0] and q.b_offsets == [0, 0] and sm.rows_of("a") == (0, 4)
+    torch.testing.assert_close(q.rows(0, 4)[1], torch.full((4, 16), 0.5))  # scale folded into B
+    assert q.lora_a[4 * 16:].abs().sum() == 0  # rows past the adapter's extent are untouched
 
 
 def test_the_pool_defaults_to_max_loras_times_max_rank_rows():
     ls, _ = layers(max_loras=3, rank=8)
-    assert ls[KEYS[0]].lora_a.shape == (24, 16) and ls[KEYS[0]].lora_bt.shape == (24, 16)
-    assert ls[KEYS[0]].slot_offsets is ls[KEYS[1]].slot_offsets  # one offset table per model
+    assert ls[KEYS[0]].lora_a.shape == (24 * 16,) and ls[KEYS[0]].lora_bt.shape == (24 * 16,)
+    assert ls[KEYS[0]].pool_rows == 24 and ls[KEYS[0]].row_bytes == 32 * 4
 
 
 def test_lru_eviction_skips_protected_and_pinned():
@@ -80,7 +79,8 @@ def test_layer_adds_delta_only_for_mapped_rows():
     slot, (o, r) = sm.slot_of("b"), sm.rows_of("b")
     state.mapping = LoraMapping.from_runs([(slot, 2), (-1, 1)])
     y = layer(x)
-    expected = base[0, :2] + (x[0, :2] @ layer.lora_a[o:o + r].T) @ layer.lora_bt[o:o + r]
+    a_rows, bt_rows = layer.rows(o, r)
+    expected = base[0, :2] + (x[0, :2] @ a_rows.T) @ bt_rows
     torch.testing.assert_close(y[0, :2], expected)
     assert torch.equal(y[0, 2], base[0, 2])
 
@@ -141,11 +141,13 @@ def test_scattered_free_rows_are_compacted_instead_of_evicting():
         sm.activate({key}, fetch)
     sm.evict("b")  # free: 4..7 and 12..15, 8 rows but no 8 in one piece
     layer = ls[KEYS[0]]
-    c_rows = layer.lora_a[8:12].clone()
+    c_rows = layer.rows(8, 4)[0].clone()
     sm.activate({"d"}, fetch, protected={"a", "c"})
     assert set(sm.resident) == {"a", "c", "d"} and sm.num_evictions == 0 and sm.num_compactions == 1
     o, r = sm.rows_of("c")
-    assert o == 4 and layer.slot_offsets[sm.slot_of("c")] == 4 and torch.equal(layer.lora_a[o:o + r], c_rows)
+    slot = sm.slot_of("c")
+    assert o == 4 and layer.a_offsets[slot] == 4 * 16 and layer.b_offsets[slot] == 4 * 16
+    assert torch.equal(layer.rows(o, r)[0], c_rows)
 
 
 def test_a_rank_beyond_the_pool_is_exhausted_not_a_loop():

@@ -8,7 +8,7 @@ input rows (``decode_inputs``), one ``replay()``, read the logits.
 
 What varies between replays lives in device memory with a fixed address: the input rows (token
 ids, positions, cache slots, block tables, LoRA token slots), the KV cache, the LoRA weight pools,
-each module's rank table and the shared row offset table (``SlotTable.table``). So adapters loaded
+each module's rank and element offset tables (``SlotTable.table``). So adapters loaded
 into slots after capture, or moved in the pool by a compaction, are served by the same graphs, and
 nothing the host knows at capture time is baked in (the gather's rank bound is fixed).
 

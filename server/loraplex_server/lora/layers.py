@@ -1,4 +1,4 @@
-"""LoRA-wrapped linear layer: ``y = base(x) + apply(x)`` over a pool of weight rows (``ops.py``)."""
+"""LoRA-wrapped linear layer: ``y = base(x) + apply(x)`` over flat weight buffers (``ops.py``)."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from .weights import LoraModuleWeights, ModuleKey
 
 class SlotTable:
     """One int per slot, kept twice: ``host`` for the torch ops (run grouping is host logic) and
-    ``table`` [num_slots] int32 on the device for the kernels. Two per LoRA layer: its ranks (0 =
-    the slot's adapter does not touch the module) and its row offsets into the pool (one table
-    shared by every layer of a model: an adapter's extent starts at the same row in each).
+    ``table`` [num_slots] int32 on the device for the kernels. Three per LoRA layer: its ranks (0 =
+    the slot's adapter does not touch the module) and the element offsets of each slot's A and Bt
+    in the layer's buffers.
     ``table`` keeps one address for the model's life, so a decode step captured in a CUDA graph
     reads the ranks and offsets of whatever adapters sit in the slots at replay. ``bound``: no
     value exceeds it (the largest rank, for a rank table), fixed, so a captured gather has one
-    shape. Like the pool buffers, it assumes the model is never moved after the LoRA layers are
+    shape. Like the weight buffers, it assumes the model is never moved after the LoRA layers are
     injected (``model.to()`` would leave it, and every captured graph, behind)."""
 
     def __init__(self, num_slots: int, device: torch.device, bound: int = 0):
@@ -74,28 +74,29 @@ class LoraStepState:
 
 
 class LoraLinear(nn.Module):
-    # buffers (registered in __init__): the row pool, [pool_rows, in] and [pool_rows, out]
+    # buffers (registered in __init__): the row pool, flat: [pool_rows * in] and [pool_rows * out]
     lora_a: torch.Tensor
     lora_bt: torch.Tensor
 
     def __init__(self, base: nn.Linear, key: ModuleKey, max_loras: int, max_rank: int, state: LoraStepState,
-                 pool_rows: int | None = None, slot_offsets: SlotTable | None = None):
+                 pool_rows: int | None = None):
         """``max_loras`` slots (table entries); ``pool_rows`` weight rows (default ``max_loras *
-        max_rank``); ``slot_offsets``: the model's shared row offset table (a new one if None)."""
+        max_rank``), each ``in`` elements of ``lora_a`` and ``out`` of ``lora_bt``."""
         super().__init__()
         self.base = base
         self.key = key
         self.state = state
         w = base.weight
         dtype = lora_compute_dtype(w.dtype, w.device, state.apply)
-        rows = max_loras * max_rank if pool_rows is None else pool_rows
-        # [pool_rows, in] and [pool_rows, out] (= (scale * B)^T): slot s is rows off[s] .. off[s]+r[s]-1
-        self.register_buffer("lora_a", torch.zeros(rows, base.in_features, dtype=dtype, device=w.device),
+        self.pool_rows = max_loras * max_rank if pool_rows is None else pool_rows
+        # A then (scale * B)^T, row after row: slot s's A is lora_a[a_off[s] : a_off[s] + r[s] * in]
+        self.register_buffer("lora_a", torch.zeros(self.pool_rows * base.in_features, dtype=dtype, device=w.device),
                              persistent=False)
-        self.register_buffer("lora_bt", torch.zeros(rows, base.out_features, dtype=dtype, device=w.device),
-                             persistent=False)
+        self.register_buffer("lora_bt", torch.zeros(self.pool_rows * base.out_features, dtype=dtype,
+                                                    device=w.device), persistent=False)
         self.slot_ranks = SlotTable(max_loras, w.device, bound=max_rank)
-        self.slot_offsets = slot_offsets if slot_offsets is not None else SlotTable(max_loras, w.device, bound=rows)
+        self.a_offsets = SlotTable(max_loras, w.device, bound=self.lora_a.numel())
+        self.b_offsets = SlotTable(max_loras, w.device, bound=self.lora_bt.numel())
         self.group: SharedInputGroup | None = None  # set when siblings read the same input (fusion.py)
 
     @property
@@ -114,6 +115,11 @@ class LoraLinear(nn.Module):
     def max_rank(self) -> int:
         return self.slot_ranks.bound
 
+    @property
+    def row_bytes(self) -> int:
+        """Device bytes of one pool row: ``in`` elements of A and ``out`` of Bt."""
+        return (self.in_features + self.out_features) * self.lora_a.element_size()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         self.add_delta(y.view(-1, self.out_features), x)
@@ -130,26 +136,40 @@ class LoraLinear(nn.Module):
             self.group.apply(self, y2d, x, mapping, apply)
         else:
             apply(y2d, x.reshape(-1, self.in_features), self.lora_a, self.lora_bt, self.slot_ranks,
-                  self.slot_offsets, mapping)
+                  self.a_offsets, self.b_offsets, mapping)
 
     @torch.no_grad()
-    def set_slot(self, slot: int, offset: int, weights: LoraModuleWeights | None) -> None:
-        """Write an adapter's weights (scale folded into B) into rows ``offset`` .. ``offset + r - 1``
-        and record slot ``slot``'s rank for this module (0 when ``weights`` is None). The offset
-        table itself is the slot manager's (shared by every layer)."""
+    def set_slot(self, slot: int, row: int, weights: LoraModuleWeights | None) -> None:
+        """Write an adapter's weights (scale folded into B) into pool rows ``row`` .. ``row + r - 1``
+        and record slot ``slot``'s rank and offsets for this module (rank 0 when ``weights`` is None)."""
         if weights is None:
             self.slot_ranks.set(slot, 0)
             return
         r = weights.rank
-        if r > self.max_rank or offset < 0 or offset + r > self.lora_a.shape[0]:
-            raise ValueError(f"rank {r} at row {offset} does not fit a pool of {self.lora_a.shape[0]} rows "
+        if r > self.max_rank or row < 0 or row + r > self.pool_rows:
+            raise ValueError(f"rank {r} at row {row} does not fit a pool of {self.pool_rows} rows "
                              f"(max rank {self.max_rank})")
-        self.lora_a[offset:offset + r].copy_(weights.a)
-        self.lora_bt[offset:offset + r].copy_(weights.b.T * weights.scale)
-        self.slot_ranks.set(slot, r)
+        a, bt = self.rows(row, r)
+        a.copy_(weights.a)
+        bt.copy_(weights.b.T * weights.scale)
+        self._place(slot, row, r)
+
+    def rows(self, row: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pool rows ``row`` .. ``row + count - 1``: views [count, in] of A and [count, out] of Bt."""
+        i, o = self.in_features, self.out_features
+        a = self.lora_a[row * i:(row + count) * i].view(count, i)
+        return a, self.lora_bt[row * o:(row + count) * o].view(count, o)
+
+    def _place(self, slot: int, row: int, rank: int) -> None:
+        self.a_offsets.set(slot, row * self.in_features)
+        self.b_offsets.set(slot, row * self.out_features)
+        self.slot_ranks.set(slot, rank)
 
     @torch.no_grad()
-    def move_rows(self, src: int, dst: int, length: int) -> None:
-        """Copy rows ``src`` .. ``src + length - 1`` to ``dst`` (ranges may overlap): compaction."""
-        for buf in (self.lora_a, self.lora_bt):
-            buf[dst:dst + length] = buf[src:src + length].clone()
+    def move_slot(self, slot: int, src: int, dst: int, length: int) -> None:
+        """Copy pool rows ``src`` .. ``src + length - 1`` to ``dst`` (ranges may overlap) and point
+        ``slot`` (which holds them) at the new rows: compaction."""
+        for new, old in zip(self.rows(dst, length), self.rows(src, length), strict=True):
+            new.copy_(old.clone())
+        if self.slot_ranks[slot]:
+            self._place(slot, dst, self.slot_ranks[slot])

@@ -1,8 +1,8 @@
 """Per-step token -> device-slot mapping for the batched LoRA apply.
 
-The runner packs sequences sorted by their slot's row offset in the pool, so tokens of one adapter
-form contiguous segments, and neighbouring segments of equal-rank adapters placed side by side in
-the pool read consecutive rows (one batched matmul pair, ``ops.sgmv``).
+The runner packs sequences sorted by their slot's place in the pool, so tokens of one adapter form
+contiguous segments, and neighbouring segments of equal-rank adapters placed side by side in the
+pool read evenly spaced weights (one batched matmul pair, ``ops.sgmv``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ NO_SLOT = -1
 
 
 class SlotValues(Protocol):
-    """One int per slot (a module's ranks, or the row offsets): a ``list[int]``, or a ``SlotTable``."""
+    """One int per slot (a module's ranks, or its element offsets): a ``list[int]``, or a ``SlotTable``."""
 
     def __getitem__(self, slot: int, /) -> int: ...
 
@@ -43,11 +43,14 @@ def device_table(values: SlotValues, device: torch.device | str) -> torch.Tensor
 @dataclass(frozen=True)
 class SegmentRun:
     """``count`` neighbouring segments, all ``width`` tokens long (tokens ``start..end-1``), whose
-    slots share one ``rank`` for the module and hold consecutive row blocks of the pool: rows
-    ``row .. row + count * rank - 1``, segment i reading rows ``row + i*rank ..``. Batched as one
-    matmul pair over a view of the pool."""
+    slots share one ``rank`` for the module and whose weights step evenly through the buffers:
+    segment i reads A at element ``a_offset + i * a_step`` and Bt at ``b_offset + i * b_step``
+    (``ops.slot_weights``). Batched as one matmul pair over strided views of the buffers."""
 
-    row: int
+    a_offset: int
+    a_step: int
+    b_offset: int
+    b_step: int
     count: int
     rank: int
     width: int
@@ -106,27 +109,32 @@ class LoraMapping:
             table = self._runs["table"] = torch.tensor(self.segments, dtype=torch.int32).reshape(-1, 3)
         return table
 
-    def segment_runs(self, ranks: SlotValues, offsets: SlotValues) -> list[SegmentRun]:
-        """Segments grouped into runs for a module whose slot ranks are ``ranks`` and row offsets
-        ``offsets`` (cached per the segments' ranks and offsets)."""
-        key = tuple((ranks[slot], offsets[slot]) for _, _, slot in self.segments)
+    def segment_runs(self, ranks: SlotValues, a_offsets: SlotValues, b_offsets: SlotValues) -> list[SegmentRun]:
+        """Segments grouped into runs for a module whose slot ranks are ``ranks`` and element
+        offsets ``a_offsets`` / ``b_offsets`` (cached per the segments' ranks and offsets)."""
+        key = tuple((ranks[slot], a_offsets[slot], b_offsets[slot]) for _, _, slot in self.segments)
         runs = self._runs.get(key)
         if runs is None:
             runs = self._runs[key] = _group_runs(self.segments, key)
         return runs
 
 
-def _group_runs(segments, rows: tuple[tuple[int, int], ...]) -> list[SegmentRun]:
-    """``rows``: (rank, row offset) of each segment's slot."""
+def _group_runs(segments, places: tuple[tuple[int, int, int], ...]) -> list[SegmentRun]:
+    """``places``: (rank, A offset, Bt offset) of each segment's slot. A segment joins the last run
+    when it follows it, has its width and rank, and its offsets continue the run's steps."""
     runs: list[SegmentRun] = []
-    for (start, end, _), (rank, row) in zip(segments, rows, strict=True):
+    for (start, end, _), (rank, a_off, b_off) in zip(segments, places, strict=True):
         width = end - start
         if rank == 0:
             continue
         last = runs[-1] if runs else None
-        if (last and last.end == start and last.width == width and last.rank == rank
-                and last.row + last.count * rank == row):
-            runs[-1] = SegmentRun(last.row, last.count + 1, rank, width, last.start, end)
-            continue
-        runs.append(SegmentRun(row, 1, rank, width, start, end))
+        if last and last.end == start and last.width == width and last.rank == rank:
+            a_step, b_step = (a_off - last.a_offset, b_off - last.b_offset) if last.count == 1 else \
+                (last.a_step, last.b_step)
+            if (a_off == last.a_offset + last.count * a_step and b_off == last.b_offset + last.count * b_step
+                    and a_step > 0 and b_step > 0):
+                runs[-1] = SegmentRun(last.a_offset, a_step, last.b_offset, b_step, last.count + 1, rank, width,
+                                      last.start, end)
+                continue
+        runs.append(SegmentRun(a_off, 0, b_off, 0, 1, rank, width, start, end))
     return runs

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .fusion import group_shared_inputs
-from .layers import LoraLinear, LoraStepState, SlotTable
+from .layers import LoraLinear, LoraStepState
 from .weights import KNOWN_TARGETS, ModuleKey, TargetShape
 
 _LAYER_PATH = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:.*\.)?([A-Za-z0-9_]+)$")
@@ -32,19 +32,18 @@ def model_device(model: nn.Module) -> torch.device:
 
 def inject_lora_layers(model: nn.Module, max_loras: int, max_rank: int, state: LoraStepState,
                        pool_rows: int | None = None) -> dict[ModuleKey, LoraLinear]:
-    """Replace every targetable ``nn.Linear`` with a ``LoraLinear`` sharing ``state`` and one slot
-    row offset table; each holds ``max_loras`` slots over a pool of ``pool_rows`` weight rows
-    (default ``max_loras * max_rank``). Layers that read one input (q/k/v, gate/up) are grouped
+    """Replace every targetable ``nn.Linear`` with a ``LoraLinear`` sharing ``state``; each holds
+    ``max_loras`` slots over a pool of ``pool_rows`` weight rows (default ``max_loras *
+    max_rank``). Layers that read one input (q/k/v, gate/up) are grouped
     for a shared shrink (``fusion.py``)."""
     rows = max_loras * max_rank if pool_rows is None else pool_rows
-    offsets = SlotTable(max_loras, model_device(model), bound=rows)
     layers: dict[ModuleKey, LoraLinear] = {}
     for path, key, module in list(_targetable(model)):
         if isinstance(module, LoraLinear):
             raise ValueError(f"{path} is already wrapped")
         parent_path, _, leaf = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        wrapped = LoraLinear(module, key, max_loras, max_rank, state, rows, offsets)
+        wrapped = LoraLinear(module, key, max_loras, max_rank, state, rows)
         setattr(parent, leaf, wrapped)
         layers[key] = wrapped
     if not layers:

@@ -4,8 +4,8 @@
 Everything here is keyed by ``VersionKey`` (``id@n``), never by adapter id: two versions of one
 adapter (a hot-swap while requests run on the old one) hold two slots.
 
-A slot is an index into each layer's rank table and the shared row offset table: cheap, so there
-can be many (``max_loras``). Memory is rows: a version of rank ``r`` holds one extent of ``r``
+A slot is an index into each layer's rank and offset tables: cheap, so there can be many
+(``max_loras``). Memory is rows: a version of rank ``r`` holds one extent of ``r``
 consecutive rows of every layer's pool (``row_pool.py``: first fit, equal ranks side by side so
 the batched torch apply covers neighbours with one matmul pair); a module it does not touch gets
 rank 0 there. When no free extent is long enough, the least recently used versions outside the
@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
 
 from .ids import VersionKey
-from .layers import LoraLinear, SlotTable
+from .layers import LoraLinear
 from .row_pool import RowPool
 from .weights import LoraAdapter, ModuleKey
 
@@ -36,12 +36,9 @@ class SlotManager:
         self.layers = layers
         self.max_loras = max_loras
         first = next(iter(layers.values()))
-        self.rows = RowPool(first.lora_a.shape[0])
+        self.rows = RowPool(first.pool_rows)
         # device bytes of one pool row: that row of lora_a and of lora_bt in every LoRA layer
-        self.row_bytes = sum(la.lora_a[0].nbytes + la.lora_bt[0].nbytes for la in layers.values())
-        # the row offset tables (one object shared by every layer of a model)
-        self._offset_tables: list[SlotTable] = list({id(la.slot_offsets): la.slot_offsets
-                                                     for la in layers.values()}.values())
+        self.row_bytes = sum(la.row_bytes for la in layers.values())
         self._slot_of: OrderedDict[VersionKey, int] = OrderedDict()  # version key -> slot, LRU first
         self._extent: dict[int, tuple[int, int]] = {}  # occupied slot -> (first row, rows)
         self._free_slots = list(range(max_loras))
@@ -138,19 +135,15 @@ class SlotManager:
         """Slide every extent down (rows copied in every layer) so the free rows form one extent."""
         slot_at = {offset: slot for slot, (offset, _) in self._extent.items()}
         for src, dst, length in self.rows.compact():
-            for layer in self.layers.values():
-                layer.move_rows(src, dst, length)
             slot = slot_at[src]
+            for layer in self.layers.values():
+                layer.move_slot(slot, src, dst, length)
             self._extent[slot] = (dst, length)
-            for table in self._offset_tables:
-                table.set(slot, dst)
         self.num_compactions += 1
 
     def _load(self, key: VersionKey, adapter: LoraAdapter, slot: int, offset: int) -> None:
         for module, layer in self.layers.items():
             layer.set_slot(slot, offset, adapter.modules.get(module))
-        for table in self._offset_tables:
-            table.set(slot, offset)
         self._slot_of[key] = slot
         self._extent[slot] = (offset, adapter.rank)
         self.num_loads += 1
@@ -162,8 +155,6 @@ class SlotManager:
         self.rows.release(offset)
         for layer in self.layers.values():
             layer.set_slot(slot, 0, None)
-        for table in self._offset_tables:
-            table.set(slot, 0)
         self._free_slots.append(slot)
 
     def evict(self, key: VersionKey) -> None:

@@ -1,10 +1,12 @@
 """Host side of the Triton LoRA apply: segment tables, layout and tile choice, kernel launches.
 
-``TritonLoraBackend`` is a drop-in for ``ops.lora_apply`` (same signature, same buffers: the row
-pools ``lora_a`` [pool_rows, in], ``lora_bt`` [pool_rows, out], slot ``s`` at rows ``offsets[s] ..
-offsets[s] + ranks[s] - 1``); the kernels and the
-loop they compute are in ``triton_kernels.py``. ``lora_shrink`` / ``lora_expand`` also take up to
-``MAX_FUSED`` projections that share their input (q/k/v, gate/up) in one launch each. Layouts:
+``TritonLoraBackend`` is a drop-in for ``ops.lora_apply`` (same signature, same buffers: flat 1-D
+``lora_a`` / ``lora_bt``, slot ``s`` of rank ``r`` at elements ``a_offsets[s] .. a_offsets[s] + r * in
+- 1`` of A and ``b_offsets[s] .. b_offsets[s] + r * out - 1`` of Bt, two unrelated offset tables);
+the kernels and the loop they compute are in ``triton_kernels.py``. ``lora_shrink`` /
+``lora_expand`` also take up to ``MAX_FUSED`` projections that share their input (q/k/v, gate/up)
+in one launch each, each projection with its own buffer (or one shared) and its own column of the
+[num_slots, P] rank and offset tables. Layouts:
 'segment' (SGMV) when segments hold several tokens each (prefill), else 'gather' (BGMV, decode).
 
 ``select_lora_backend(device)`` gives a backend for a CUDA device when triton imports, else None
@@ -21,7 +23,7 @@ from ..triton_common import cdiv, dot_options, interpreted, next_pow2, triton_av
 from .mapping import LoraMapping, device_table, rank_bound
 from .triton_kernels import bgmv_expand_kernel, bgmv_shrink_kernel, sgmv_expand_kernel, sgmv_shrink_kernel
 
-MAX_FUSED = 3  # projections per launch (q/k/v); the kernels take this many offsets
+MAX_FUSED = 3  # projections per launch (q/k/v); the kernels take this many buffer offsets
 SGMV_MIN_TOKENS_PER_SEGMENT = 8  # below this the gather layout wins (decode)
 _TARGET_PROGRAMS = 512  # split-K fills the GPU when a shrink launches fewer programs than this
 INTERPRETER_TILE_SCALE = 4  # wider K/N tiles under the CPU interpreter, where each program costs Python time
@@ -85,13 +87,6 @@ def _offsets(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
     return base, _padded(offsets)
 
 
-def _ranks_2d(ranks: torch.Tensor | Sequence[int], num_slots: int, num_proj: int,
-              device: torch.device) -> torch.Tensor:
-    """[num_slots, num_proj] int32 on ``device``; accepts [num_slots] when num_proj == 1."""
-    t = ranks if isinstance(ranks, torch.Tensor) else torch.tensor(list(ranks))
-    return t.to(device=device, dtype=torch.int32).reshape(num_slots, num_proj).contiguous()
-
-
 def _tiles(kernel, layout: str, dtype: torch.dtype, max_rank: int, max_len: int) -> dict:
     """Tile sizes, tuned for the GPU (K and N tiles scaled up under the interpreter)."""
     scale = INTERPRETER_TILE_SCALE if interpreted(kernel) else 1
@@ -114,36 +109,49 @@ def _split_k(programs: int, k_blocks: int, device: torch.device, requested: int 
     return split
 
 
-def _check_stacks(stacks: list[torch.Tensor], what: str, same_shape: bool) -> None:
-    """Fused [pool_rows, cols] pools share pool_rows and the column stride (A: all strides)."""
-    first = stacks[0]
-    for s in stacks:
-        if s.dim() != 2 or s.shape[0] != first.shape[0] or s.stride(1) != first.stride(1):
-            raise ValueError(f"fused {what} pools must share pool rows and column stride")
-        if same_shape and (s.shape != first.shape or s.stride() != first.stride()):
-            raise ValueError(f"fused {what} pools must share shape and strides")
+def _check_buffers(buffers: list[torch.Tensor], what: str) -> None:
+    """Weight buffers are 1-D with unit stride (rows of a slot are contiguous); fused ones may be
+    one buffer or several (``_offsets`` checks they share dtype and device)."""
+    if any(b.dim() != 1 or (b.numel() > 1 and b.stride(0) != 1) for b in buffers):
+        raise ValueError(f"{what} buffers must be 1-D and contiguous")
+
+
+def _slot_table(values: torch.Tensor | Sequence[int], num_proj: int, device: torch.device,
+                what: str, num_slots: int | None = None) -> torch.Tensor:
+    """[num_slots, num_proj] int32 on ``device`` (as is when already so): a per-projection table of
+    ranks or element offsets; [num_slots] is accepted only when num_proj == 1. Shapes are checked,
+    values are not (no device-to-host read)."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(list(values), dtype=torch.int32)
+    if t.dim() == 1 and num_proj == 1:
+        t = t[:, None]
+    if t.dim() != 2 or t.shape[1] != num_proj or (num_slots is not None and t.shape[0] != num_slots):
+        want = f"[{num_slots if num_slots is not None else 'num_slots'}, {num_proj}]"
+        raise ValueError(f"{what} must be {want}" + (" or [num_slots]" if num_proj == 1 else "")
+                         + f", got {list(t.shape)}")
+    return t.to(device=device, dtype=torch.int32).contiguous()
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor | Sequence[torch.Tensor], ranks: torch.Tensor,
-                offsets: torch.Tensor, max_rank: int, token_slots: torch.Tensor, segments: SegmentTensors,
+                a_offsets: torch.Tensor, max_rank: int, token_slots: torch.Tensor, segments: SegmentTensors,
                 layout: str | None = None, out_dtype: torch.dtype = torch.float32,
                 split_k: int | None = None) -> torch.Tensor:
-    """h [T, P * max_rank] = per token and projection ``A_p[o : o + r] @ x[t]`` (o = offsets[slot],
-    r = ranks[slot, p]).
+    """h [T, P * max_rank], per token t with slot s and projection p:
+
+        r, a = ranks[s, p], a_offsets[s, p]
+        h[t, p*R : p*R + r] = lora_a[p][a : a + r * in].view(r, in) @ x[t]     # R = max_rank
 
     Only the cells of tokens with a slot and columns below the slot's rank are written.
 
-    ``x`` [T, in]; ``lora_a`` one [pool_rows, in] pool or up to 3 of them (fused projections
-    sharing ``x`` and the offsets); ``ranks`` [num_slots] or [num_slots, P], each <= ``max_rank``;
-    ``offsets`` [num_slots] int32. Split-K needs fp32 ``h``.
+    ``x`` [T, in]; ``lora_a`` one 1-D buffer or up to 3 (fused projections sharing ``x``; the
+    same buffer may be given for several); ``ranks`` [num_slots] or [num_slots, P], each <=
+    ``max_rank``; ``a_offsets`` int32 element offsets, [num_slots, P] ([num_slots] when P == 1),
+    not checked against the buffers' sizes. Split-K needs fp32 ``h``.
     """
-    stacks = _as_list(lora_a)
-    _check_stacks(stacks, "A", same_shape=True)
-    k = stacks[0].shape[1]
-    offsets = offsets.to(device=x.device, dtype=torch.int32)  # [num_slots], as is when already so
-    num_slots = offsets.shape[0]
-    num_proj, num_tokens = len(stacks), x.shape[0]
-    ranks = _ranks_2d(ranks, num_slots, num_proj, x.device)
+    buffers = _as_list(lora_a)
+    _check_buffers(buffers, "A")
+    num_proj, num_tokens, k = len(buffers), x.shape[0], x.shape[1]
+    ranks = _slot_table(ranks, num_proj, x.device, "ranks")  # [num_slots, P]
+    a_offsets = _slot_table(a_offsets, num_proj, x.device, "a_offsets", ranks.shape[0])  # [num_slots, P]
     layout = layout or choose_layout(segments)
     kernel = sgmv_shrink_kernel if layout == "segment" else bgmv_shrink_kernel
     tiles = _tiles(kernel, layout, x.dtype, max_rank, segments.max_len)
@@ -162,87 +170,92 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor | Sequence[torch.Tensor], 
     h = alloc(num_tokens, num_proj * max_rank, dtype=out_dtype, device=x.device)  # [T, P * R]
     if segments.count == 0 or num_tokens == 0:
         return h
-    base, offs = _offsets(stacks)
-    args = (*offs, k, max_rank, num_proj, *x.stride(), *base.stride(), h.stride(0))
+    base, offs = _offsets(buffers)
+    args = (*offs, k, max_rank, num_proj, *x.stride(), h.stride(0))
     grid = (*grid[:-1], grid[-1] * split)
     if layout == "segment":
-        kernel[grid](x, base, h, ranks, offsets, segments.starts, segments.lens, segments.slots, *args,
+        kernel[grid](x, base, h, ranks, a_offsets, segments.starts, segments.lens, segments.slots, *args,
                      SPLIT_K=split, **tiles, **dot_options(kernel, x.dtype))
     else:
-        kernel[grid](x, base, h, ranks, offsets, token_slots, *args, SPLIT_K=split, **tiles)
+        kernel[grid](x, base, h, ranks, a_offsets, token_slots, *args, SPLIT_K=split, **tiles)
     return h
 
 
-def _output_slices(y: torch.Tensor | Sequence[torch.Tensor], outs: list[int]) -> list[torch.Tensor]:
-    """One [T, out_p] view per projection: a list as given, or column slices of one fused output."""
-    if isinstance(y, torch.Tensor) and len(outs) == 1:
-        ys = [y]
-    elif isinstance(y, torch.Tensor):
-        if y.shape[1] != sum(outs):
-            raise ValueError(f"fused output has {y.shape[1]} columns, projections need {sum(outs)}")
-        ys = list(y.split(outs, dim=1))
-    else:
-        ys = list(y)
-    if len(ys) != len(outs) or any(t.shape[1] != n or t.stride(1) != 1 for t, n in zip(ys, outs, strict=True)):
+def _output_slices(y: torch.Tensor | Sequence[torch.Tensor], num_proj: int) -> list[torch.Tensor]:
+    """One [T, out_p] view per projection: a list as given (column views of one fused output pass
+    uncopied), or one tensor for one projection. The widths come from the outputs: flat Bt
+    buffers do not carry them."""
+    ys = [y] if isinstance(y, torch.Tensor) else list(y)
+    if len(ys) != num_proj:
+        raise ValueError(f"{num_proj} projections need {num_proj} outputs, got {len(ys)}")
+    if any(t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1) for t in ys):
         raise ValueError("each output must be [T, out_p] with contiguous columns")
     return ys
 
 
 def lora_expand(y: torch.Tensor | Sequence[torch.Tensor], h: torch.Tensor,
-                lora_bt: torch.Tensor | Sequence[torch.Tensor], ranks: torch.Tensor, offsets: torch.Tensor,
+                lora_bt: torch.Tensor | Sequence[torch.Tensor], ranks: torch.Tensor, b_offsets: torch.Tensor,
                 token_slots: torch.Tensor, segments: SegmentTensors, layout: str | None = None) -> None:
-    """In place: ``y_p[t] += h[t, p*R : p*R + r] @ Bt_p[o : o + r]`` for every token with a slot
-    (o = offsets[slot], r = ranks[slot, p], R = h's columns per projection).
+    """In place, per token t with slot s and projection p (R = h's columns per projection):
 
-    ``lora_bt`` one [pool_rows, out] pool or up to 3 (out may differ; strides are read, so views
-    pass uncopied); ``y`` one tensor ([T, out], or [T, sum out_p] written slice by slice) or a list
-    of [T, out_p].
+        r, b = ranks[s, p], b_offsets[s, p]
+        y_p[t] += h[t, p*R : p*R + r] @ lora_bt[p][b : b + r * out_p].view(r, out_p)
+
+    ``lora_bt`` one 1-D buffer or up to 3 (the same buffer may be given for several); ``y`` one
+    [T, out] tensor, or a list of [T, out_p] (e.g. column views of one fused output), out_p =
+    y_p.shape[1]; ``b_offsets`` int32 element offsets, [num_slots, P] ([num_slots] when P == 1),
+    unrelated to the shrink's ``a_offsets`` and not checked against the buffers' sizes.
     """
-    stacks = _as_list(lora_bt)
-    _check_stacks(stacks, "Bt", same_shape=False)
-    offsets = offsets.to(device=h.device, dtype=torch.int32)  # [num_slots], as is when already so
-    num_slots = offsets.shape[0]
-    num_proj, num_tokens = len(stacks), h.shape[0]
-    max_rank = h.shape[1] // num_proj
-    outs = [b.shape[1] for b in stacks]
-    ys = _output_slices(y, outs)
+    buffers = _as_list(lora_bt)
+    _check_buffers(buffers, "Bt")
+    num_proj, num_tokens = len(buffers), h.shape[0]
+    ys = _output_slices(y, num_proj)
+    ranks = _slot_table(ranks, num_proj, h.device, "ranks")  # [num_slots, P]
+    b_offsets = _slot_table(b_offsets, num_proj, h.device, "b_offsets", ranks.shape[0])  # [num_slots, P]
     if segments.count == 0 or num_tokens == 0:
         return
-    ranks = _ranks_2d(ranks, num_slots, num_proj, h.device)
+    max_rank = h.shape[1] // num_proj
+    outs = [t.shape[1] for t in ys]
     layout = layout or choose_layout(segments)
     kernel = sgmv_expand_kernel if layout == "segment" else bgmv_expand_kernel
-    tiles = _tiles(kernel, layout, stacks[0].dtype, max_rank, segments.max_len)
+    tiles = _tiles(kernel, layout, buffers[0].dtype, max_rank, segments.max_len)
     del tiles["BLOCK_K"]
     n_tiles = cdiv(max(outs), tiles["BLOCK_N"])
-    b_base, b_offs = _offsets(stacks)
+    b_base, b_offs = _offsets(buffers)
     y_base, y_offs = _offsets(ys)
-    args = (*_padded(outs), *b_offs, *_padded([b.stride(0) for b in stacks]),
-            *y_offs, *_padded([t.stride(0) for t in ys]), max_rank, num_proj, n_tiles, h.stride(0), b_base.stride(1))
+    args = (*_padded(outs), *b_offs, *y_offs, *_padded([t.stride(0) for t in ys]), max_rank, num_proj, n_tiles,
+            h.stride(0))
     if layout == "segment":
         grid = (cdiv(segments.max_len, tiles["BLOCK_M"]), segments.count, num_proj * n_tiles)
-        kernel[grid](h, b_base, y_base, ranks, offsets, segments.starts, segments.lens, segments.slots, *args,
+        kernel[grid](h, b_base, y_base, ranks, b_offsets, segments.starts, segments.lens, segments.slots, *args,
                      **tiles, **dot_options(kernel, b_base.dtype))
     else:
-        kernel[(num_tokens, num_proj * n_tiles)](h, b_base, y_base, ranks, offsets, token_slots, *args, **tiles)
+        kernel[(num_tokens, num_proj * n_tiles)](h, b_base, y_base, ranks, b_offsets, token_slots, *args, **tiles)
 
 
-def triton_lora_apply(y, x: torch.Tensor, lora_a, lora_bt, ranks: torch.Tensor, offsets: torch.Tensor,
-                      max_rank: int, token_slots: torch.Tensor, segments: SegmentTensors,
+def triton_lora_apply(y, x: torch.Tensor, lora_a, lora_bt, ranks: torch.Tensor, a_offsets: torch.Tensor,
+                      b_offsets: torch.Tensor, max_rank: int, token_slots: torch.Tensor, segments: SegmentTensors,
                       layout: str | None = None) -> None:
-    """``ops.lora_apply`` semantics on the GPU (optionally fused over up to 3 projections).
+    """``ops.lora_apply`` semantics on the GPU (optionally fused over up to 3 projections):
 
-    ``y`` [T, out] (or fused outputs, see ``lora_expand``) += the LoRA delta of every token with a
-    slot, in place; ``token_slots`` [T] (-1 = base model); ``segments`` from the same mapping.
+        for t with s = token_slots[t] >= 0:
+            for p in range(P):
+                r, a, b = ranks[s, p], a_offsets[s, p], b_offsets[s, p]
+                h = lora_a[p][a : a + r * in].view(r, in) @ x[t]              # fp32
+                y_p[t] += h @ lora_bt[p][b : b + r * out_p].view(r, out_p)
+
+    ``y`` [T, out] (or a list of outputs, see ``lora_expand``), in place; ``token_slots`` [T] (-1
+    = base model); ``segments`` from the same mapping.
     """
     if segments.count == 0:
         return
     layout = layout or choose_layout(segments)
-    h = lora_shrink(x, lora_a, ranks, offsets, max_rank, token_slots, segments, layout)  # [T, P * max_rank] fp32
-    lora_expand(y, h, lora_bt, ranks, offsets, token_slots, segments, layout)
+    h = lora_shrink(x, lora_a, ranks, a_offsets, max_rank, token_slots, segments, layout)  # [T, P * max_rank] fp32
+    lora_expand(y, h, lora_bt, ranks, b_offsets, token_slots, segments, layout)
 
 
 class TritonLoraBackend:
-    """Drop-in for ``ops.lora_apply`` (same signature, same ``lora_bt`` layout) running the kernels.
+    """Drop-in for ``ops.lora_apply`` (same signature, same flat buffers) running the kernels.
 
     One per model: it keeps the current step's segment tensors (one mapping per step, shared by
     every layer) and device copies of rank and offset lists given as lists (a layer's ``SlotTable``
@@ -261,8 +274,8 @@ class TritonLoraBackend:
         return self._segments
 
     def table_for(self, values, device: torch.device) -> torch.Tensor:
-        """[num_slots] int32 on ``device``: a ``SlotTable``'s device table (ranks or row offsets)
-        as is, else a copy of the list cached by value (a slot change makes a new key)."""
+        """[num_slots] int32 on ``device``: a ``SlotTable``'s device table (ranks or element
+        offsets) as is, else a copy of the list cached by value (a slot change makes a new key)."""
         if getattr(values, "table", None) is not None:
             return device_table(values, device)
         key = (tuple(values), str(device))
@@ -272,30 +285,43 @@ class TritonLoraBackend:
             self._tables[key] = device_table(key[0], device)
         return self._tables[key]
 
+    def projection_table(self, values, device: torch.device) -> torch.Tensor:
+        """[num_slots, P] int32 on ``device``: a tensor as is, else P per-slot values (``SlotTable``s
+        or lists, one per projection) stacked as columns (one small device op, no host copy for
+        ``SlotTable``s)."""
+        if isinstance(values, torch.Tensor):
+            return values
+        return torch.stack([self.table_for(v, device) for v in values], dim=1)
+
     def __call__(self, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.Tensor,
-                 ranks, offsets, mapping: LoraMapping) -> None:
-        """``y`` [T, out] += each token's delta, in place; ``x`` [T, in]; ``ranks`` and ``offsets``
-        per slot (``SlotTable`` or a list). A static mapping launches the gather kernels over every
-        row with no host reads, so the launch can be captured in a CUDA graph."""
+                 ranks, a_offsets, b_offsets, mapping: LoraMapping) -> None:
+        """``y`` [T, out] += each token's delta, in place; ``x`` [T, in]; ``lora_a`` / ``lora_bt``
+        1-D buffers; ``ranks`` and the element offsets ``a_offsets`` / ``b_offsets`` per slot
+        (``SlotTable`` or a list). A static mapping launches the gather kernels over every row with
+        no host reads, so the launch can be captured in a CUDA graph."""
         if not (mapping.is_static or mapping.segments):
             return
         segments, layout = self.step_inputs(mapping)
-        triton_lora_apply(y, x, lora_a, lora_bt, self.table_for(ranks, x.device), self.table_for(offsets, x.device),
-                          rank_bound(ranks), mapping.token_slots, segments, layout)
+        dev = x.device
+        triton_lora_apply(y, x, lora_a, lora_bt, self.table_for(ranks, dev), self.table_for(a_offsets, dev),
+                          self.table_for(b_offsets, dev), rank_bound(ranks), mapping.token_slots, segments, layout)
 
-    def shrink(self, x: torch.Tensor, lora_as: Sequence[torch.Tensor], ranks: torch.Tensor, offsets,
+    def shrink(self, x: torch.Tensor, lora_as: Sequence[torch.Tensor], ranks: torch.Tensor, a_offsets,
                max_rank: int, mapping: LoraMapping) -> torch.Tensor:
-        """h [T, P * max_rank] fp32 for up to 3 projections sharing ``x`` [T, in] and ``offsets``,
-        one launch; ``ranks`` [num_slots, P] int32 on the device. Pair with ``expand`` per projection."""
+        """h [T, P * max_rank] fp32 for up to 3 projections sharing ``x`` [T, in], one launch;
+        ``ranks`` [num_slots, P] int32 on the device; ``a_offsets`` each projection's element
+        offsets: P ``SlotTable``s / lists, or a [num_slots, P] tensor. Pair with ``expand`` per
+        projection."""
         segments, layout = self.step_inputs(mapping)
-        return lora_shrink(x, list(lora_as), ranks, self.table_for(offsets, x.device), max_rank,
+        return lora_shrink(x, list(lora_as), ranks, self.projection_table(a_offsets, x.device), max_rank,
                            mapping.token_slots, segments, layout)
 
-    def expand(self, y: torch.Tensor, h: torch.Tensor, lora_bt: torch.Tensor, ranks, offsets,
+    def expand(self, y: torch.Tensor, h: torch.Tensor, lora_bt: torch.Tensor, ranks, b_offsets,
                mapping: LoraMapping) -> None:
-        """``y`` [T, out] += ``h`` [T, max_rank] (one projection's columns of a fused shrink) @ Bt."""
+        """``y`` [T, out] += ``h`` [T, max_rank] (one projection's columns of a fused shrink) @ Bt,
+        Bt of slot s at element ``b_offsets[s]`` of ``lora_bt`` (1-D)."""
         segments, layout = self.step_inputs(mapping)
-        lora_expand(y, h, lora_bt, self.table_for(ranks, y.device), self.table_for(offsets, y.device),
+        lora_expand(y, h, lora_bt, self.table_for(ranks, y.device), self.table_for(b_offsets, y.device),
                     mapping.token_slots, segments, layout)
 
     def step_inputs(self, mapping: LoraMapping) -> tuple[SegmentTensors, str]:

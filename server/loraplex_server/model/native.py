@@ -42,7 +42,8 @@ GNU_FLAGS = ("-fopenmp",)
 BUILD_TIMEOUT_S = 120
 _ELEMENT = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _I64, _F32, _INT, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
-_SGMV_ARGS = [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _INT]
+_SGMV_ARGS = [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64,
+              _I64, _INT]
 _DECODE_ARGS = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64,
                 _INT, _INT, _INT, _INT, _F32, _I64, _INT]
 
@@ -146,34 +147,34 @@ class NativeKernels:
         return (_ELEMENT.get(x_dtype), _ELEMENT.get(weight_dtype)) in self._sgmv
 
     def lora_sgmv(self, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_bt: torch.Tensor,
-                  ranks: torch.Tensor, offsets: torch.Tensor, segments: torch.Tensor, max_rank: int) -> None:
-        """``y[t] += (lora_a[o:o+r] @ x[t]) @ lora_bt[o:o+r]`` for the tokens t of each segment
-        (start, end, slot s) of ``segments`` [n, 3] int32, r = ``ranks[s]`` <= ``max_rank``,
-        o = ``offsets[s]`` (csrc/lora_sgmv.cpp). ``y`` [T, out] and ``x`` [T, in] share a dtype,
-        ``lora_a`` [pool_rows, in] and ``lora_bt`` [pool_rows, out] another (fp32 or the
-        activations' bf16); ``ranks`` and ``offsets`` [S] int32; all on the CPU."""
+                  ranks: torch.Tensor, a_offsets: torch.Tensor, b_offsets: torch.Tensor, segments: torch.Tensor,
+                  max_rank: int) -> None:
+        """``y[t] += (A_s @ x[t]) @ Bt_s`` for the tokens t of each segment (start, end, slot s) of
+        ``segments`` [n, 3] int32, at rank r = ``ranks[s]`` <= ``max_rank``, where ``A_s`` is
+        ``lora_a[a_offsets[s] : + r * in]`` viewed [r, in] and ``Bt_s`` ``lora_bt[b_offsets[s] :
+        + r * out]`` viewed [r, out] (csrc/lora_sgmv.cpp). ``y`` [T, out] and ``x`` [T, in] share
+        a dtype, the 1-D weight buffers another (fp32 or the activations' bf16); ``ranks`` and the
+        offsets [S] int32; all on the CPU."""
         key = (_ELEMENT.get(x.dtype), _ELEMENT.get(lora_a.dtype))
         if key not in self._sgmv or y.dtype != x.dtype or lora_bt.dtype != lora_a.dtype:
             raise ValueError(f"lora_sgmv has no variant for x {x.dtype} / y {y.dtype}, weights "
                              f"{lora_a.dtype} / {lora_bt.dtype}")
         if x.stride(1) != 1 or y.stride(1) != 1 or not (lora_a.is_contiguous() and lora_bt.is_contiguous()):
-            raise ValueError("lora_sgmv needs unit-stride rows and contiguous pool buffers")
-        if (ranks.dtype != torch.int32 or offsets.dtype != torch.int32 or segments.dtype != torch.int32
-                or not segments.is_contiguous()):
+            raise ValueError("lora_sgmv needs unit-stride rows and contiguous weight buffers")
+        tables = (ranks, a_offsets, b_offsets, segments)
+        if any(t.dtype != torch.int32 for t in tables) or not segments.is_contiguous():
             raise ValueError("ranks, offsets and segments must be int32 (segments contiguous [n, 3])")
-        pool_rows, in_features = lora_a.shape
-        if lora_bt.dim() != 2 or lora_bt.shape[0] != pool_rows or offsets.shape != ranks.shape or ranks.dim() != 1:
-            raise ValueError("lora_a and lora_bt must share their rows; ranks and offsets one entry per slot")
-        out_features = lora_bt.shape[1]
-        if x.shape[1] != in_features or y.shape[1] != out_features or x.shape[0] != y.shape[0]:
-            raise ValueError(f"lora_sgmv shapes: x {tuple(x.shape)}, y {tuple(y.shape)}, A {tuple(lora_a.shape)}, "
-                             f"Bt {tuple(lora_bt.shape)}")
+        if lora_a.dim() != 1 or lora_bt.dim() != 1 or ranks.dim() != 1 or not (
+                a_offsets.shape == b_offsets.shape == ranks.shape):
+            raise ValueError("lora_a and lora_bt must be 1-D; ranks and offsets one entry per slot")
+        if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
+            raise ValueError(f"lora_sgmv shapes: x {tuple(x.shape)}, y {tuple(y.shape)}")
         status = self._sgmv[key](x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), lora_a.data_ptr(),
-                                 lora_bt.data_ptr(), in_features, out_features, ranks.data_ptr(), offsets.data_ptr(),
-                                 segments.data_ptr(), segments.shape[0], x.shape[0], ranks.shape[0], pool_rows,
-                                 max_rank, self.threads)
+                                 lora_bt.data_ptr(), x.shape[1], y.shape[1], ranks.data_ptr(), a_offsets.data_ptr(),
+                                 b_offsets.data_ptr(), segments.data_ptr(), segments.shape[0], x.shape[0],
+                                 ranks.shape[0], lora_a.numel(), lora_bt.numel(), max_rank, self.threads)
         if status == 3:
-            raise ValueError("lora_sgmv: a slot's rows (offset + rank) fall outside the pool")
+            raise ValueError("lora_sgmv: a slot's weights (offset + rank rows) fall outside the buffers")
         if status != 0:
             raise ValueError("lora_sgmv: a segment outside the tokens or the slots, or a rank above max_rank")
 

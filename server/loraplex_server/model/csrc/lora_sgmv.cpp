@@ -1,13 +1,15 @@
-// Segmented LoRA apply (SGMV) over a pool of weight rows, for CPU decode and mixed steps:
+// Segmented LoRA apply (SGMV) over flat weight buffers, for CPU decode and mixed steps:
 //
 //     for (start, end, s) in segments:           # tokens start..end-1 all use slot s
-//         r, o = ranks[s], offsets[s]            # the slot's rank for this module (0: untouched), first row
+//         r = ranks[s]                           # the slot's rank for this module (0: untouched)
+//         A = a[a_offsets[s] : a_offsets[s] + r*in] viewed [r, in]      # element offsets
+//         Bt = bt[b_offsets[s] : b_offsets[s] + r*out] viewed [r, out]
 //         for t in start .. end-1:
-//             h = A[o : o+r] @ x[t]              # shrink: [r]
-//             y[t] += h @ Bt[o : o+r]            # expand: [out] (the LoRA scale is folded in Bt)
+//             h = A @ x[t]                       # shrink: [r]
+//             y[t] += h @ Bt                     # expand: [out] (the LoRA scale is folded in Bt)
 //
-// A is [pool_rows, in] and Bt [pool_rows, out]; a slot's r rows are contiguous and read at the
-// true rank. A segment whose slot, rank or rows fall outside the tables or the pool is refused
+// A slot's r rows are contiguous and read at the true rank; A and Bt sit anywhere in their buffers
+// (a_numel and b_numel elements). A segment whose slot, rank or weights fall outside the tables or the buffers is refused
 // (nonzero return) before anything is computed. Weights may be bf16 (the model's dtype) or fp32; x and y are f32 or bf16;
 // everything accumulates in fp32 and y is rounded once (h stays fp32). Work is split into tiles of up to TILE
 // tokens of one segment; each tile reads its slot's weights once (later tiles of the slot find
@@ -134,8 +136,8 @@ void tile(const Problem &p, const typename XE::T *x, typename XE::T *y, const ty
 
 template <class XE, class WE>
 int sgmv(const void *x_, void *y_, const void *a_, const void *bt_, const Problem &p, const int32_t *ranks,
-         const int32_t *offsets, const int32_t *segments, int64_t num_segments, int64_t num_tokens, int64_t num_slots,
-         int64_t pool_rows, int64_t max_rank, int num_threads) {
+         const int32_t *a_offsets, const int32_t *b_offsets, const int32_t *segments, int64_t num_segments,
+         int64_t num_tokens, int64_t num_slots, int64_t a_numel, int64_t b_numel, int64_t max_rank, int num_threads) {
     using XT = typename XE::T;
     using WT = typename WE::T;
     const XT *x = static_cast<const XT *>(x_);
@@ -147,7 +149,8 @@ int sgmv(const void *x_, void *y_, const void *a_, const void *bt_, const Proble
         if (slot < 0 || slot >= num_slots || start < 0 || end < start || end > num_tokens) return 1;
         if (ranks[slot] < 0 || ranks[slot] > max_rank) return 2;
         if (ranks[slot] == 0) continue;
-        if (offsets[slot] < 0 || int64_t(offsets[slot]) + ranks[slot] > pool_rows) return 3;
+        if (a_offsets[slot] < 0 || int64_t(a_offsets[slot]) + ranks[slot] * p.in > a_numel) return 3;
+        if (b_offsets[slot] < 0 || int64_t(b_offsets[slot]) + ranks[slot] * p.out > b_numel) return 3;
         for (int64_t t = start; t < end; t += TILE) tiles.insert(tiles.end(), {i, t});
     }
     const int64_t num_tiles = int64_t(tiles.size()) / 2;
@@ -163,8 +166,7 @@ int sgmv(const void *x_, void *y_, const void *a_, const void *bt_, const Proble
         for (int64_t k = 0; k < num_tiles; k++) {
             const int64_t i = tiles[2 * k], t0 = tiles[2 * k + 1];
             const int32_t end = segments[3 * i + 1], slot = segments[3 * i + 2];
-            const int64_t row = offsets[slot];
-            tile<XE, WE>(p, x, y, a + row * p.in, bt + row * p.out, t0,
+            tile<XE, WE>(p, x, y, a + a_offsets[slot], bt + b_offsets[slot], t0,
                          std::min<int64_t>(TILE, end - t0), ranks[slot], ws.data());
         }
     }
@@ -175,12 +177,12 @@ int sgmv(const void *x_, void *y_, const void *a_, const void *bt_, const Proble
 
 #define LORAPLEX_SGMV_ARGS                                                                                \
     const void *x, int64_t x_stride, void *y, int64_t y_stride, const void *a, const void *bt,             \
-        int64_t in, int64_t out, const int32_t *ranks, const int32_t *offsets, const int32_t *segments,   \
-        int64_t num_segments, int64_t num_tokens, int64_t num_slots, int64_t pool_rows, int64_t max_rank,    \
-        int num_threads
+        int64_t in, int64_t out, const int32_t *ranks, const int32_t *a_offsets, const int32_t *b_offsets,  \
+        const int32_t *segments, int64_t num_segments, int64_t num_tokens, int64_t num_slots, int64_t a_numel, \
+        int64_t b_numel, int64_t max_rank, int num_threads
 #define LORAPLEX_SGMV(XT, WT)                                                                             \
-    sgmv<XT, WT>(x, y, a, bt, Problem{x_stride, y_stride, in, out}, ranks, offsets, segments, num_segments,     \
-                 num_tokens, num_slots, pool_rows, max_rank, num_threads)
+    sgmv<XT, WT>(x, y, a, bt, Problem{x_stride, y_stride, in, out}, ranks, a_offsets, b_offsets, segments,      \
+                 num_segments, num_tokens, num_slots, a_numel, b_numel, max_rank, num_threads)
 
 extern "C" int loraplex_sgmv_f32_f32(LORAPLEX_SGMV_ARGS) { return LORAPLEX_SGMV(F32, F32); }
 extern "C" int loraplex_sgmv_bf16_f32(LORAPLEX_SGMV_ARGS) { return LORAPLEX_SGMV(BF16, F32); }
