@@ -37,7 +37,7 @@ from peers import ModelSpec, Workload, loraplex_engine, make_prompts, run_lorapl
 from phases import check_lengths, describe, log
 from synthetic_adapters import write_linked_pool
 
-from loraplex_server.config import default_cache_dir
+from loraplex_server.config import default_cache_dir, parse_size
 from loraplex_server.lora.ids import AdapterId
 
 # (full run, --quick) defaults of the size options.
@@ -61,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-lora-rank", type=int, default=None, help="largest rank a slot may hold (default: --rank)")
     p.add_argument("--lora-pool-rows", type=int, default=None,
                    help="rank rows of the LoRA row pool (default: max_loras x max_lora_rank)")
+    p.add_argument("--memory-pool", choices=["separate", "unified"], default="separate",
+                   help="adapter weights in their own row pool, or paged with the KV cache")
+    p.add_argument("--kv-cache-bytes", type=parse_size, default=None,
+                   help="KV cache budget (with --memory-pool unified: KV blocks and adapters together)")
     p.add_argument("--files", type=int, default=8, help="distinct adapter files behind the hard links")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -115,7 +119,9 @@ def markdown(results: dict) -> str:
     reg, cfg = results["registration"], results["config"]
     lines = [f"# Many adapters: {reg['registered']:,} registered, {cfg['requests']} requests at concurrency "
              f"{cfg['concurrency']}, max_loras {cfg['max_loras']}, max_cpu_loras {cfg['max_cpu_loras']}, "
-             f"LoRA pool rows {cfg.get('lora_pool_rows') or 'max_loras x max_lora_rank'}",
+             + (f"unified memory pool of {cfg['kv_cache_bytes'] or 'the default'} bytes"
+                if cfg.get("memory_pool") == "unified"
+                else f"LoRA pool rows {cfg.get('lora_pool_rows') or 'max_loras x max_lora_rank'}"),
              "", f"Model {cfg['model']}, {cfg['dtype']}, {cfg['threads']} thread(s); {cfg['prompt_tokens']} prompt "
              f"+ {cfg['new_tokens']} output tokens. Registration: {reg['register_s']} s, RSS "
              f"+{reg['rss_growth_mib']} MiB = {reg['bytes_per_adapter']:,} bytes per registered adapter.", "",
@@ -143,7 +149,8 @@ def run(argv=None) -> dict:
         paths = write_linked_pool(root, base_config, args.registered, args.rank, args.files)
         engine = loraplex_engine(spec, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
                                  max_lora_rank=args.max_lora_rank or args.rank, max_num_seqs=args.concurrency,
-                                 lora_pool_rows=args.lora_pool_rows)
+                                 lora_pool_rows=args.lora_pool_rows, memory_pool=args.memory_pool,
+                                 kv_cache_bytes=args.kv_cache_bytes)
         registration = register_all(engine, paths)
         log(f"registration: {registration}")
         vocab = base_config.vocab_size
@@ -157,6 +164,8 @@ def run(argv=None) -> dict:
     config = {k: getattr(args, k) for k in SIZES} | {"rank": args.rank, "files": args.files, "threads": args.threads,
                                                      "max_lora_rank": args.max_lora_rank or args.rank,
                                                      "lora_pool_rows": args.lora_pool_rows,
+                                                     "memory_pool": args.memory_pool,
+                                                     "kv_cache_bytes": args.kv_cache_bytes,
                                                      "dtype": spec.dtype, "model": model_name(spec)}
     results = {"config": config, "registration": registration, "points": points, "host": host_info(),
                "git": git_info()}

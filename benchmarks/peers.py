@@ -19,7 +19,7 @@ import gc
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -262,8 +262,11 @@ class PeftPeer:
 # ---- Loraplex --------------------------------------------------------------------------------
 def loraplex_engine(spec: ModelSpec, *, max_loras: int, max_cpu_loras: int, max_lora_rank: int,
                     max_num_seqs: int = 64, max_batch_tokens: int = 512,
-                    kv_cache_bytes: int | None = None, lora_pool_rows: int | None = None) -> LLMEngine:
-    cache = CacheConfig() if kv_cache_bytes is None else CacheConfig(kv_cache_bytes=kv_cache_bytes)
+                    kv_cache_bytes: int | None = None, lora_pool_rows: int | None = None,
+                    memory_pool: str = "separate") -> LLMEngine:
+    cache = CacheConfig(memory_pool=memory_pool)
+    if kv_cache_bytes is not None:
+        cache = replace(cache, kv_cache_bytes=kv_cache_bytes)
     config = EngineConfig(
         model=spec.model_config(), cache=cache,
         scheduler=SchedulerConfig(max_num_batched_tokens=max_batch_tokens, max_num_seqs=max_num_seqs),

@@ -70,10 +70,11 @@ def make_peft_adapter(base: torch.nn.Module, out: Path, rank: int, alpha: int, t
 
 def engine_config(num_blocks=256, block_size=16, max_loras=4, max_rank=32, max_tokens=512, max_seqs=64,
                   max_cpu_loras=16, max_queued=1024, max_adapter_bytes=2 * 1024 ** 3,
-                  cpu_kernels="auto", max_failed_steps=3, pool_rows=None, cpu_gemm="onednn") -> EngineConfig:
+                  cpu_kernels="auto", max_failed_steps=3, pool_rows=None, cpu_gemm="onednn",
+                  memory_pool="separate") -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(cpu_kernels=cpu_kernels, cpu_gemm=cpu_gemm),
-        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
+        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, memory_pool=memory_pool),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_tokens, max_num_seqs=max_seqs,
                                   max_queued_requests=max_queued, max_failed_steps=max_failed_steps),
         lora=LoraConfig(max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_rank,
@@ -116,7 +117,8 @@ def write_tiny_config(path: Path) -> Path:
 
 def dummy_engine_factory(tmp_path: Path, device: torch.device, *, max_batch_tokens: int = 24, **model):
     """Builds engines of one config (2-layer SmolLM2 shape, seeded dummy weights) with adapters
-    a0 (rank 8) and a1 (rank 16); ``model`` overrides ModelConfig fields (e.g. cuda_graphs)."""
+    a0 (rank 8) and a1 (rank 16); ``model`` overrides ModelConfig fields (e.g. cuda_graphs);
+    ``memory_pool="unified"`` pages the adapters in a KV cache of 160 blocks."""
     import sys
 
     from loraplex_server.config import ModelConfig
@@ -127,9 +129,9 @@ def dummy_engine_factory(tmp_path: Path, device: torch.device, *, max_batch_toke
     model_cfg = dict(model=str(write_tiny_config(tmp_path / "config.json")), load_format="dummy", device=device.type,
                      dtype="float32", threads=1, **model)
 
-    def make(**overrides) -> LLMEngine:
-        cfg = EngineConfig(model=ModelConfig(**{**model_cfg, **overrides}),
-                           cache=CacheConfig(block_size=8, num_blocks=64),
+    def make(memory_pool: str = "separate", **overrides) -> LLMEngine:
+        cache = CacheConfig(block_size=8, num_blocks=64 if memory_pool == "separate" else 160, memory_pool=memory_pool)
+        cfg = EngineConfig(model=ModelConfig(**{**model_cfg, **overrides}), cache=cache,
                            scheduler=SchedulerConfig(max_num_batched_tokens=max_batch_tokens),
                            lora=LoraConfig(max_loras=3, max_lora_rank=16))
         engine = LLMEngine(cfg)

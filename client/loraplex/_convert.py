@@ -205,6 +205,7 @@ def adapter_info_to_proto(info: AdapterInfo) -> pb.AdapterInfo:
 _SERVER_INFO_FIELDS = (
     "model", "dtype", "device", "max_loras", "max_lora_rank", "context_length", "version",
     "max_cpu_loras", "kv_cache_tokens", "prefix_caching", "lora_pool_rows", "lora_pool_bytes", "kv_cache_bytes",
+    "memory_pool",
 )
 
 

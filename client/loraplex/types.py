@@ -126,8 +126,9 @@ class ServerInfo:
     kv_cache_tokens: int = 0
     prefix_caching: bool = False
     lora_pool_rows: int = 0  # rank rows of the LoRA weight pool (a rank-r adapter holds r while resident)
-    lora_pool_bytes: int = 0  # device bytes of that pool
-    kv_cache_bytes: int = 0  # device bytes of the KV cache
+    lora_pool_bytes: int = 0  # device bytes of that pool (0 when unified)
+    kv_cache_bytes: int = 0  # device bytes of the KV cache (unified: shared by KV blocks and adapter weights)
+    memory_pool: str = ""  # "separate" or "unified"; "" from a server older than the field
 
 
 @dataclass(frozen=True)

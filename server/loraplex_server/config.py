@@ -71,6 +71,13 @@ class CacheConfig:
     num_blocks: int | None = None  # overrides kv_cache_bytes when set (tests)
     # reuse the K/V of full blocks whose tokens (and adapter version) a previous request computed
     prefix_caching: bool = True
+    # separate: KV blocks in kv_cache_bytes, adapter weights in their own row pool (lora_pool_rows);
+    # unified: kv_cache_bytes is one pool of pages that KV blocks and adapter weights share
+    memory_pool: str = "separate"
+
+    def __post_init__(self):
+        if self.memory_pool not in ("separate", "unified"):
+            raise ValueError(f"memory_pool must be separate or unified, got {self.memory_pool!r}")
 
 
 @dataclass(frozen=True)

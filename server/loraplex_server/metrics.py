@@ -77,6 +77,9 @@ class StepStats:
     lora_rows_used: int = 0  # rows of the LoRA weight pool held by resident adapters
     lora_rows_total: int = 0
     lora_row_bytes: int = 0  # device bytes of one pool row (every LoRA layer's A and B)
+    # unified memory pool only: pages held by requests' KV blocks, cached KV blocks no request holds,
+    # adapter weights, and free pages
+    pool_pages: tuple[int, ...] = ()
 
 
 class Metrics:
@@ -132,6 +135,9 @@ class Metrics:
                                       "LoRA weight pool (pool=lora_weights): used or total", ("pool", "state"))
         self.lora_rows = self._gauge("lora_pool_rows", "Rank rows of the LoRA weight pool: used (held by resident "
                                      "adapters, rank r holds r) or total", ("state",))
+        self.pool_pages = self._gauge("unified_pool_pages", "Pages of the unified memory pool (one KV block each) "
+                                      "by holder: kv (requests' KV blocks), kv_cached (prefix-cache blocks no "
+                                      "request holds), adapters, free", ("holder",))
         self.adapters_resident = self._gauge("adapters_resident", "Adapters per tier", ("tier",))
         self.adapter_loads = self._counter("adapter_loads_total", "Adapter loads into a tier", ("tier",))
         self.adapter_evictions = self._counter("adapter_evictions_total", "Adapter evictions from a tier", ("tier",))
@@ -199,6 +205,8 @@ class Metrics:
             self.pool_bytes.labels(pool, "total").set(total * unit)
         self.lora_rows.labels("used").set(s.lora_rows_used)
         self.lora_rows.labels("total").set(s.lora_rows_total)
+        for holder, pages in zip(("kv", "kv_cached", "adapters", "free"), s.pool_pages, strict=False):  # () if separate
+            self.pool_pages.labels(holder).set(pages)
         self.adapters_resident.labels("device").set(s.adapters_device)
         self.adapters_resident.labels("cpu").set(s.adapters_cpu)
         self.adapters_resident.labels("registered").set(s.adapters_registered)

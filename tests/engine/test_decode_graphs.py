@@ -140,6 +140,17 @@ def test_static_decode_steps_generate_what_packed_steps_generate(make_engine):
     assert (4, 4) in runs
 
 
+def test_static_decode_steps_on_the_unified_pool_generate_what_packed_steps_generate(make_engine):
+    """Adapter weights paged in the KV cache (the static step's gather reads them at element
+    offsets of each layer's K and V cache, the trash block past the pool's pages)."""
+    expected = generate_mixed(make_engine())
+    engine = make_engine(memory_pool="unified", cuda_graphs="on", cuda_graph_max_batch=4)
+    assert engine.lora.shared.pool.num_pages == 160 and engine.runner.kv_caches[0][0].shape[0] == 161 * 8
+    runs = count_graph_runs(engine)
+    assert_same_generation(generate_mixed(engine), expected)
+    assert (4, 4) in runs and engine.lora.shared.pool.adapter_pages > 0
+
+
 def test_padded_rows_are_computed_and_discarded(make_engine):
     """Three sequences replay the size-4 step: the padding row changes nothing."""
     requests = MIXED_REQUESTS[:3]

@@ -1,9 +1,10 @@
-"""The LoRA row pool in the engine, against PEFT (fp32, CPU).
+"""The LoRA row pool and the unified memory pool (adapter pages beside KV blocks) in the engine,
+against PEFT (fp32, CPU).
 
 64 adapters of ranks 1..64 run in ONE step with ``max_loras=64`` over a pool of exactly their summed
-ranks (2,080 rows, not 64 * 64): every row's first-step logits are within 1e-4 of PEFT's for its
-adapter alone and its greedy tokens equal PEFT's. Under row pressure, eviction never takes a running
-request's adapter or a pinned one. The model is SmolLM2-135M cut to its first two layers (real
+ranks (2,080 rows, not 64 * 64), or paged in the KV cache: every row's first-step logits are within
+1e-4 of PEFT's for its adapter alone and its greedy tokens equal PEFT's. Under row (or page)
+pressure, eviction never takes a running request's adapter or a pinned one. The model is SmolLM2-135M cut to its first two layers (real
 weights, so greedy choices are not near-ties; PEFT stays fast for 64 adapters).
 """
 
@@ -101,6 +102,23 @@ def submit(engine, rows) -> None:
 
 
 ONE_STEP = dict(max_loras=NUM_ADAPTERS, max_rank=64, pool_rows=POOL_ROWS, max_tokens=2048, max_seqs=NUM_ADAPTERS)
+# the unified pool: 2,400 pages of 16-token KV blocks (3,072 floats of K and of V per layer) hold the
+# 64 adapters (2,150-odd pages at their true ranks) and the 64 requests' KV blocks
+UNIFIED_ONE_STEP = dict(max_loras=NUM_ADAPTERS, max_rank=64, max_tokens=2048, max_seqs=NUM_ADAPTERS,
+                        num_blocks=2400, memory_pool="unified")
+
+
+def assert_step_logits_match_peft(engine, batch, slots, peft_reference) -> None:
+    """One forward of the scheduled step: every row's last logits within LOGITS_ATOL of PEFT's for
+    its adapter alone (and the adapter visibly moves them off the base model's)."""
+    packed = engine.runner.pack(batch, slots)
+    logits = engine.runner.forward_logits(packed)
+    for row, req in enumerate(packed.sampling_requests):
+        i = int(req.request_id[3:])
+        diff = (logits[row] - peft_reference[i][1]).abs().max().item()
+        assert diff < LOGITS_ATOL, f"row {i} (rank {RANKS[i]}): max |diff| {diff}"
+        moved = (peft_reference[i][1] - peft_reference[i][2]).abs().max().item()
+        assert moved > 10 * LOGITS_ATOL, f"row {i}: the adapter barely moves the logits ({moved})"
 
 
 def test_64_adapters_of_ranks_1_to_64_in_one_step_match_peft_logits(two_layer_model, tokenizer, pool_adapters,
@@ -114,19 +132,35 @@ def test_64_adapters_of_ranks_1_to_64_in_one_step_match_peft_logits(two_layer_mo
     assert len(batch.scheduled) == NUM_ADAPTERS and len(batch.adapter_keys) == NUM_ADAPTERS
     slots = engine.lora.activate(batch.adapter_keys, engine.scheduler.running_adapter_keys())
     assert engine.lora.slots.rows.free_rows == 0 and engine.lora.slots.num_evictions == 0  # every row in use
-    packed = engine.runner.pack(batch, slots)
-    logits = engine.runner.forward_logits(packed)
-    for row, req in enumerate(packed.sampling_requests):
-        i = int(req.request_id[3:])
-        diff = (logits[row] - peft_reference[i][1]).abs().max().item()
-        assert diff < LOGITS_ATOL, f"row {i} (rank {RANKS[i]}): max |diff| {diff}"
-        moved = (peft_reference[i][1] - peft_reference[i][2]).abs().max().item()
-        assert moved > 10 * LOGITS_ATOL, f"row {i}: the adapter barely moves the logits ({moved})"
+    assert_step_logits_match_peft(engine, batch, slots, peft_reference)
 
 
+def test_64_adapters_paged_with_the_kv_cache_in_one_step_match_peft_logits(two_layer_model, tokenizer,
+                                                                           pool_adapters, peft_reference):
+    """The unified pool: every adapter's weights live in pages of the KV cache tensors themselves,
+    beside the step's KV blocks, and every row's logits are PEFT's."""
+    engine = pool_engine(two_layer_model, tokenizer, pool_adapters, **UNIFIED_ONE_STEP)
+    pool = engine.lora.shared.pool
+    for key, layer in engine.lora.layers.items():  # A in the layer's K cache, Bt in its V cache
+        k_cache, v_cache = engine.runner.kv_caches[key.layer]
+        assert layer.lora_a.data_ptr() == k_cache.data_ptr() and layer.lora_bt.data_ptr() == v_cache.data_ptr()
+    submit(engine, range(NUM_ADAPTERS))
+    batch = engine.scheduler.schedule()
+    assert len(batch.scheduled) == NUM_ADAPTERS and len(batch.adapter_keys) == NUM_ADAPTERS
+    slots = engine.lora.activate(batch.adapter_keys, engine.scheduler.running_adapter_keys())
+    assert engine.lora.slots.num_evictions == 0
+    kv_pages = sum(len(s.request.block_ids) for s in batch.scheduled)
+    assert pool.kv_pages == kv_pages and pool.adapter_pages == engine.lora.slots.used_rows
+    assert pool.free_pages == pool.num_pages - kv_pages - pool.adapter_pages
+    pages_of = {k: engine.lora.slots.rows_of(k)[1] for k in batch.adapter_keys}
+    assert max(pages_of.values()) > 5 * min(pages_of.values())  # each at its own rank, not max_rank
+    assert_step_logits_match_peft(engine, batch, slots, peft_reference)
+
+
+@pytest.mark.parametrize("layout", [ONE_STEP, UNIFIED_ONE_STEP], ids=["row_pool", "unified"])
 def test_64_adapters_of_ranks_1_to_64_greedy_equal_peft_alone(two_layer_model, tokenizer, pool_adapters,
-                                                              peft_reference):
-    engine = pool_engine(two_layer_model, tokenizer, pool_adapters, **ONE_STEP)
+                                                              peft_reference, layout):
+    engine = pool_engine(two_layer_model, tokenizer, pool_adapters, **layout)
     submit(engine, range(NUM_ADAPTERS))
     outputs = run_to_completion(engine)
     for i in range(NUM_ADAPTERS):
@@ -189,6 +223,44 @@ def test_a_tiny_pool_and_a_tiny_kv_cache_evict_and_preempt_together_without_losi
     assert evicted and engine.scheduler.num_preemptions > 0
 
 
+def test_a_tiny_unified_pool_evicts_adapters_for_kv_and_preempts_without_losing_a_request(
+        two_layer_model, tokenizer, pool_adapters, peft_reference, monkeypatch):
+    """One pool of 432 pages of 4-token KV blocks (768 floats of K and of V per layer; the least a
+    max_lora_rank of 32 allows) for adapters of ranks 12..32 (18-196 pages each) and requests of
+    16-20 tokens (5-7 blocks): KV blocks take idle adapters' pages, adapters take cached KV blocks'
+    pages, requests are preempted. Every request ends with PEFT's greedy tokens; no eviction touches
+    a running request's adapter."""
+    rows = [12, 28, 16, 24, 20, 11, 31]  # ranks 13, 29, 17, 25, 21 on all 7 modules; 12, 32 on k and o
+    used = {name(i): pool_adapters[name(i)] for i in rows}
+    engine = pool_engine(two_layer_model, tokenizer, used, max_loras=8, max_rank=32, num_blocks=432,
+                         block_size=4, memory_pool="unified")
+    evicted = checked_evictions(engine, monkeypatch)
+    pool = engine.lora.shared.pool
+    for_kv, reclaimed = [], []  # adapters evicted for KV blocks; cached KV blocks taken for adapters
+    evict_idle, reclaim = engine.lora.evict_idle, engine.blocks.reclaim_cached
+    monkeypatch.setattr(engine.lora, "evict_idle", lambda busy: for_kv.append(evict_idle(busy)) or for_kv[-1])
+    monkeypatch.setattr(engine.blocks, "reclaim_cached", lambda blocks: reclaimed.extend(blocks) or reclaim(blocks))
+    seen = []
+    step = engine.step
+
+    def checked_step():
+        out = step()
+        held = sum(len(r.block_ids) for r in engine.scheduler.running)
+        assert pool.kv_pages >= held and pool.adapter_pages == engine.lora.slots.used_rows
+        assert pool.free_pages + pool.kv_pages + pool.adapter_pages == pool.num_pages
+        seen.append((pool.kv_pages, pool.adapter_pages))
+        return out
+    monkeypatch.setattr(engine, "step", checked_step)
+    submit(engine, rows)
+    outputs = run_to_completion(engine)
+    assert set(outputs) == {f"row{i}" for i in rows}
+    for i in rows:
+        assert outputs[f"row{i}"][-1].finish_reason is not None and outputs[f"row{i}"][-1].error is None
+        assert tokens_of(outputs[f"row{i}"]) == peft_reference[i][0], f"row {i} (rank {RANKS[i]}) diverged"
+    assert evicted and any(for_kv) and reclaimed and engine.scheduler.num_preemptions > 0
+    assert max(kv + adapters for kv, adapters in seen) > 0.9 * pool.num_pages  # the pool really was full
+
+
 def test_a_rank_above_the_pool_is_refused_at_registration(two_layer_model, tokenizer, pool_adapters):
     """As a rank above max_lora_rank is: a clear error when the adapter is added, never a queue
     that waits for rows that cannot exist."""
@@ -198,3 +270,23 @@ def test_a_rank_above_the_pool_is_refused_at_registration(two_layer_model, token
     engine.lora.add_adapter("r16", pool_adapters[name(15)])
     with pytest.raises(AdapterLoadError, match="rank 17 exceeds max_lora_rank 16"):
         engine.lora.add_adapter("r17", pool_adapters[name(16)])
+
+
+def test_the_unified_pool_refuses_settings_it_cannot_serve(two_layer_model, tokenizer, pool_adapters):
+    """An adapter of max_lora_rank must fit in half the pool; the weights must be in the KV cache's
+    dtype (a bf16 model on the torch ops computes LoRA in fp32); pins may hold a quarter of it."""
+    from loraplex_server.errors import AdapterPinError
+
+    with pytest.raises(ValueError, match="would hold 108 of the 200 pages"):  # 64 * 5,184 / 3,072 -> 108
+        pool_engine(two_layer_model, tokenizer, {}, max_rank=64, num_blocks=200, memory_pool="unified")
+    bf16 = LoadedModel(copy.deepcopy(two_layer_model).to(torch.bfloat16), tokenizer, "two-layer",
+                       torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ValueError, match="computes in torch.float32"):
+        LLMEngine(engine_config(max_rank=16, num_blocks=400, cpu_kernels="off", memory_pool="unified"), loaded=bf16)
+    used = {name(i): pool_adapters[name(i)] for i in (28, 3)}  # rank 29 on all 7 modules; rank 4
+    engine = pool_engine(two_layer_model, tokenizer, used, max_loras=4, max_rank=32, num_blocks=432,
+                         block_size=4, memory_pool="unified")
+    with pytest.raises(AdapterPinError, match="more than the quarter"):  # 196 of 432 pages
+        engine.pin_adapter(name(28))
+    engine.pin_adapter(name(3))
+    assert engine.lora.slots.slot_of(engine.lora.resolve(name(3)).key) is not None

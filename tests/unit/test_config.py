@@ -50,6 +50,18 @@ def test_lora_pool_rows_defaults_to_todays_memory_and_is_wired_like_the_other_lo
         _ = LoraConfig(lora_pool_rows=0).resolved_pool_rows
 
 
+def test_memory_pool_defaults_to_separate_is_wired_and_refuses_other_values():
+    from loraplex_server.cli import build_parser, flag_values
+    from loraplex_server.config import CacheConfig, load_config
+
+    assert CacheConfig().memory_pool == "separate"
+    assert engine_config_from_env({"LORAPLEX_MEMORY_POOL": "unified"}).cache.memory_pool == "unified"
+    args = build_parser().parse_args(["--memory-pool", "unified"])
+    assert load_config(flag_values(args), None, {}).engine.cache.memory_pool == "unified"
+    with pytest.raises(ValueError, match="memory_pool must be separate or unified"):
+        CacheConfig(memory_pool="shared")
+
+
 def test_cpu_gemm_defaults_to_onednn_is_wired_and_refuses_other_values():
     from loraplex_server.cli import build_parser, flag_values
     from loraplex_server.config import ModelConfig, load_config

@@ -252,7 +252,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("model", "dtype", "device", "max_loras", "max_lora_rank", "context_length", "version", "max_cpu_loras", "kv_cache_tokens", "prefix_caching", "lora_pool_rows", "lora_pool_bytes", "kv_cache_bytes")
+    __slots__ = ("model", "dtype", "device", "max_loras", "max_lora_rank", "context_length", "version", "max_cpu_loras", "kv_cache_tokens", "prefix_caching", "lora_pool_rows", "lora_pool_bytes", "kv_cache_bytes", "memory_pool")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -266,6 +266,7 @@ class GetServerInfoResponse(_message.Message):
     LORA_POOL_ROWS_FIELD_NUMBER: _ClassVar[int]
     LORA_POOL_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_POOL_FIELD_NUMBER: _ClassVar[int]
     model: str
     dtype: str
     device: str
@@ -279,4 +280,5 @@ class GetServerInfoResponse(_message.Message):
     lora_pool_rows: int
     lora_pool_bytes: int
     kv_cache_bytes: int
-    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., context_length: _Optional[int] = ..., version: _Optional[str] = ..., max_cpu_loras: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., prefix_caching: _Optional[bool] = ..., lora_pool_rows: _Optional[int] = ..., lora_pool_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
+    memory_pool: str
+    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., context_length: _Optional[int] = ..., version: _Optional[str] = ..., max_cpu_loras: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., prefix_caching: _Optional[bool] = ..., lora_pool_rows: _Optional[int] = ..., lora_pool_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., memory_pool: _Optional[str] = ...) -> None: ...

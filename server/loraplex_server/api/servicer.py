@@ -91,4 +91,4 @@ class LoraplexServicer(pb_grpc.LoraplexServiceServicer):
             max_lora_rank=info.max_lora_rank, context_length=info.context_length, version=__version__,
             max_cpu_loras=info.max_cpu_loras, kv_cache_tokens=info.kv_cache_tokens,
             prefix_caching=info.prefix_caching, lora_pool_rows=info.lora_pool_rows,
-            lora_pool_bytes=info.lora_pool_bytes, kv_cache_bytes=info.kv_cache_bytes)
+            lora_pool_bytes=info.lora_pool_bytes, kv_cache_bytes=info.kv_cache_bytes, memory_pool=info.memory_pool)

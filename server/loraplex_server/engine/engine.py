@@ -15,7 +15,8 @@ import torch
 from ..config import EngineConfig
 from ..errors import AdapterUnavailableError, DuplicateRequestError, EngineFailure
 from ..lora.ids import AdapterId, VersionKey
-from ..lora.manager import LoraManager
+from ..lora.manager import LoraManager, SharedPool
+from ..memory.page_pool import KvPages, PagePool
 from ..metrics import StepStats
 from ..model.attention import register_paged_attention
 from ..model.fused_ops import install_fused_ops
@@ -70,16 +71,19 @@ class LLMEngine:
         native = None
         if config.model.cpu_kernels == "auto" and self.loaded.device.type == "cpu":
             native = load_native_kernels(config.model.cache_dir, config.resolved_threads())
-        self.lora = LoraManager(model, config.lora, load_fn=adapter_load_fn, native_kernels=native)
         spec = KVCacheSpec.from_model_config(model.config, self.loaded.dtype)
         num_blocks = num_blocks_for(spec, config.cache)
         self.kv_block_bytes = spec.bytes_per_block(config.cache.block_size)
-        self.blocks = BlockManager(num_blocks, config.cache.block_size, config.cache.prefix_caching)
         graphs = graph_mode(config.model.cuda_graphs, self.loaded.device)
         # captured decode steps park their padding rows in one extra block no sequence owns
         allocated_blocks = num_blocks + (1 if graphs else 0)
         kv_caches = allocate_kv_cache(spec, allocated_blocks, config.cache.block_size, self.loaded.device)
         self.kv_cache_bytes = allocated_blocks * self.kv_block_bytes
+        shared = self._shared_pool(spec, num_blocks, kv_caches) if config.cache.memory_pool == "unified" else None
+        self.lora = LoraManager(model, config.lora, load_fn=adapter_load_fn, native_kernels=native, shared=shared)
+        free_blocks = None if shared is None else KvPages(shared.pool, self._idle_adapter_pages,
+                                                          self._evict_idle_adapter)
+        self.blocks = BlockManager(num_blocks, config.cache.block_size, config.cache.prefix_caching, free_blocks)
         self.scheduler = Scheduler(config.scheduler, self.blocks, config.lora.max_loras,
                                    key_ready=self.lora.ready, reserved_keys=self.lora.reserved_keys,
                                    fairness=make_fairness(config.scheduler.fairness, tenant_weight),
@@ -96,7 +100,7 @@ class LLMEngine:
             log.info("CPU linears (cpu_gemm=%s): %s", config.model.cpu_gemm, pack_linears(model, config.model.cpu_gemm))
             reuse_logits_memory(model)  # after packing: wraps the packed head too
         self.inputs = InputProcessor(self.loaded.tokenizer, model.config.vocab_size, model_len,
-                                     self.blocks.capacity_tokens)
+                                     self.lora.kv_capacity_pages(num_blocks) * config.cache.block_size)
         self.outputs = OutputProcessor(self.loaded.tokenizer, eos_token_ids(self.loaded),
                                        self.inputs.max_total_tokens)
         self.grammars = GrammarCache(config.guided, lambda: GrammarBackend(
@@ -108,6 +112,23 @@ class LLMEngine:
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens (prefix caching %s), max_loras=%d",
                  self.loaded.name, self.loaded.device, self.loaded.dtype, num_blocks,
                  config.cache.block_size, "on" if config.cache.prefix_caching else "off", config.lora.max_loras)
+
+    def _idle_adapter_pages(self) -> int:
+        """Unified pool: pages that adapters no running request (or pin, or this step) uses could free."""
+        return self.lora.idle_pages(self.scheduler.running_adapter_keys())
+
+    def _evict_idle_adapter(self) -> bool:
+        return self.lora.evict_idle(self.scheduler.running_adapter_keys())
+
+    def _shared_pool(self, spec: KVCacheSpec, num_blocks: int, kv_caches) -> SharedPool:
+        """The unified memory pool over the KV cache: page p is KV block p of every layer, where an
+        adapter version may instead keep its weights (A blocks in K, Bt blocks in V)."""
+        block_size = self.config.cache.block_size
+        # late-bound: self.blocks is built after the LoRA side, which needs the pool
+        return SharedPool([(k.view(-1), v.view(-1)) for k, v in kv_caches],
+                          page_elems=block_size * spec.num_kv_heads * spec.head_dim, page_bytes=self.kv_block_bytes,
+                          pool=PagePool(num_blocks), cached_pages=lambda: self.blocks.cached_free_blocks(),  # noqa: PLW0108
+                          reclaim=lambda blocks: self.blocks.reclaim_cached(blocks))  # noqa: PLW0108
 
     def _decode_graphs(self, mode: str, kv_caches, num_blocks: int, model_len: int) -> DecodeGraphs | None:
         block_size = self.config.cache.block_size
@@ -271,10 +292,16 @@ class LLMEngine:
 
     def stats(self, duration_s: float) -> StepStats:
         slots, registry = self.lora.slots, self.lora.registry
+        kv_used = self.blocks.num_blocks - self.blocks.num_free_blocks
+        pool_pages: tuple[int, ...] = ()
+        if self.lora.shared is not None:  # unified: count the pool's pages by holder
+            pool, cached = self.lora.shared.pool, len(self.blocks.cached_free_blocks())
+            kv_used = pool.kv_pages - cached
+            pool_pages = (kv_used, cached, pool.adapter_pages, pool.free_pages)
         return StepStats(
             num_seqs=self.last_batch[0], num_tokens=self.last_batch[1], duration_s=duration_s,
             running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-            kv_blocks_used=self.blocks.num_blocks - self.blocks.num_free_blocks,
+            kv_blocks_used=kv_used,
             kv_blocks_total=self.blocks.num_blocks, adapters_device=len(slots.resident),
             adapters_cpu=registry.num_in_cpu_cache, adapters_registered=registry.num_registered,
             device_loads=slots.num_loads, device_evictions=slots.num_evictions,
@@ -286,17 +313,19 @@ class LLMEngine:
             running_adapters=_adapter_ids(self.scheduler.running),
             waiting_adapters=_adapter_ids(self.scheduler.waiting),
             max_loras=slots.max_loras, kv_block_bytes=self.kv_block_bytes,
-            lora_rows_used=slots.used_rows, lora_rows_total=slots.pool_rows, lora_row_bytes=slots.row_bytes)
+            lora_rows_used=slots.used_rows, lora_rows_total=slots.pool_rows, lora_row_bytes=slots.row_bytes,
+            pool_pages=pool_pages)
 
     def server_info(self) -> ServerInfo:
         lora = self.config.lora
+        unified = self.lora.shared is not None
         return ServerInfo(model=self.loaded.name, dtype=str(self.loaded.dtype).removeprefix("torch."),
                           device=str(self.loaded.device), max_loras=lora.max_loras, max_lora_rank=lora.max_lora_rank,
                           max_cpu_loras=lora.max_cpu_loras, context_length=self.inputs.max_model_len,
                           kv_cache_tokens=self.blocks.capacity_tokens, prefix_caching=self.blocks.prefix_caching,
-                          lora_pool_rows=self.lora.slots.pool_rows,
-                          lora_pool_bytes=self.lora.slots.pool_rows * self.lora.slots.row_bytes,
-                          kv_cache_bytes=self.kv_cache_bytes)
+                          lora_pool_rows=0 if unified else self.lora.slots.pool_rows,
+                          lora_pool_bytes=0 if unified else self.lora.slots.pool_rows * self.lora.slots.row_bytes,
+                          kv_cache_bytes=self.kv_cache_bytes, memory_pool=self.config.cache.memory_pool)
 
     def set_tenant_weights(self, weight_of: Callable[[str], float]) -> None:
         """Tenant share weights for fair scheduling (no effect under FCFS)."""

@@ -61,13 +61,17 @@ NO_HIT = PrefixHit()
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False):
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False, free_blocks=None):
+        """``free_blocks``: where never-cached free blocks come from and go back to (``popleft``,
+        ``append``, ``len``): by default a deque of all ``num_blocks``; on the unified memory pool
+        its pages (``memory.page_pool.KvPages``), shared with adapter weights."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.prefix_caching = prefix_caching
-        self._free: deque[int] = deque(range(num_blocks))  # free, holding nothing cached
+        # free, holding nothing cached
+        self._free: deque[int] = deque(range(num_blocks)) if free_blocks is None else free_blocks
         self._evictable: OrderedDict[int, None] = OrderedDict()  # free but cached, least recent first
         self._refs = [0] * num_blocks
         self._hash_of: dict[int, tuple[bytes, VersionKey | None]] = {}  # published block -> (hash, seed key)
@@ -184,17 +188,32 @@ class BlockManager:
         self._seeds.pop(adapter_key, None)
         return len(blocks)
 
+    def cached_free_blocks(self) -> list[int]:
+        """Cached blocks no request holds (what an allocation may recycle)."""
+        return list(self._evictable)
+
+    def reclaim_cached(self, blocks) -> None:
+        """Forget these cached blocks no request holds and free them (the unified pool gives their
+        pages to an adapter)."""
+        for block in blocks:
+            del self._evictable[block]
+            self._unpublish(block)
+            self._free.append(block)
+
     def _pop_free(self) -> int:
         """A free block: a never-cached one if any, else the least recently used cached one."""
         if self._free:
             block = self._free.popleft()
         else:
             block, _ = self._evictable.popitem(last=False)
-            h, key = self._hash_of.pop(block)
-            del self._block_of[h]
-            self._by_seed[key].discard(block)
+            self._unpublish(block)
         self._refs[block] = 1
         return block
+
+    def _unpublish(self, block: int) -> None:
+        h, key = self._hash_of.pop(block)
+        del self._block_of[h]
+        self._by_seed[key].discard(block)
 
     def _hashes(self, request: Request, num_blocks: int) -> list[bytes]:
         """The request's chain hashes, at least its first ``num_blocks`` full blocks' (memoized on it)."""

@@ -5,10 +5,11 @@ admits waiting requests in arrival order (FCFS; across tenants, optionally by Vi
 Counter, see fairness.py; a request whose adapter is loading or whose grammar is compiling is
 passed over and keeps its place) while the token budget, the running-sequence cap,
 the KV blocks and the LoRA caps allow: at most ``max_loras`` distinct adapters, whose rows (with
-the pinned and running ones) fit the LoRA weight pool (``lora_fits``). Admission stops at the first
-waiting request that does not fit, so nothing behind it can starve it, with one bounded exception
-(adapter affinity): a request kept out only by a LoRA cap may be passed over by later
-requests whose adapters are already in the batch, for at most ``max_slot_bypass_steps`` steps;
+the pinned and running ones) fit the LoRA weight pool (``lora_fits``; on the unified memory pool
+it places the adapter's pages then and there, so one allocator arbitrates KV blocks and adapters).
+Admission stops at the first waiting request that does not fit, so nothing behind it can starve
+it, with one bounded exception (adapter affinity): a request kept out only by a LoRA cap may be
+passed over by later requests whose adapters are already in the batch, for at most ``max_slot_bypass_steps`` steps;
 then admission stops at it again until a slot (or rows) frees. When a running request
 needs a KV block and none is free, the most recently admitted request is preempted: its blocks
 are freed and it returns to the head of the queue to be recomputed later (nothing is lost).

@@ -79,21 +79,27 @@ class LoraLinear(nn.Module):
     lora_bt: torch.Tensor
 
     def __init__(self, base: nn.Linear, key: ModuleKey, max_loras: int, max_rank: int, state: LoraStepState,
-                 pool_rows: int | None = None):
-        """``max_loras`` slots (table entries); ``pool_rows`` weight rows (default ``max_loras *
-        max_rank``), each ``in`` elements of ``lora_a`` and ``out`` of ``lora_bt``."""
+                 pool_rows: int | None = None, buffers: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """``max_loras`` slots (table entries). Weights: a row pool of its own, ``pool_rows`` rows
+        (default ``max_loras * max_rank``), each ``in`` elements of ``lora_a`` and ``out`` of
+        ``lora_bt``; or ``buffers``, flat (A, Bt) buffers shared with other modules (the unified
+        pool's arenas, ``page_layout.py``), written at element offsets (``write_slot``)."""
         super().__init__()
         self.base = base
         self.key = key
         self.state = state
         w = base.weight
-        dtype = lora_compute_dtype(w.dtype, w.device, state.apply)
-        self.pool_rows = max_loras * max_rank if pool_rows is None else pool_rows
+        if buffers is not None:
+            self.pool_rows = 0
+            a_buf, bt_buf = buffers
+        else:
+            dtype = lora_compute_dtype(w.dtype, w.device, state.apply)
+            self.pool_rows = max_loras * max_rank if pool_rows is None else pool_rows
+            a_buf = torch.zeros(self.pool_rows * base.in_features, dtype=dtype, device=w.device)
+            bt_buf = torch.zeros(self.pool_rows * base.out_features, dtype=dtype, device=w.device)
         # A then (scale * B)^T, row after row: slot s's A is lora_a[a_off[s] : a_off[s] + r[s] * in]
-        self.register_buffer("lora_a", torch.zeros(self.pool_rows * base.in_features, dtype=dtype, device=w.device),
-                             persistent=False)
-        self.register_buffer("lora_bt", torch.zeros(self.pool_rows * base.out_features, dtype=dtype,
-                                                    device=w.device), persistent=False)
+        self.register_buffer("lora_a", a_buf, persistent=False)
+        self.register_buffer("lora_bt", bt_buf, persistent=False)
         self.slot_ranks = SlotTable(max_loras, w.device, bound=max_rank)
         self.a_offsets = SlotTable(max_loras, w.device, bound=self.lora_a.numel())
         self.b_offsets = SlotTable(max_loras, w.device, bound=self.lora_bt.numel())
@@ -142,28 +148,33 @@ class LoraLinear(nn.Module):
     def set_slot(self, slot: int, row: int, weights: LoraModuleWeights | None) -> None:
         """Write an adapter's weights (scale folded into B) into pool rows ``row`` .. ``row + r - 1``
         and record slot ``slot``'s rank and offsets for this module (rank 0 when ``weights`` is None)."""
+        if weights is not None and (row < 0 or row + weights.rank > self.pool_rows):
+            raise ValueError(f"rank {weights.rank} at row {row} does not fit a pool of {self.pool_rows} rows")
+        self.write_slot(slot, row * self.in_features, row * self.out_features, weights)
+
+    @torch.no_grad()
+    def write_slot(self, slot: int, a_offset: int, b_offset: int, weights: LoraModuleWeights | None) -> None:
+        """Write an adapter's A at element ``a_offset`` of ``lora_a`` and its (scale * B)^T at
+        ``b_offset`` of ``lora_bt``, and point slot ``slot`` at them (rank 0 when ``weights`` is None)."""
         if weights is None:
             self.slot_ranks.set(slot, 0)
             return
-        r = weights.rank
-        if r > self.max_rank or row < 0 or row + r > self.pool_rows:
-            raise ValueError(f"rank {r} at row {row} does not fit a pool of {self.pool_rows} rows "
-                             f"(max rank {self.max_rank})")
-        a, bt = self.rows(row, r)
-        a.copy_(weights.a)
-        bt.copy_(weights.b.T * weights.scale)
-        self._place(slot, row, r)
+        r, fan_in, fan_out = weights.rank, self.in_features, self.out_features
+        if (r > self.max_rank or a_offset < 0 or b_offset < 0 or a_offset + r * fan_in > self.lora_a.numel()
+                or b_offset + r * fan_out > self.lora_bt.numel()):
+            raise ValueError(f"rank {r} at offsets {a_offset} / {b_offset} does not fit buffers of "
+                             f"{self.lora_a.numel()} / {self.lora_bt.numel()} elements (max rank {self.max_rank})")
+        self.lora_a[a_offset:a_offset + r * fan_in].view(r, fan_in).copy_(weights.a)
+        self.lora_bt[b_offset:b_offset + r * fan_out].view(r, fan_out).copy_(weights.b.T * weights.scale)
+        self.a_offsets.set(slot, a_offset)
+        self.b_offsets.set(slot, b_offset)
+        self.slot_ranks.set(slot, r)
 
     def rows(self, row: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Pool rows ``row`` .. ``row + count - 1``: views [count, in] of A and [count, out] of Bt."""
         i, o = self.in_features, self.out_features
         a = self.lora_a[row * i:(row + count) * i].view(count, i)
         return a, self.lora_bt[row * o:(row + count) * o].view(count, o)
-
-    def _place(self, slot: int, row: int, rank: int) -> None:
-        self.a_offsets.set(slot, row * self.in_features)
-        self.b_offsets.set(slot, row * self.out_features)
-        self.slot_ranks.set(slot, rank)
 
     @torch.no_grad()
     def move_slot(self, slot: int, src: int, dst: int, length: int) -> None:
@@ -172,4 +183,5 @@ class LoraLinear(nn.Module):
         for new, old in zip(self.rows(dst, length), self.rows(src, length), strict=True):
             new.copy_(old.clone())
         if self.slot_ranks[slot]:
-            self._place(slot, dst, self.slot_ranks[slot])
+            self.a_offsets.set(slot, dst * self.in_features)
+            self.b_offsets.set(slot, dst * self.out_features)

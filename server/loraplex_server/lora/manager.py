@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..config import LoraConfig
 from ..errors import AdapterPinError
+from ..memory.page_pool import AdapterRuns, PagePool
 from .ids import AdapterId, VersionKey
-from .layers import LoraStepState
+from .layers import LoraStepState, lora_compute_dtype
 from .mapping import LoraMapping
 from .model import find_targets, inject_lora_layers, model_device
 from .ops import apply_function
+from .page_layout import PageLayout
 from .registry import AdapterRegistry, AdapterVersion
 from .slots import SlotManager, SlotsExhaustedError
 from .weights import AdapterInfo, LoraAdapter
@@ -28,25 +32,69 @@ class WeightsNotInMemoryError(RuntimeError):
     """A version reached ``activate`` without its weights in memory (the engine never reads disk)."""
 
 
+@dataclass(frozen=True)
+class SharedPool:
+    """The unified memory pool as the LoRA side sees it: every model layer's K and V arenas (flat
+    views of its KV cache: A blocks go in K, Bt blocks in V), ``page_elems`` elements of each per
+    page, who holds which page, and the KV side's cached blocks no request holds (``cached_pages``,
+    ``reclaim``: an adapter run may take them)."""
+
+    arenas: list[tuple[torch.Tensor, torch.Tensor]]
+    page_elems: int
+    page_bytes: int
+    pool: PagePool
+    cached_pages: Callable[[], Iterable[int]]
+    reclaim: Callable[[list[int]], None]
+
+
 class LoraManager:
-    def __init__(self, model: nn.Module, config: LoraConfig, load_fn: Callable | None = None, native_kernels=None):
-        """``native_kernels``: the model's native CPU kernel library (model/native.py), or None."""
+    def __init__(self, model: nn.Module, config: LoraConfig, load_fn: Callable | None = None, native_kernels=None,
+                 shared: SharedPool | None = None):
+        """``native_kernels``: the model's native CPU kernel library (model/native.py), or None;
+        ``shared``: the unified memory pool, where adapter weights are paged beside KV blocks
+        (else each LoRA layer keeps a row pool of ``lora_pool_rows`` rows)."""
         self.config = config
         # Triton on CUDA, the native kernel on CPU when built, else torch
         self.state = LoraStepState(apply_function(model_device(model), native_kernels))
         self.targets = find_targets(model)
-        self.layers = inject_lora_layers(model, config.max_loras, config.max_lora_rank, self.state,
-                                         config.resolved_pool_rows)
-        # a rank above the pool's rows could never be resident: refused at load, like one above max_lora_rank
-        self.max_rank = min(config.max_lora_rank, config.resolved_pool_rows)
+        self.shared = shared
+        if shared is None:
+            self.layers = inject_lora_layers(model, config.max_loras, config.max_lora_rank, self.state,
+                                             config.resolved_pool_rows)
+            # a rank above the pool's rows could never be resident: refused at load, like one above max_lora_rank
+            self.max_rank = min(config.max_lora_rank, config.resolved_pool_rows)
+            self.slots = SlotManager(self.layers, config.max_loras)
+        else:
+            self.layers = inject_lora_layers(model, config.max_loras, config.max_lora_rank, self.state,
+                                             buffers_of=lambda key: shared.arenas[key.layer])
+            self.max_rank = config.max_lora_rank
+            self.slots = self._paged_slots(shared, model)
         self.registry = AdapterRegistry(self.targets, self.max_rank, config.max_cpu_loras,
                                         config.adapter_root, config.max_adapter_bytes, load_fn=load_fn)
-        self.slots = SlotManager(self.layers, config.max_loras)
+        self._step_keys: set[VersionKey] = set()  # placed or used this step: KV pressure cannot evict them
         self.request_counts: dict[AdapterId, int] = {}
         self.pinned_ids: set[AdapterId] = set()
         # weights that ``ready`` found in the CPU cache, held until ``activate`` puts them in slots:
         # an eviction from the cache in between cannot make the engine thread read from disk
         self._held: dict[VersionKey, LoraAdapter] = {}
+
+    def _paged_slots(self, shared: SharedPool, model: nn.Module) -> SlotManager:
+        dtype = shared.arenas[0][0].dtype
+        wanted = lora_compute_dtype(dtype, model_device(model), self.state.apply)
+        if wanted != dtype:
+            raise ValueError(f"the unified memory pool keeps adapter weights in the KV cache's dtype ({dtype}), "
+                             f"but the LoRA apply here computes in {wanted} (build the native CPU kernels, "
+                             "or use memory_pool=separate)")
+        layout = PageLayout({k: (la.in_features, la.out_features) for k, la in self.layers.items()},
+                            shared.page_elems)
+        largest = layout.pages_for_rank(self.config.max_lora_rank)
+        if largest > shared.pool.num_pages // 2:
+            raise ValueError(f"an adapter of max_lora_rank {self.config.max_lora_rank} would hold {largest} of the "
+                             f"{shared.pool.num_pages} pages of the unified memory pool (at most half): raise "
+                             "kv_cache_bytes or lower max_lora_rank")
+        return SlotManager(self.layers, self.config.max_loras, AdapterRuns(shared.pool, shared.cached_pages,
+                                                                           shared.reclaim),
+                           layout, shared.page_bytes)
 
     # ---- registration (any thread) ----------------------------------------------------------
     def add_adapter(self, adapter_id: AdapterId, source: str | Path, *, eager: bool = True,
@@ -101,18 +149,63 @@ class LoraManager:
     def begin_step(self) -> None:
         """Drop weights held by the previous step's ``ready`` calls that ``activate`` did not take."""
         self._held.clear()
+        self._step_keys.clear()
 
     def failure(self, key: VersionKey) -> str | None:
         return self.registry.failure(key)
 
     def rank_of(self, key: VersionKey) -> int:
-        """Rows a version holds when resident (its largest module rank)."""
+        """Rows (pages, on the unified pool) a version holds when resident: its largest module rank,
+        or its pages; for one not resident, the most a version of its rank can hold."""
         extent = self.slots.rows_of(key)
-        return extent[1] if extent is not None else self.registry.version(key).meta.rank
+        return extent[1] if extent is not None else self._units_for_rank(self.registry.version(key).meta.rank)
+
+    @property
+    def max_pinned_rows(self) -> int:
+        """Rows (pages) pinned adapters may hold together: in a row pool all but room for the largest
+        rank; in the unified pool a quarter of it (with the largest adapter, at most half, a request
+        of ``kv_capacity_pages`` always finds room)."""
+        if self.shared is None:
+            return self.slots.pool_rows - self._units_for_rank(self.max_rank)
+        return self.slots.pool_rows // 4
+
+    def kv_capacity_pages(self, num_blocks: int) -> int:
+        """KV blocks one request may need: all of them with a separate pool; in the unified pool what
+        remains beside the largest adapter and the most that may be pinned."""
+        if self.shared is None:
+            return num_blocks
+        return num_blocks - self._units_for_rank(self.max_rank) - self.max_pinned_rows
+
+    def _units_for_rank(self, rank: int) -> int:
+        layout = self.slots.layout
+        return rank if layout is None else layout.pages_for_rank(rank)
 
     def fits(self, keys: set[VersionKey]) -> bool:
-        """Whether these versions can be resident together (the scheduler's rows check)."""
-        return self.slots.fits(self.rank_of(k) for k in keys)
+        """Whether these versions can be resident together (the scheduler's LoRA check). On the
+        unified pool the answer depends on where KV blocks sit, so the versions whose weights are in
+        memory are made resident now (evicting idle ones, reclaiming cached KV blocks): True means
+        they are, and KV pressure leaves them alone for the rest of the step."""
+        if self.shared is None:
+            return self.slots.fits(self.rank_of(k) for k in keys)
+        if len(keys) > self.slots.max_loras:
+            return False
+        missing = {k for k in keys if self.slots.slot_of(k) is None}
+        if not all(self.ready(k) for k in missing):
+            return True  # still loading: the scheduler's readiness check keeps the request waiting
+        try:
+            self.slots.activate(missing, self._weights_in_memory, keys)
+        except SlotsExhaustedError:
+            return False
+        self._step_keys |= keys
+        return True
+
+    def idle_pages(self, busy: set[VersionKey]) -> int:
+        """Pages of resident versions that no request in ``busy``, pin or this step holds."""
+        return self.slots.idle_rows(busy | self._step_keys)
+
+    def evict_idle(self, busy: set[VersionKey]) -> bool:
+        """Evict the least recently used version outside ``busy``, the pinned and this step's."""
+        return self.slots.evict_lru(busy | self._step_keys)
 
     def pack_order(self, slot: int) -> int:
         """Where a slot's rows start in the pool (-1 without a slot): the runner packs sequences in
@@ -132,9 +225,11 @@ class LoraManager:
             raise AdapterPinError(f"cannot pin {adapter_id!r}: {len(self.pinned_ids)} of {self.config.max_loras} "
                                   "device slots are pinned and one must stay free")
         pinned_rows = sum(self.rank_of(k) for k in self.reserved_keys() | {key})
-        if newly and pinned_rows + self.max_rank > self.slots.pool_rows:
-            raise AdapterPinError(f"cannot pin {adapter_id!r}: pinned adapters would hold {pinned_rows} of the "
-                                  f"{self.slots.pool_rows} LoRA pool rows, and {self.max_rank} must stay free")
+        if newly and pinned_rows > self.max_pinned_rows:
+            held = f"cannot pin {adapter_id!r}: pinned adapters would hold {pinned_rows} of the {self.slots.pool_rows}"
+            raise AdapterPinError(f"{held} LoRA pool rows, and {self.max_rank} must stay free" if self.shared is None
+                                  else f"{held} pages of the unified memory pool, more than the quarter "
+                                       f"({self.max_pinned_rows}) they may")
         self.pinned_ids.add(adapter_id)
         try:
             self.activate({key}, protected)
@@ -148,6 +243,7 @@ class LoraManager:
         """Make the step's adapter versions resident in device slots; returns key -> slot.
         Weights come from memory only (held by ``ready``, or the CPU cache), never from disk."""
         self.slots.pinned = self.reserved_keys()
+        self._step_keys |= keys
         now = time.time()
         for key in keys:
             self.registry.version(key).last_used = now

@@ -31,10 +31,11 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def inject_lora_layers(model: nn.Module, max_loras: int, max_rank: int, state: LoraStepState,
-                       pool_rows: int | None = None) -> dict[ModuleKey, LoraLinear]:
+                       pool_rows: int | None = None, buffers_of=None) -> dict[ModuleKey, LoraLinear]:
     """Replace every targetable ``nn.Linear`` with a ``LoraLinear`` sharing ``state``; each holds
     ``max_loras`` slots over a pool of ``pool_rows`` weight rows (default ``max_loras *
-    max_rank``). Layers that read one input (q/k/v, gate/up) are grouped
+    max_rank``), or, with ``buffers_of(key)``, on flat (A, Bt) buffers it gives each module (the
+    unified pool's arenas). Layers that read one input (q/k/v, gate/up) are grouped
     for a shared shrink (``fusion.py``)."""
     rows = max_loras * max_rank if pool_rows is None else pool_rows
     layers: dict[ModuleKey, LoraLinear] = {}
@@ -43,7 +44,8 @@ def inject_lora_layers(model: nn.Module, max_loras: int, max_rank: int, state: L
             raise ValueError(f"{path} is already wrapped")
         parent_path, _, leaf = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        wrapped = LoraLinear(module, key, max_loras, max_rank, state, rows)
+        wrapped = LoraLinear(module, key, max_loras, max_rank, state, rows,
+                             buffers_of(key) if buffers_of is not None else None)
         setattr(parent, leaf, wrapped)
         layers[key] = wrapped
     if not layers:

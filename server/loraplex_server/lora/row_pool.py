@@ -85,6 +85,10 @@ class RowPool:
             start, length, i = before_start, before_len + length, i - 1
         self._free.insert(i, (start, length))
 
+    def can_compact(self, length: int) -> bool:
+        """Whether sliding the extents together (``compact``) leaves room for ``length`` rows."""
+        return self.free_rows >= length
+
     def compact(self) -> list[tuple[int, int, int]]:
         """Slide every extent down, in address order, so all free rows form one tail extent.
         Returns the moves (old start, new start, length); each destination lies below its source

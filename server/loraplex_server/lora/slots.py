@@ -23,6 +23,7 @@ from collections.abc import Set as AbstractSet
 
 from .ids import VersionKey
 from .layers import LoraLinear
+from .page_layout import PageLayout
 from .row_pool import RowPool
 from .weights import LoraAdapter, ModuleKey
 
@@ -32,13 +33,20 @@ class SlotsExhaustedError(RuntimeError):
 
 
 class SlotManager:
-    def __init__(self, layers: dict[ModuleKey, LoraLinear], max_loras: int):
+    def __init__(self, layers: dict[ModuleKey, LoraLinear], max_loras: int, pages=None,
+                 layout: PageLayout | None = None, page_bytes: int = 0):
+        """Extents are rows of the layers' own pools, or, with ``pages`` (the unified pool as an
+        extent allocator, ``PageExtents``) and its ``layout``, runs of pages of ``page_bytes``."""
         self.layers = layers
         self.max_loras = max_loras
-        first = next(iter(layers.values()))
-        self.rows = RowPool(first.pool_rows)
-        # device bytes of one pool row: that row of lora_a and of lora_bt in every LoRA layer
-        self.row_bytes = sum(la.row_bytes for la in layers.values())
+        self.layout = layout
+        if pages is not None:
+            self.rows = pages
+            self.row_bytes = page_bytes
+        else:
+            self.rows = RowPool(next(iter(layers.values())).pool_rows)
+            # device bytes of one pool row: that row of lora_a and of lora_bt in every LoRA layer
+            self.row_bytes = sum(la.row_bytes for la in layers.values())
         self._slot_of: OrderedDict[VersionKey, int] = OrderedDict()  # version key -> slot, LRU first
         self._extent: dict[int, tuple[int, int]] = {}  # occupied slot -> (first row, rows)
         self._free_slots = list(range(max_loras))
@@ -53,8 +61,28 @@ class SlotManager:
 
     @property
     def used_rows(self) -> int:
-        """Rows held by resident adapter versions (free rows between extents count as free)."""
-        return self.rows.num_rows - self.rows.free_rows
+        """Rows (pages) held by resident adapter versions."""
+        return sum(length for _, length in self._extent.values())
+
+    def extent_length(self, adapter: LoraAdapter) -> int:
+        """Rows (pages, on the unified pool) a version holds when resident."""
+        if self.layout is None:
+            return adapter.rank
+        return self.layout.pages({key: w.rank for key, w in adapter.modules.items()})
+
+    def idle_rows(self, keep: AbstractSet[VersionKey]) -> int:
+        """Rows (pages) of the resident versions outside ``keep`` and the pinned ones."""
+        return sum(self._extent[slot][1] for key, slot in self._slot_of.items()
+                   if key not in keep and key not in self.pinned)
+
+    def evict_lru(self, keep: AbstractSet[VersionKey]) -> bool:
+        """Evict the least recently used version outside ``keep`` and the pinned; False if none."""
+        victim = self._evictable(set(keep) | self.pinned)
+        if victim is None:
+            return False
+        self._drop(victim)
+        self.num_evictions += 1
+        return True
 
     def slot_of(self, key: VersionKey) -> int | None:
         return self._slot_of.get(key)
@@ -92,7 +120,7 @@ class SlotManager:
         for key, adapter in sorted(missing, key=lambda item: item[1].rank):
             slot = self._take_slot(keep)
             try:
-                offset = self._take_rows(adapter.rank, keep)
+                offset = self._take_rows(self.extent_length(adapter), keep)
             except SlotsExhaustedError:
                 self._free_slots.append(slot)
                 raise
@@ -121,7 +149,7 @@ class SlotManager:
             offset = self.rows.allocate(rank)
             if offset is not None:
                 return offset
-            if self.rows.free_rows >= rank:
+            if self.rows.can_compact(rank):
                 self.compact()
                 continue
             victim = self._evictable(keep)
@@ -142,10 +170,15 @@ class SlotManager:
         self.num_compactions += 1
 
     def _load(self, key: VersionKey, adapter: LoraAdapter, slot: int, offset: int) -> None:
-        for module, layer in self.layers.items():
-            layer.set_slot(slot, offset, adapter.modules.get(module))
+        if self.layout is None:
+            for module, layer in self.layers.items():
+                layer.set_slot(slot, offset, adapter.modules.get(module))
+        else:
+            places = self.layout.place(offset, {k: w.rank for k, w in adapter.modules.items()})
+            for module, layer in self.layers.items():
+                layer.write_slot(slot, *places.get(module, (0, 0)), adapter.modules.get(module))
         self._slot_of[key] = slot
-        self._extent[slot] = (offset, adapter.rank)
+        self._extent[slot] = (offset, self.extent_length(adapter))
         self.num_loads += 1
 
     def _drop(self, key: VersionKey) -> None:
