@@ -95,7 +95,9 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    max_loras: int = 4  # device slots = distinct adapters resident / per step
+    # device slots = distinct adapters resident / per step; 0 (memory_pool unified only): no cap but
+    # memory (slots for up to min(pool pages, 4,096) resident versions)
+    max_loras: int = 4
     max_cpu_loras: int = 16  # loaded adapters kept in host memory (LRU)
     max_lora_rank: int = 64
     adapter_root: Path | None = None  # adapters resolve inside this directory when set
@@ -129,6 +131,11 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     guided: GuidedConfig = field(default_factory=GuidedConfig)
+
+    def __post_init__(self):
+        if self.lora.max_loras < 0 or (self.lora.max_loras == 0 and self.cache.memory_pool != "unified"):
+            raise ValueError(f"max_loras must be at least 1 (0, no cap, only with memory_pool=unified), "
+                             f"got {self.lora.max_loras}")
 
     def resolved_threads(self) -> int:
         return self.model.threads if self.model.threads is not None else default_threads()

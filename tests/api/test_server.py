@@ -138,6 +138,7 @@ def test_adapter_admin_calls_and_their_errors(client, tmp_path):
     assert s.context_length == 8192 and s.kv_cache_tokens == 256 * 16 and s.version and s.prefix_caching
     # SmolLM2-135M fp32: a LoRA pool row is 1,221,120 B, a 16-token KV block 737,280 B (test_pool_use derives both)
     assert (s.lora_pool_rows, s.lora_pool_bytes, s.kv_cache_bytes) == (2 * 16, 32 * 1_221_120, 256 * 737_280)
+    assert s.memory_pool == "separate"
 
 
 def test_cancelled_stream_and_deadline_free_kv(server, client):

@@ -219,7 +219,7 @@ def test_info(fake, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["model:", "SmolLM2-135M"]
     assert dict(line.split(":", 1) for line in lines)["kv_cache_tokens"].strip() == "8192"
-    assert len(lines) == 13  # every ServerInfo field
+    assert len(lines) == 14  # every ServerInfo field
     assert run(fake, "info", "--json") == 0
     assert json.loads(capsys.readouterr().out)["max_lora_rank"] == 64
 

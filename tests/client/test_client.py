@@ -111,11 +111,13 @@ def test_server_info_from_proto_every_field():
     msg = pb.GetServerInfoResponse(model="m", dtype="bfloat16", device="cuda:0", max_loras=4,
                                    max_lora_rank=64, context_length=4096, version="1.2",
                                    max_cpu_loras=32, kv_cache_tokens=100000, prefix_caching=True,
-                                   lora_pool_rows=256, lora_pool_bytes=5 * 2 ** 32, kv_cache_bytes=7 * 2 ** 33)
+                                   lora_pool_rows=256, lora_pool_bytes=5 * 2 ** 32, kv_cache_bytes=7 * 2 ** 33,
+                                   memory_pool="unified")
     assert conv.server_info_from_proto(msg) == ServerInfo(
         model="m", dtype="bfloat16", device="cuda:0", max_loras=4, max_lora_rank=64,
         context_length=4096, version="1.2", max_cpu_loras=32, kv_cache_tokens=100000, prefix_caching=True,
-        lora_pool_rows=256, lora_pool_bytes=5 * 2 ** 32, kv_cache_bytes=7 * 2 ** 33)  # bytes past 32 bits
+        lora_pool_rows=256, lora_pool_bytes=5 * 2 ** 32, kv_cache_bytes=7 * 2 ** 33,  # bytes past 32 bits
+        memory_pool="unified")
 
 
 def test_chat_message_both_ways():

@@ -103,8 +103,8 @@ def submit(engine, rows) -> None:
 
 ONE_STEP = dict(max_loras=NUM_ADAPTERS, max_rank=64, pool_rows=POOL_ROWS, max_tokens=2048, max_seqs=NUM_ADAPTERS)
 # the unified pool: 2,400 pages of 16-token KV blocks (3,072 floats of K and of V per layer) hold the
-# 64 adapters (2,150-odd pages at their true ranks) and the 64 requests' KV blocks
-UNIFIED_ONE_STEP = dict(max_loras=NUM_ADAPTERS, max_rank=64, max_tokens=2048, max_seqs=NUM_ADAPTERS,
+# 64 adapters (2,150-odd pages at their true ranks) and the 64 requests' KV blocks; no slot cap
+UNIFIED_ONE_STEP = dict(max_loras=0, max_rank=64, max_tokens=2048, max_seqs=NUM_ADAPTERS,
                         num_blocks=2400, memory_pool="unified")
 
 
@@ -141,6 +141,7 @@ def test_64_adapters_paged_with_the_kv_cache_in_one_step_match_peft_logits(two_l
     beside the step's KV blocks, and every row's logits are PEFT's."""
     engine = pool_engine(two_layer_model, tokenizer, pool_adapters, **UNIFIED_ONE_STEP)
     pool = engine.lora.shared.pool
+    assert engine.lora.slots.max_loras == engine.scheduler.max_loras == 2400  # max_loras 0: a slot per page
     for key, layer in engine.lora.layers.items():  # A in the layer's K cache, Bt in its V cache
         k_cache, v_cache = engine.runner.kv_caches[key.layer]
         assert layer.lora_a.data_ptr() == k_cache.data_ptr() and layer.lora_bt.data_ptr() == v_cache.data_ptr()

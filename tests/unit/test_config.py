@@ -60,6 +60,12 @@ def test_memory_pool_defaults_to_separate_is_wired_and_refuses_other_values():
     assert load_config(flag_values(args), None, {}).engine.cache.memory_pool == "unified"
     with pytest.raises(ValueError, match="memory_pool must be separate or unified"):
         CacheConfig(memory_pool="shared")
+    from loraplex_server.config import EngineConfig, LoraConfig
+    assert EngineConfig(cache=CacheConfig(memory_pool="unified"), lora=LoraConfig(max_loras=0)).lora.max_loras == 0
+    with pytest.raises(ValueError, match="0, no cap, only with memory_pool=unified"):
+        EngineConfig(lora=LoraConfig(max_loras=0))
+    with pytest.raises(ValueError, match="max_loras must be at least 1"):
+        EngineConfig(cache=CacheConfig(memory_pool="unified"), lora=LoraConfig(max_loras=-1))
 
 
 def test_cpu_gemm_defaults_to_onednn_is_wired_and_refuses_other_values():

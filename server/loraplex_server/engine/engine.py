@@ -84,7 +84,7 @@ class LLMEngine:
         free_blocks = None if shared is None else KvPages(shared.pool, self._idle_adapter_pages,
                                                           self._evict_idle_adapter)
         self.blocks = BlockManager(num_blocks, config.cache.block_size, config.cache.prefix_caching, free_blocks)
-        self.scheduler = Scheduler(config.scheduler, self.blocks, config.lora.max_loras,
+        self.scheduler = Scheduler(config.scheduler, self.blocks, self.lora.slots.max_loras,
                                    key_ready=self.lora.ready, reserved_keys=self.lora.reserved_keys,
                                    fairness=make_fairness(config.scheduler.fairness, tenant_weight),
                                    lora_fits=self.lora.fits)
@@ -111,7 +111,7 @@ class LLMEngine:
         self.failed_steps_in_a_row = 0  # forwards that raised (culprits isolated), reset by a clean one
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens (prefix caching %s), max_loras=%d",
                  self.loaded.name, self.loaded.device, self.loaded.dtype, num_blocks,
-                 config.cache.block_size, "on" if config.cache.prefix_caching else "off", config.lora.max_loras)
+                 config.cache.block_size, "on" if config.cache.prefix_caching else "off", self.lora.slots.max_loras)
 
     def _idle_adapter_pages(self) -> int:
         """Unified pool: pages that adapters no running request (or pin, or this step) uses could free."""
@@ -320,7 +320,8 @@ class LLMEngine:
         lora = self.config.lora
         unified = self.lora.shared is not None
         return ServerInfo(model=self.loaded.name, dtype=str(self.loaded.dtype).removeprefix("torch."),
-                          device=str(self.loaded.device), max_loras=lora.max_loras, max_lora_rank=lora.max_lora_rank,
+                          device=str(self.loaded.device), max_loras=self.lora.slots.max_loras,
+                          max_lora_rank=lora.max_lora_rank,
                           max_cpu_loras=lora.max_cpu_loras, context_length=self.inputs.max_model_len,
                           kv_cache_tokens=self.blocks.capacity_tokens, prefix_caching=self.blocks.prefix_caching,
                           lora_pool_rows=0 if unified else self.lora.slots.pool_rows,

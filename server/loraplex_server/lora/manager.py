@@ -27,6 +27,8 @@ from .registry import AdapterRegistry, AdapterVersion
 from .slots import SlotManager, SlotsExhaustedError
 from .weights import AdapterInfo, LoraAdapter
 
+UNCAPPED_SLOTS = 4096  # slots of an uncapped (max_loras 0) unified pool, at most: 12 bytes each per LoRA layer
+
 
 class WeightsNotInMemoryError(RuntimeError):
     """A version reached ``activate`` without its weights in memory (the engine never reads disk)."""
@@ -65,10 +67,12 @@ class LoraManager:
             self.max_rank = min(config.max_lora_rank, config.resolved_pool_rows)
             self.slots = SlotManager(self.layers, config.max_loras)
         else:
-            self.layers = inject_lora_layers(model, config.max_loras, config.max_lora_rank, self.state,
+            # max_loras 0: as many slots as resident versions the pool could hold (one page each, capped)
+            slots = config.max_loras or min(shared.pool.num_pages, UNCAPPED_SLOTS)
+            self.layers = inject_lora_layers(model, slots, config.max_lora_rank, self.state,
                                              buffers_of=lambda key: shared.arenas[key.layer])
             self.max_rank = config.max_lora_rank
-            self.slots = self._paged_slots(shared, model)
+            self.slots = self._paged_slots(shared, model, slots)
         self.registry = AdapterRegistry(self.targets, self.max_rank, config.max_cpu_loras,
                                         config.adapter_root, config.max_adapter_bytes, load_fn=load_fn)
         self._step_keys: set[VersionKey] = set()  # placed or used this step: KV pressure cannot evict them
@@ -78,7 +82,7 @@ class LoraManager:
         # an eviction from the cache in between cannot make the engine thread read from disk
         self._held: dict[VersionKey, LoraAdapter] = {}
 
-    def _paged_slots(self, shared: SharedPool, model: nn.Module) -> SlotManager:
+    def _paged_slots(self, shared: SharedPool, model: nn.Module, num_slots: int) -> SlotManager:
         dtype = shared.arenas[0][0].dtype
         wanted = lora_compute_dtype(dtype, model_device(model), self.state.apply)
         if wanted != dtype:
@@ -92,8 +96,7 @@ class LoraManager:
             raise ValueError(f"an adapter of max_lora_rank {self.config.max_lora_rank} would hold {largest} of the "
                              f"{shared.pool.num_pages} pages of the unified memory pool (at most half): raise "
                              "kv_cache_bytes or lower max_lora_rank")
-        return SlotManager(self.layers, self.config.max_loras, AdapterRuns(shared.pool, shared.cached_pages,
-                                                                           shared.reclaim),
+        return SlotManager(self.layers, num_slots, AdapterRuns(shared.pool, shared.cached_pages, shared.reclaim),
                            layout, shared.page_bytes)
 
     # ---- registration (any thread) ----------------------------------------------------------
@@ -221,8 +224,8 @@ class LoraManager:
         All or nothing: on AdapterPinError the adapter is not pinned."""
         key = self.registry.current(adapter_id).key
         newly = adapter_id not in self.pinned_ids
-        if newly and len(self.pinned_ids) + 1 >= self.config.max_loras:
-            raise AdapterPinError(f"cannot pin {adapter_id!r}: {len(self.pinned_ids)} of {self.config.max_loras} "
+        if newly and len(self.pinned_ids) + 1 >= self.slots.max_loras:
+            raise AdapterPinError(f"cannot pin {adapter_id!r}: {len(self.pinned_ids)} of {self.slots.max_loras} "
                                   "device slots are pinned and one must stay free")
         pinned_rows = sum(self.rank_of(k) for k in self.reserved_keys() | {key})
         if newly and pinned_rows > self.max_pinned_rows:

@@ -50,6 +50,7 @@ class SlotManager:
         self._slot_of: OrderedDict[VersionKey, int] = OrderedDict()  # version key -> slot, LRU first
         self._extent: dict[int, tuple[int, int]] = {}  # occupied slot -> (first row, rows)
         self._free_slots = list(range(max_loras))
+        self._used_rows = 0
         self.pinned: set[VersionKey] = set()
         self.num_loads = 0
         self.num_evictions = 0
@@ -62,7 +63,7 @@ class SlotManager:
     @property
     def used_rows(self) -> int:
         """Rows (pages) held by resident adapter versions."""
-        return sum(length for _, length in self._extent.values())
+        return self._used_rows
 
     def extent_length(self, adapter: LoraAdapter) -> int:
         """Rows (pages, on the unified pool) a version holds when resident."""
@@ -71,9 +72,10 @@ class SlotManager:
         return self.layout.pages({key: w.rank for key, w in adapter.modules.items()})
 
     def idle_rows(self, keep: AbstractSet[VersionKey]) -> int:
-        """Rows (pages) of the resident versions outside ``keep`` and the pinned ones."""
-        return sum(self._extent[slot][1] for key, slot in self._slot_of.items()
-                   if key not in keep and key not in self.pinned)
+        """Rows (pages) of the resident versions outside ``keep`` and the pinned ones (the cost is
+        in the size of ``keep``, not in the number of resident versions)."""
+        kept = {self._slot_of[k] for k in (set(keep) | self.pinned) if k in self._slot_of}
+        return self._used_rows - sum(self._extent[slot][1] for slot in kept)
 
     def evict_lru(self, keep: AbstractSet[VersionKey]) -> bool:
         """Evict the least recently used version outside ``keep`` and the pinned; False if none."""
@@ -179,12 +181,14 @@ class SlotManager:
                 layer.write_slot(slot, *places.get(module, (0, 0)), adapter.modules.get(module))
         self._slot_of[key] = slot
         self._extent[slot] = (offset, self.extent_length(adapter))
+        self._used_rows += self._extent[slot][1]
         self.num_loads += 1
 
     def _drop(self, key: VersionKey) -> None:
         """Forget a resident version: its slot reads rank 0 everywhere, its rows are free."""
         slot = self._slot_of.pop(key)
-        offset, _ = self._extent.pop(slot)
+        offset, length = self._extent.pop(slot)
+        self._used_rows -= length
         self.rows.release(offset)
         for layer in self.layers.values():
             layer.set_slot(slot, 0, None)
