@@ -82,6 +82,8 @@ bench-prefix: install
 # uniformly over 1 / 16 / 256 / 1,000 of them; tok/s vs 1, registration time, host bytes per adapter.
 # Then time to SERVING of a server process registering the same 10,000 at start (discovery) vs none.
 MANY_BENCH = $(PYTHON) benchmarks/many_adapters.py --json benchmarks/results/many_adapters.json && \
+	$(PYTHON) benchmarks/many_adapters.py --memory-pool unified --max-loras 0 --max-lora-rank 64 \
+		--kv-cache-bytes 1787297792 --json benchmarks/results/many_adapters_unified.json && \
 	$(PYTHON) benchmarks/time_to_serving.py --json benchmarks/results/time_to_serving.json
 bench-many: install
 	$(MANY_BENCH)

@@ -1,6 +1,7 @@
-"""PNG plots of an ``offline.py`` result (matplotlib, headless).
+"""PNG plots of ``offline.py`` and ``many_adapters.py`` results (matplotlib, headless).
 
-    python benchmarks/plots.py RESULTS.json    # redraw the plots of a saved result beside it
+    python benchmarks/plots.py RESULTS.json    # redraw the plots of a saved offline result beside it
+    python benchmarks/plots.py --many OUT.png MANY.json [MANY.json ...]   # distinct-adapter scaling
 """
 
 from __future__ import annotations
@@ -59,6 +60,45 @@ def throughput_vs_adapters(scaling: dict, path: Path, base_ceiling: float | None
     return path
 
 
+def many_label(config: dict) -> str:
+    """How a ``many_adapters.py`` run held its adapters, for a legend."""
+    if config.get("memory_pool") == "unified":
+        gib = (config.get("kv_cache_bytes") or 0) / 2 ** 30
+        return f"unified pool ({gib:.1f} GiB with the KV cache), slots: " + (
+            "uncapped" if not config["max_loras"] else str(config["max_loras"]))
+    if config.get("lora_pool_rows"):
+        return f"row pool: {config['max_loras']} slots in {config['lora_pool_rows']:,} rows"
+    return f"{config['max_loras']} slots of max_lora_rank {config.get('max_lora_rank', config['rank'])}"
+
+
+def distinct_adapters(runs: list[dict], path: Path) -> Path:
+    """Output tokens/s and its ratio to one adapter against distinct adapters per workload, one line
+    per ``many_adapters.py`` run (each ratio is to its own run's 1-adapter point)."""
+    plt = require_matplotlib()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for run in runs:
+        points = sorted(run["points"], key=lambda p: p["distinct"])
+        xs = [p["distinct"] for p in points]
+        label = many_label(run["config"])
+        ax1.plot(xs, [p["output_tokens_per_s"] for p in points], "o-", label=label)
+        ax2.plot(xs, [p["ratio_vs_1"] for p in points], "o-", label=label)
+    cfg = runs[0]["config"]
+    xlabel = (f"distinct adapters ({cfg['registered']:,} registered, rank {cfg['rank']}, "
+              f"concurrency {cfg['concurrency']})")
+    for ax, ylabel in ((ax1, "output tokens/s"), (ax2, "vs 1 adapter")):
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    ax2.axhline(0.85, color="gray", ls="--", lw=1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def _cdf(ax, values: list[float], label: str, color: str) -> None:
     xs = sorted(values)
     ys = [0.0] + [(i + 1) / len(xs) for i in range(len(xs))]
@@ -103,8 +143,13 @@ def from_results(path: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
+    import json
     import sys
 
-    for arg in sys.argv[1:]:
-        for made in from_results(Path(arg)):
-            print(made)
+    if sys.argv[1:2] == ["--many"]:
+        out, files = Path(sys.argv[2]), sys.argv[3:]
+        print(distinct_adapters([json.loads(Path(f).read_text()) for f in files], out))
+    else:
+        for arg in sys.argv[1:]:
+            for made in from_results(Path(arg)):
+                print(made)

@@ -226,16 +226,19 @@ def test_a_tiny_pool_and_a_tiny_kv_cache_evict_and_preempt_together_without_losi
 
 def test_a_tiny_unified_pool_evicts_adapters_for_kv_and_preempts_without_losing_a_request(
         two_layer_model, tokenizer, pool_adapters, peft_reference, monkeypatch):
-    """One pool of 432 pages of 4-token KV blocks (768 floats of K and of V per layer; the least a
-    max_lora_rank of 32 allows) for adapters of ranks 12..32 (18-196 pages each) and requests of
-    16-20 tokens (5-7 blocks): KV blocks take idle adapters' pages, adapters take cached KV blocks'
-    pages, requests are preempted. Every request ends with PEFT's greedy tokens; no eviction touches
-    a running request's adapter."""
+    """One pool of 438 pages of 4-token KV blocks (768 floats of K and of V per layer): the pinned
+    rank-4 adapter takes the top 6, leaving the 432 that a max_lora_rank of 32 needs, for adapters of
+    ranks 12..32 (18-196 pages each) and requests of 16-20 tokens (5-7 blocks): KV blocks take idle
+    adapters' pages, adapters take cached KV blocks' pages, requests are preempted (deterministic:
+    every adapter is in memory from registration, so nothing depends on load timing). Every request ends with PEFT's greedy tokens; no eviction touches
+    a running request's adapter or the pinned one."""
     rows = [12, 28, 16, 24, 20, 11, 31]  # ranks 13, 29, 17, 25, 21 on all 7 modules; 12, 32 on k and o
-    used = {name(i): pool_adapters[name(i)] for i in rows}
-    engine = pool_engine(two_layer_model, tokenizer, used, max_loras=8, max_rank=32, num_blocks=432,
+    used = {name(i): pool_adapters[name(i)] for i in rows + [3]}  # 3: rank 4 on k and o, pinned
+    engine = pool_engine(two_layer_model, tokenizer, used, max_loras=8, max_rank=32, num_blocks=438,
                          block_size=4, memory_pool="unified")
-    evicted = checked_evictions(engine, monkeypatch)
+    engine.pin_adapter(name(3))  # rank 4: never evicted, by adapters or by KV blocks
+    pinned_key = engine.lora.resolve(name(3)).key
+    evicted = checked_evictions(engine, monkeypatch, pinned_key)
     pool = engine.lora.shared.pool
     for_kv, reclaimed = [], []  # adapters evicted for KV blocks; cached KV blocks taken for adapters
     evict_idle, reclaim = engine.lora.evict_idle, engine.blocks.reclaim_cached
@@ -259,6 +262,7 @@ def test_a_tiny_unified_pool_evicts_adapters_for_kv_and_preempts_without_losing_
         assert outputs[f"row{i}"][-1].finish_reason is not None and outputs[f"row{i}"][-1].error is None
         assert tokens_of(outputs[f"row{i}"]) == peft_reference[i][0], f"row {i} (rank {RANKS[i]}) diverged"
     assert evicted and any(for_kv) and reclaimed and engine.scheduler.num_preemptions > 0
+    assert engine.lora.slots.slot_of(pinned_key) is not None
     assert max(kv + adapters for kv, adapters in seen) > 0.9 * pool.num_pages  # the pool really was full
 
 
