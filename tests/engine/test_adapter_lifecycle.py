@@ -83,8 +83,9 @@ def chat(q):
     return Prompt(messages=(ChatMessage("user", q),))
 
 
-def test_hot_swap_under_load_never_mixes_versions(make_engine):
-    engine = make_engine(max_loras=2, max_rank=16, num_blocks=512)
+@pytest.mark.parametrize("memory_pool", ["separate", "unified"])
+def test_hot_swap_under_load_never_mixes_versions(make_engine, memory_pool):
+    engine = make_engine(max_loras=2, max_rank=16, num_blocks=512, memory_pool=memory_pool)
     versions = [ASSETS / "adapters" / "upper", ASSETS / "adapters" / "json"]
     params = SamplingParams(max_new_tokens=12)
     prompt = chat("What is the capital of Italy?")
@@ -127,6 +128,10 @@ def test_hot_swap_under_load_never_mixes_versions(make_engine):
     assert len(results) >= 4 and outputs <= expected
     assert outputs == expected  # both versions really served
     assert engine.lora.registry.current("hot").version > 4
+    if memory_pool == "unified":  # retired versions gave their pages back: at most the 2 slots' worth held
+        pool = engine.lora.shared.pool
+        largest = max(engine.lora.rank_of(engine.lora.resolve(ref).key) for ref in ("ref0", "ref1"))
+        assert pool.adapter_pages == engine.lora.slots.used_rows <= 2 * largest
 
 
 def test_slow_load_does_not_stall_others_and_failed_load_is_a_clear_error(make_engine):
