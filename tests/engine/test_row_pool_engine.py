@@ -244,6 +244,9 @@ def test_a_tiny_unified_pool_evicts_adapters_for_kv_and_preempts_without_losing_
     evict_idle, reclaim = engine.lora.evict_idle, engine.blocks.reclaim_cached
     monkeypatch.setattr(engine.lora, "evict_idle", lambda busy: for_kv.append(evict_idle(busy)) or for_kv[-1])
     monkeypatch.setattr(engine.blocks, "reclaim_cached", lambda blocks: reclaimed.extend(blocks) or reclaim(blocks))
+    placed = []  # the scheduler's fit checks: on this pool they place the adapter, or keep the request waiting
+    fits = engine.scheduler.lora_fits
+    monkeypatch.setattr(engine.scheduler, "lora_fits", lambda keys: placed.append(fits(keys)) or placed[-1])
     seen = []
     step = engine.step
 
@@ -262,6 +265,7 @@ def test_a_tiny_unified_pool_evicts_adapters_for_kv_and_preempts_without_losing_
         assert outputs[f"row{i}"][-1].finish_reason is not None and outputs[f"row{i}"][-1].error is None
         assert tokens_of(outputs[f"row{i}"]) == peft_reference[i][0], f"row {i} (rank {RANKS[i]}) diverged"
     assert evicted and any(for_kv) and reclaimed and engine.scheduler.num_preemptions > 0
+    assert True in placed and False in placed  # some placements waited for pages, and then ran
     assert engine.lora.slots.slot_of(pinned_key) is not None
     assert max(kv + adapters for kv, adapters in seen) > 0.9 * pool.num_pages  # the pool really was full
 
