@@ -292,9 +292,10 @@ class LLMEngine:
 
     def stats(self, duration_s: float) -> StepStats:
         slots, registry = self.lora.slots, self.lora.registry
-        kv_used = self.blocks.num_blocks - self.blocks.num_free_blocks
         pool_pages: tuple[int, ...] = ()
-        if self.lora.shared is not None:  # unified: count the pool's pages by holder
+        if self.lora.shared is None:
+            kv_used = self.blocks.num_blocks - self.blocks.num_free_blocks
+        else:  # unified: count the pool's pages by holder
             pool, cached = self.lora.shared.pool, len(self.blocks.cached_free_blocks())
             kv_used = pool.kv_pages - cached
             pool_pages = (kv_used, cached, pool.adapter_pages, pool.free_pages)

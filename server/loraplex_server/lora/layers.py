@@ -9,7 +9,7 @@ from torch import nn
 
 from .fusion import SharedInputGroup
 from .mapping import LoraMapping
-from .ops import LoraApply, lora_apply
+from .ops import LoraApply, lora_apply, slot_weights
 from .weights import LoraModuleWeights, ModuleKey
 
 
@@ -164,8 +164,9 @@ class LoraLinear(nn.Module):
                 or b_offset + r * fan_out > self.lora_bt.numel()):
             raise ValueError(f"rank {r} at offsets {a_offset} / {b_offset} does not fit buffers of "
                              f"{self.lora_a.numel()} / {self.lora_bt.numel()} elements (max rank {self.max_rank})")
-        self.lora_a[a_offset:a_offset + r * fan_in].view(r, fan_in).copy_(weights.a)
-        self.lora_bt[b_offset:b_offset + r * fan_out].view(r, fan_out).copy_(weights.b.T * weights.scale)
+        a, bt = slot_weights(self.lora_a, self.lora_bt, r, a_offset, b_offset, fan_in, fan_out)
+        a.copy_(weights.a)
+        bt.copy_(weights.b.T * weights.scale)
         self.a_offsets.set(slot, a_offset)
         self.b_offsets.set(slot, b_offset)
         self.slot_ranks.set(slot, r)
@@ -173,8 +174,7 @@ class LoraLinear(nn.Module):
     def rows(self, row: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Pool rows ``row`` .. ``row + count - 1``: views [count, in] of A and [count, out] of Bt."""
         i, o = self.in_features, self.out_features
-        a = self.lora_a[row * i:(row + count) * i].view(count, i)
-        return a, self.lora_bt[row * o:(row + count) * o].view(count, o)
+        return slot_weights(self.lora_a, self.lora_bt, count, row * i, row * o, i, o)
 
     @torch.no_grad()
     def move_slot(self, slot: int, src: int, dst: int, length: int) -> None:

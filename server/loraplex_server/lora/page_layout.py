@@ -2,9 +2,10 @@
 
 Every LoRA layer of model layer ``l`` views the same two flat buffers of that layer: its K arena
 (A blocks) and its V arena (Bt blocks), ``page_elems`` elements per page in each (one KV block of
-K, or of V, in that layer: ``memory/arena.py``). A version holding pages ``p .. p + n - 1`` puts,
-in every layer, its modules' blocks back to back from element ``p * page_elems``, modules in name
-order, each block start rounded up to ``ALIGN`` elements:
+K, or of V, in that layer: the KV cache tensors themselves, ``engine/kv_cache.py``). A version
+holding pages ``p .. p + n - 1`` puts, in every layer, its modules' blocks back to back from
+element ``p * page_elems``, modules in name order, each block start rounded up to ``ALIGN``
+elements:
 
     cursor_a = cursor_b = p * page_elems
     for module in sorted(the layer's modules):
@@ -19,7 +20,7 @@ true rank per module; the waste is the alignment and the rounding up of the last
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from .weights import ModuleKey
 
@@ -40,30 +41,25 @@ class PageLayout:
         for key in sorted(dims, key=lambda k: (k.layer, k.name)):
             self._layers[key.layer].append((key, *dims[key]))
 
-    def place(self, start_page: int, ranks: Mapping[ModuleKey, int]) -> dict[ModuleKey, tuple[int, int]]:
-        """(A offset, Bt offset) in elements of every module with a rank, for a run at ``start_page``."""
-        offsets: dict[ModuleKey, tuple[int, int]] = {}
-        base = start_page * self.page_elems
+    def _blocks(self, base: int, ranks: Mapping[ModuleKey, int]) -> Iterator[tuple[ModuleKey, int, int, int, int]]:
+        """(module, A start, Bt start, A end, Bt end) in elements of every module with a rank, each
+        layer's blocks back to back from ``base`` (the module docstring's loop)."""
         for modules in self._layers.values():
-            cursor_a = cursor_b = base
+            end_a = end_b = base
             for key, fan_in, fan_out in modules:
                 r = ranks.get(key, 0)
                 if r:
-                    a, b = _align(cursor_a), _align(cursor_b)
-                    offsets[key] = (a, b)
-                    cursor_a, cursor_b = a + r * fan_in, b + r * fan_out
-        return offsets
+                    a, b = _align(end_a), _align(end_b)
+                    end_a, end_b = a + r * fan_in, b + r * fan_out
+                    yield key, a, b, end_a, end_b
+
+    def place(self, start_page: int, ranks: Mapping[ModuleKey, int]) -> dict[ModuleKey, tuple[int, int]]:
+        """(A offset, Bt offset) in elements of every module with a rank, for a run at ``start_page``."""
+        return {key: (a, b) for key, a, b, _, _ in self._blocks(start_page * self.page_elems, ranks)}
 
     def pages(self, ranks: Mapping[ModuleKey, int]) -> int:
         """Pages a version of these module ranks holds (at least one); every page starts aligned."""
-        need = 0
-        for modules in self._layers.values():
-            a = b = 0
-            for key, fan_in, fan_out in modules:
-                r = ranks.get(key, 0)
-                if r:
-                    a, b = _align(a) + r * fan_in, _align(b) + r * fan_out
-            need = max(need, a, b)
+        need = max((max(end_a, end_b) for *_, end_a, end_b in self._blocks(0, ranks)), default=0)
         return max(1, -(-need // self.page_elems))
 
     def pages_for_rank(self, rank: int) -> int:

@@ -36,7 +36,7 @@ class SlotManager:
     def __init__(self, layers: dict[ModuleKey, LoraLinear], max_loras: int, pages=None,
                  layout: PageLayout | None = None, page_bytes: int = 0):
         """Extents are rows of the layers' own pools, or, with ``pages`` (the unified pool as an
-        extent allocator, ``PageExtents``) and its ``layout``, runs of pages of ``page_bytes``."""
+        extent allocator, ``memory.page_pool.AdapterRuns``) and its ``layout``, runs of pages of ``page_bytes``."""
         self.layers = layers
         self.max_loras = max_loras
         self.layout = layout
@@ -121,12 +121,13 @@ class SlotManager:
         missing = [(k, fetch(k)) for k in sorted(keys) if k not in self._slot_of]
         for key, adapter in sorted(missing, key=lambda item: item[1].rank):
             slot = self._take_slot(keep)
+            length = self.extent_length(adapter)
             try:
-                offset = self._take_rows(self.extent_length(adapter), keep)
+                offset = self._take_rows(length, keep)
             except SlotsExhaustedError:
                 self._free_slots.append(slot)
                 raise
-            self._load(key, adapter, slot, offset)
+            self._load(key, adapter, slot, offset, length)
         return {k: self._slot_of[k] for k in keys}
 
     def _evictable(self, keep: set[VersionKey]) -> VersionKey | None:
@@ -171,7 +172,7 @@ class SlotManager:
             self._extent[slot] = (dst, length)
         self.num_compactions += 1
 
-    def _load(self, key: VersionKey, adapter: LoraAdapter, slot: int, offset: int) -> None:
+    def _load(self, key: VersionKey, adapter: LoraAdapter, slot: int, offset: int, length: int) -> None:
         if self.layout is None:
             for module, layer in self.layers.items():
                 layer.set_slot(slot, offset, adapter.modules.get(module))
@@ -180,8 +181,8 @@ class SlotManager:
             for module, layer in self.layers.items():
                 layer.write_slot(slot, *places.get(module, (0, 0)), adapter.modules.get(module))
         self._slot_of[key] = slot
-        self._extent[slot] = (offset, self.extent_length(adapter))
-        self._used_rows += self._extent[slot][1]
+        self._extent[slot] = (offset, length)
+        self._used_rows += length
         self.num_loads += 1
 
     def _drop(self, key: VersionKey) -> None:

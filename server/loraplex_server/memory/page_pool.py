@@ -1,6 +1,6 @@
 """Who holds each page of the unified memory pool (pure Python, no torch).
 
-A page is one KV block's worth of memory in every layer (``arena.py``). KV blocks take single pages,
+A page is one KV block's worth of memory in every layer (``lora/page_layout.py``). KV blocks take single pages,
 lowest free page first; an adapter version takes one run of consecutive pages, highest first, so
 the two grow towards each other and a run for an adapter is rarely cut by KV pages. The pool only
 records holders; the policy (what to evict for whom) is the callers':
@@ -34,11 +34,6 @@ class PagePool:
     def holder(self, page: int) -> int:
         return self._holder[page]
 
-    @property
-    def runs(self) -> dict[int, int]:
-        """Adapter extents: start -> pages."""
-        return dict(self._runs)
-
     # ---- KV blocks ------------------------------------------------------------------------
     def take_page(self) -> int | None:
         """The lowest free page, now held by KV; None when no page is free."""
@@ -71,8 +66,7 @@ class PagePool:
         return None if match is None else self.num_pages - match.end()
 
     def take_run(self, start: int, n: int) -> None:
-        if start < 0 or start + n > self.num_pages or self._holder.find(bytes([KV]), start, start + n) >= 0 \
-                or self._holder.find(bytes([ADAPTER]), start, start + n) >= 0:
+        if start < 0 or start + n > self.num_pages or any(self._holder[start:start + n]):  # FREE is 0
             raise ValueError(f"pages {start} .. {start + n - 1} are not all free")
         self._holder[start:start + n] = bytes([ADAPTER]) * n
         self._runs[start] = n
