@@ -82,6 +82,23 @@ def engine_config(num_blocks=256, block_size=16, max_loras=4, max_rank=32, max_t
     )
 
 
+def pack(blocks: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """Blocks ([r, cols] each, keyed) flattened into one 1-D buffer back to back in a shuffled
+    order, each after a gap of 1-7 elements (so offsets are unaligned); NaN in every gap. Returns
+    the buffer and each key's element offset (an empty block gets a gap's offset: never read)."""
+    keys = list(blocks)
+    order = torch.randperm(len(keys), generator=gen).tolist()
+    parts, offsets, top = [], {}, 0
+    for i in order:
+        gap = 1 + int(torch.randint(0, 7, (), generator=gen))
+        block = blocks[keys[i]].reshape(-1)
+        parts += [torch.full((gap,), float("nan")), block]
+        offsets[keys[i]] = top + gap if block.numel() else top
+        top += gap + block.numel()
+    parts.append(torch.full((3,), float("nan")))
+    return torch.cat(parts), offsets
+
+
 def run_to_completion(engine: LLMEngine, timeout_s: float = 300.0) -> dict[str, list]:
     """Step until idle; returns request id -> list of deltas."""
     outputs: dict[str, list] = {}

@@ -101,6 +101,16 @@ def submit(engine, rows) -> None:
                                                request_id=f"row{i}"))
 
 
+def run_rows_to_peft_tokens(engine, rows, peft_reference) -> None:
+    """Submit ``rows`` and run them to the end: each finishes without error, with PEFT's greedy tokens."""
+    submit(engine, rows)
+    outputs = run_to_completion(engine)
+    assert set(outputs) == {f"row{i}" for i in rows}
+    for i in rows:
+        assert outputs[f"row{i}"][-1].finish_reason is not None and outputs[f"row{i}"][-1].error is None
+        assert tokens_of(outputs[f"row{i}"]) == peft_reference[i][0], f"row {i} (rank {RANKS[i]}) diverged"
+
+
 ONE_STEP = dict(max_loras=NUM_ADAPTERS, max_rank=64, pool_rows=POOL_ROWS, max_tokens=2048, max_seqs=NUM_ADAPTERS)
 # the unified pool: 2,400 pages of 16-token KV blocks (3,072 floats of K and of V per layer) hold the
 # 64 adapters (2,150-odd pages at their true ranks) and the 64 requests' KV blocks; no slot cap
@@ -196,10 +206,7 @@ def test_row_pressure_never_evicts_a_running_or_pinned_adapter(two_layer_model, 
     pinned_key = engine.lora.resolve(name(15)).key
     slots = engine.lora.slots
     evicted = checked_evictions(engine, monkeypatch, pinned_key)
-    submit(engine, rows)
-    outputs = run_to_completion(engine)
-    for i in rows:
-        assert tokens_of(outputs[f"row{i}"]) == peft_reference[i][0], f"row {i} (rank {RANKS[i]}) diverged"
+    run_rows_to_peft_tokens(engine, rows, peft_reference)
     assert evicted and slots.num_evictions == len(evicted)
     assert slots.slot_of(pinned_key) is not None
 
@@ -215,12 +222,7 @@ def test_a_tiny_pool_and_a_tiny_kv_cache_evict_and_preempt_together_without_losi
     engine = pool_engine(two_layer_model, tokenizer, used, max_loras=8, max_rank=32, pool_rows=48,
                          num_blocks=7, block_size=4)
     evicted = checked_evictions(engine, monkeypatch)
-    submit(engine, rows)
-    outputs = run_to_completion(engine)
-    assert set(outputs) == {f"row{i}" for i in rows}
-    for i in rows:
-        assert outputs[f"row{i}"][-1].finish_reason is not None and outputs[f"row{i}"][-1].error is None
-        assert tokens_of(outputs[f"row{i}"]) == peft_reference[i][0], f"row {i} (rank {RANKS[i]}) diverged"
+    run_rows_to_peft_tokens(engine, rows, peft_reference)
     assert evicted and engine.scheduler.num_preemptions > 0
 
 
@@ -258,12 +260,7 @@ def test_a_tiny_unified_pool_evicts_adapters_for_kv_and_preempts_without_losing_
         seen.append((pool.kv_pages, pool.adapter_pages))
         return out
     monkeypatch.setattr(engine, "step", checked_step)
-    submit(engine, rows)
-    outputs = run_to_completion(engine)
-    assert set(outputs) == {f"row{i}" for i in rows}
-    for i in rows:
-        assert outputs[f"row{i}"][-1].finish_reason is not None and outputs[f"row{i}"][-1].error is None
-        assert tokens_of(outputs[f"row{i}"]) == peft_reference[i][0], f"row {i} (rank {RANKS[i]}) diverged"
+    run_rows_to_peft_tokens(engine, rows, peft_reference)
     assert evicted and any(for_kv) and reclaimed and engine.scheduler.num_preemptions > 0
     assert True in placed and False in placed  # some placements waited for pages, and then ran
     assert engine.lora.slots.slot_of(pinned_key) is not None

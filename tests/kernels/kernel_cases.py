@@ -4,6 +4,7 @@ weight buffers the kernels read (two placements of the slots in them) and the pl
 import itertools
 
 import torch
+from helpers import pack
 
 ON_GPU = torch.cuda.is_available()
 
@@ -73,23 +74,6 @@ def pool_rows(ranks: torch.Tensor, seed: int = 0) -> tuple[list[int], int]:
         rows[s] = top + 1
         top += 1 + extents[s]
     return rows, top + 1
-
-
-def pack(blocks: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """Blocks ([r, cols] each, keyed) flattened into one 1-D buffer back to back in a shuffled
-    order, each after a gap of 1-7 elements (so offsets are unaligned); NaN in every gap. Returns
-    the buffer and each key's element offset (an empty block gets a gap's offset: never read)."""
-    keys = list(blocks)
-    order = torch.randperm(len(keys), generator=gen).tolist()
-    parts, offsets, top = [], {}, 0
-    for i in order:
-        gap = 1 + int(torch.randint(0, 7, (), generator=gen))
-        block = blocks[keys[i]].reshape(-1)
-        parts += [torch.full((gap,), float("nan")), block]
-        offsets[keys[i]] = top + gap if block.numel() else top
-        top += gap + block.numel()
-    parts.append(torch.full((3,), float("nan")))
-    return torch.cat(parts), offsets
 
 
 def flat_buffers(a_list, bt_list, ranks, placement: str, device, dtype=torch.float32, seed: int = 0):

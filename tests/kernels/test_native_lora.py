@@ -4,6 +4,7 @@ the native apply that the LoRA layers call on CPU."""
 import pytest
 import torch
 
+from helpers import pack
 from loraplex_server.lora import ops
 from loraplex_server.lora.layers import SlotTable
 from loraplex_server.lora.mapping import NO_SLOT, LoraMapping
@@ -42,18 +43,10 @@ def make_case(shape, variant, layout, ranks=(4, 16, 0, 7), max_rank=16, seed=0):
 
 
 def _scatter(ranks, width, g):
-    """Element offsets of each slot's [r, width] block in a NaN-filled flat buffer, and the buffer:
-    slots in a random order, 1-5 elements apart (so no offset is a multiple of ``width``)."""
-    order = torch.randperm(len(ranks), generator=g).tolist()
-    gaps = torch.randint(1, 6, (len(ranks),), generator=g).tolist()
-    offsets, top = [0] * len(ranks), 0
-    for s, gap in zip(order, gaps):
-        offsets[s] = top + gap
-        top += gap + ranks[s] * width
-    buf = torch.full((top + 3,), float("nan"))
-    for o, r in zip(offsets, ranks):
-        buf[o:o + r * width] = torch.randn(r * width, generator=g) / width ** 0.5
-    return offsets, buf
+    """Element offsets of each slot's [r, width] block in a NaN-filled flat buffer, and the buffer
+    (``helpers.pack``: shuffled, unaligned)."""
+    buf, where = pack({s: torch.randn(r, width, generator=g) / width ** 0.5 for s, r in enumerate(ranks)}, g)
+    return [where[s] for s in range(len(ranks))], buf
 
 
 def reference(y0, x, a, bt, ranks, a_offsets, b_offsets, mapping) -> torch.Tensor:

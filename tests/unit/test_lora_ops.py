@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from helpers import pack
 from loraplex_server.lora import ops
 from loraplex_server.lora.mapping import NO_SLOT, LoraMapping
 
@@ -87,34 +88,23 @@ def pool_rows(ranks, layout, gen):
     return offsets, top + 2
 
 
-def scattered(ranks, width, gen):
-    """Element offsets of [r, width] blocks in one flat buffer, random order, 1-5 elements apart
-    (never a multiple of ``width``: a shared buffer), and the buffer's size."""
-    order = torch.randperm(len(ranks), generator=gen).tolist()
-    offsets, top = [0] * len(ranks), 0
-    for s in order:
-        top += int(torch.randint(1, 6, (), generator=gen))
-        offsets[s] = top
-        top += ranks[s] * width
-    return offsets, top + 3
-
-
 def make_case(ranks, d_in, d_out, runs, layout="packed", seed=0):
     """Flat buffers A and Bt holding slots of these ranks (a row pool, or for 'arena' blocks placed
     independently on each side), with A and Bt element offsets; every element no slot owns is NaN,
     so a path that reads past a slot's rank (another adapter's weights) turns NaN."""
     g = torch.Generator().manual_seed(seed)
-    if layout == "arena":
-        (a_offsets, a_size), (b_offsets, b_size) = scattered(ranks, d_in, g), scattered(ranks, d_out, g)
+    if layout == "arena":  # each side's blocks shuffled, unaligned, apart (helpers.pack)
+        a, a_where = pack({s: torch.randn(r, d_in, generator=g) for s, r in enumerate(ranks)}, g)
+        bt, b_where = pack({s: torch.randn(r, d_out, generator=g) for s, r in enumerate(ranks)}, g)
+        a_offsets, b_offsets = [a_where[s] for s in range(len(ranks))], [b_where[s] for s in range(len(ranks))]
     else:
         rows, num_rows = pool_rows(ranks, layout, g)
-        a_offsets, a_size = [o * d_in for o in rows], num_rows * d_in
-        b_offsets, b_size = [o * d_out for o in rows], num_rows * d_out
-    a = torch.full((a_size,), float("nan"))
-    bt = torch.full((b_size,), float("nan"))
-    for ao, bo, r in zip(a_offsets, b_offsets, ranks):
-        a[ao:ao + r * d_in] = torch.randn(r * d_in, generator=g)
-        bt[bo:bo + r * d_out] = torch.randn(r * d_out, generator=g)
+        a_offsets, b_offsets = [o * d_in for o in rows], [o * d_out for o in rows]
+        a = torch.full((num_rows * d_in,), float("nan"))
+        bt = torch.full((num_rows * d_out,), float("nan"))
+        for ao, bo, r in zip(a_offsets, b_offsets, ranks):
+            a[ao:ao + r * d_in] = torch.randn(r * d_in, generator=g)
+            bt[bo:bo + r * d_out] = torch.randn(r * d_out, generator=g)
     mapping = LoraMapping.from_runs(runs)
     x = torch.randn(mapping.num_tokens, d_in, generator=g)
     y = torch.randn(mapping.num_tokens, d_out, generator=g)
