@@ -96,6 +96,31 @@ def test_wrong_shapes_missing_half_and_nan_are_refused(tmp_path, targets):
         refused(path, targets, match)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loaded_weights_are_peft_a_and_scaled_b_transposed_even_when_huge(tmp_path, targets, dtype):
+    """The loader hands slots fp32 A and (scale * B)^T; one check over all the weights finds a NaN
+    or Inf (here after the scale), and finite weights whose sum overflows (1e38 each) still load."""
+    path = save(tmp_path, r=4, lora_alpha=8, target_modules=ALL7)
+    file = path / "adapter_model.safetensors"
+    w = {k: v.to(dtype) for k, v in load_file(str(file)).items()}
+    key_b = next(k for k in sorted(w) if "layers.1" in k and "v_proj.lora_B" in k)
+    w[key_b] = torch.full_like(w[key_b], 1e38)
+    save_file(w, str(file))
+    loaded = load_adapter("big", path, targets, 16)
+    for key, module in loaded.modules.items():
+        prefix = f"base_model.model.model.layers.{key.layer}."
+        name_a = next(k for k in w if k.startswith(prefix) and f".{key.name}.lora_A" in k)
+        a, b = w[name_a].float(), w[name_a.replace("lora_A", "lora_B")].float()
+        assert module.a.dtype == module.bt.dtype == torch.float32 and module.scale == 2.0
+        assert torch.equal(module.a, a) and torch.equal(module.bt, (b.T * 2.0))
+    assert len(loaded.modules) == 2 * len(ALL7)
+    for value in (float("inf"), 3e38):  # 3e38 * alpha / r overflows fp32
+        w[key_b][0, 0] = value
+        save_file({k: v.to(dtype) for k, v in w.items()}, str(file))
+        with pytest.raises(AdapterLoadError, match="layer 1 v_proj: weights contain NaN or Inf"):
+            load_adapter("inf", path, targets, 16)
+
+
 def test_pickle_missing_and_garbage_files_are_refused(tmp_path, targets):
     path = save(tmp_path)
     (path / "adapter_model.safetensors").rename(path / "adapter_model.bin")

@@ -36,7 +36,7 @@ def _block(state: LoraStepState, dtype: torch.dtype) -> nn.Module:
             continue
         layer = LoraLinear(linear, ModuleKey(0, name), max_loras=2, max_rank=4, state=state)
         for slot, rank in ((0, 4), (1, 2)):  # slot 0 at rows 0..3, slot 1 at rows 4..5 of the pool
-            layer.set_slot(slot, 4 * slot, LoraModuleWeights(torch.randn(rank, 64) * 0.2,
+            layer.set_slot(slot, 4 * slot, LoraModuleWeights.from_peft(torch.randn(rank, 64) * 0.2,
                                                              torch.randn(out, rank) * 0.2, 0.5))
         setattr(block, name, layer)
     return block

@@ -17,7 +17,8 @@ def layers(max_loras=2, rank=8, pool_rows=None):
 
 
 def adapter(name, rank=4, keys=KEYS, value=1.0):
-    mods = {k: LoraModuleWeights(torch.full((rank, 16), value), torch.full((16, rank), value), 0.5) for k in keys}
+    mods = {k: LoraModuleWeights.from_peft(torch.full((rank, 16), value), torch.full((16, rank), value), 0.5)
+            for k in keys}
     return LoraAdapter(name, source=None, modules=mods, lora_alpha=rank * 0.5)
 
 

@@ -192,21 +192,45 @@ def inspect_adapter(adapter_id: str, path: Path, targets: dict[ModuleKey, Target
 
 
 def load_adapter(adapter_id: str, path: Path, targets: dict[ModuleKey, TargetShape], max_rank: int,
-                 max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES) -> LoraAdapter:
+                 max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES, memo: ContentMemo | None = None) -> LoraAdapter:
     """Full validation and read: a PEFT LoRA directory -> LoraAdapter (or AdapterLoadError).
-    Each file is read once; the tensors come from the same bytes the checks saw."""
+    Each file is read once; the tensors come from the same bytes the checks saw. With the
+    registry's ``memo``, a header and config it validated at registration are not validated again."""
     files = read_adapter_files(adapter_id, Path(path), max_bytes)
-    plan = inspect_adapter(adapter_id, path, targets, max_rank, max_bytes, files)
+    plan = inspect_adapter(adapter_id, path, targets, max_rank, max_bytes, files, memo)
     try:
         tensors = load_safetensors(files.weights)
     except (SafetensorError, ValueError) as exc:
         raise AdapterLoadError(adapter_id, f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}") from exc
-    modules = {}
-    for key, (name_a, name_b) in plan.tensors.items():
-        a, b = tensors[name_a], tensors[name_b]
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise AdapterLoadError(adapter_id, f"layer {key.layer} {key.name}: weights contain NaN or Inf")
-        modules[key] = LoraModuleWeights(a=a.float().contiguous(), b=b.float().contiguous(), scale=plan.scales[key])
-    return LoraAdapter(adapter_id=adapter_id, source=Path(path), modules=modules, lora_alpha=plan.lora_alpha,
-                       use_rslora=plan.use_rslora, base_model_name=plan.base_model_name,
+    pairs = {key: (tensors[name_a], tensors[name_b]) for key, (name_a, name_b) in plan.tensors.items()}
+    return LoraAdapter(adapter_id=adapter_id, source=Path(path), modules=_packed(adapter_id, pairs, plan.scales),
+                       lora_alpha=plan.lora_alpha, use_rslora=plan.use_rslora, base_model_name=plan.base_model_name,
                        fingerprint=plan.fingerprint)
+
+
+def _packed(adapter_id: str, pairs: dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]],
+            scales: dict[ModuleKey, float]) -> dict[ModuleKey, LoraModuleWeights]:
+    """Every module's A and (scale * B)^T in fp32, as views of one host buffer (what slots copy
+    from), after one finiteness check over all of them (per module only to name a culprit):
+
+        for key, (A, B) in pairs: a[key] = A; bt[key] = scales[key] * B^T   # views of one fp32 buffer
+        if any element is NaN or Inf: refuse, naming the first module with one
+    """
+    total = sum(a.numel() + b.numel() for a, b in pairs.values())
+    flat = torch.empty(total, dtype=torch.float32)
+    modules, offset = {}, 0
+    for key, (a, b) in pairs.items():
+        rank, fan_in, fan_out = a.shape[0], a.shape[1], b.shape[0]
+        a_view = flat[offset:offset + rank * fan_in].view(rank, fan_in)
+        offset += rank * fan_in
+        bt_view = flat[offset:offset + rank * fan_out].view(rank, fan_out)
+        offset += rank * fan_out
+        a_view.copy_(a)
+        bt_view.copy_(b.T).mul_(scales[key])  # as the fp32 product (b.float().T * scale)
+        modules[key] = LoraModuleWeights(a_view, bt_view, scales[key])
+    if not math.isfinite(float(flat.sum())):  # a NaN or an Inf reaches the sum (so may a finite overflow)
+        for key, m in modules.items():
+            if not (torch.isfinite(m.a).all() and torch.isfinite(m.bt).all()):
+                raise AdapterLoadError(adapter_id, f"layer {key.layer} {key.name}: weights contain NaN or Inf "
+                                       "(or overflow fp32 once scaled by alpha / r)")
+    return modules

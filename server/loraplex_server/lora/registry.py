@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -77,7 +78,7 @@ class LoadState:
 
 
 def meta_of(adapter: LoraAdapter, source: Path) -> AdapterMeta:
-    size = sum(4 * (m.a.numel() + m.b.numel()) for m in adapter.modules.values())  # fp32 resident bytes
+    size = sum(4 * (m.a.numel() + m.bt.numel()) for m in adapter.modules.values())  # fp32 resident bytes
     return AdapterMeta(adapter.adapter_id, source, adapter.rank, adapter.target_modules, size)
 
 
@@ -130,7 +131,7 @@ class AdapterRegistry:
         self.max_cpu_loras = max(1, max_cpu_loras)
         self.adapter_root = adapter_root
         self.max_adapter_bytes = max_adapter_bytes
-        self._load_fn = load_fn or load_adapter
+        self._load_fn = load_fn or functools.partial(load_adapter, memo=self.validated)
         self.retry = retry
         self._sleep = sleep
         self._load_states: dict[VersionKey, LoadState] = {}  # version key -> its background load

@@ -36,9 +36,16 @@ class Fingerprint:
 
 @dataclass
 class LoraModuleWeights:
-    a: torch.Tensor  # [r, in_features]
-    b: torch.Tensor  # [out_features, r]
-    scale: float  # lora_alpha / r (or / sqrt(r) with rsLoRA)
+    """One module's weights in the form slots hold them: ``y += (A @ x) @ bt``."""
+
+    a: torch.Tensor  # [r, in_features], fp32
+    bt: torch.Tensor  # [r, out_features] = (scale * B)^T, fp32
+    scale: float  # lora_alpha / r (or / sqrt(r) with rsLoRA), already folded into bt
+
+    @classmethod
+    def from_peft(cls, a: torch.Tensor, b: torch.Tensor, scale: float) -> LoraModuleWeights:
+        """From PEFT's ``lora_A`` [r, in] and ``lora_B`` [out, r] (any float dtype)."""
+        return cls(a.float().contiguous(), (b.float().T * scale).contiguous(), scale)
 
     @property
     def rank(self) -> int:
