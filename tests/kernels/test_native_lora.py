@@ -18,7 +18,7 @@ SHAPES = [(64, 48), (96, 384), (40, 24), (33, 17)]
 # (slot, tokens) per packed sequence: decode rows, mixed widths with partial tiles, base rows between
 LAYOUTS = {
     "decode": [(0, 1), (1, 1), (1, 1), (3, 1), (2, 1)],
-    "mixed": [(NO_SLOT, 2), (2, 5), (0, 1), (NO_SLOT, 1), (1, 13), (3, 4), (0, 9)],
+    "mixed": [(NO_SLOT, 2), (2, 5), (0, 1), (NO_SLOT, 1), (1, 13), (3, 7), (0, 9), (1, 2)],  # tiles of 1-4 tokens
 }
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 1e-2)}
 
