@@ -4,8 +4,9 @@
 
 1. Correctness on CUDA/bf16: a mixed batch (2 synthetic adapters + base rows) through the packed,
    paged engine vs HF + PEFT on the same random weights: first-step logits max |diff| and greedy
-   token agreement over 16 new tokens.
-2. Decode tokens/s, base only vs 4 adapters, for the SmolLM2-135M and Llama-3-8B shapes.
+   token agreement over 16 new tokens; once per memory pool (``--memory-pools``: the row pool, and
+   the unified pool, where the kernels read adapter blocks at unaligned offsets of the KV cache).
+2. Decode tokens/s, base only vs 4 adapters, for the SmolLM2-135M and Llama-3-8B shapes, per pool.
 Writes a JSON summary to DIR/gpu_check.json and prints it.
 """
 
@@ -36,10 +37,10 @@ from loraplex_server.model.loader import load_model
 DEVICE = {"device": "cuda", "dtype": "bfloat16"}
 
 
-def engine_for(preset: str, max_loras: int, rank: int, kv_bytes: int):
+def engine_for(preset: str, max_loras: int, rank: int, kv_bytes: int, memory_pool: str = "separate"):
     cfg = EngineConfig(model=ModelConfig(model=preset, load_format="dummy", device=DEVICE["device"],
                                          dtype=DEVICE["dtype"]),
-                       cache=CacheConfig(kv_cache_bytes=kv_bytes),
+                       cache=CacheConfig(kv_cache_bytes=kv_bytes, memory_pool=memory_pool),
                        lora=LoraConfig(max_loras=max_loras, max_lora_rank=rank))
     loaded = load_model(cfg.model)
     # A normally constructed twin (PEFT on a deep copy of a meta-initialised model gave NaNs).
@@ -66,10 +67,10 @@ def reference_greedy(peft, ids: list[int], base: bool, n: int):
     return seq[len(ids):], gaps, first
 
 
-def correctness(tmp: Path) -> dict:
+def correctness(tmp: Path, memory_pool: str = "separate") -> dict:
     from peft import PeftModel
 
-    engine, ref = engine_for("smollm2-135m", 4, 16, 1 << 30)
+    engine, ref = engine_for("smollm2-135m", 4, 16, 1 << 30, memory_pool)
     paths = [write_adapter(tmp / f"c{i}", ref.config, rank, seed=i, b_scale=0.05) for i, rank in enumerate([8, 16])]
     for i, p in enumerate(paths):
         engine.lora.add_adapter(f"c{i}", p)
@@ -87,7 +88,7 @@ def correctness(tmp: Path) -> dict:
     peft.eval()
     result: dict[str, Any] = {"first_step_max_abs_diff": {}, "greedy_agreement": {}}
     # Full generation through the engine (fresh engine state for simplicity).
-    engine2, _ = engine_for("smollm2-135m", 4, 16, 1 << 30)
+    engine2, _ = engine_for("smollm2-135m", 4, 16, 1 << 30, memory_pool)
     for i, p in enumerate(paths):
         engine2.lora.add_adapter(f"c{i}", p)
     for j, (adapter, ids) in enumerate(rows):
@@ -111,8 +112,9 @@ def correctness(tmp: Path) -> dict:
     return result
 
 
-def throughput(preset: str, tmp: Path, batches: list[int], new_tokens: int) -> list[dict]:
-    engine, _ = engine_for(preset, 4, 16, 4 << 30)
+def throughput(preset: str, tmp: Path, batches: list[int], new_tokens: int,
+               memory_pool: str = "separate") -> list[dict]:
+    engine, _ = engine_for(preset, 4, 16, 4 << 30, memory_pool)
     names = []
     for i in range(4):
         engine.lora.add_adapter(f"t{i}", write_adapter(tmp / f"{preset}-{i}", engine.loaded.model.config, 16, seed=i))
@@ -122,8 +124,8 @@ def throughput(preset: str, tmp: Path, batches: list[int], new_tokens: int) -> l
     for b in batches:
         base = measure(engine, b, [None], new_tokens)
         lora = measure(engine, b, names, new_tokens)
-        rows.append({"model": preset, "batch": b, "base_tok_s": round(base, 1), "lora4_tok_s": round(lora, 1),
-                     "ratio": round(lora / base, 3)})
+        rows.append({"model": preset, "memory_pool": memory_pool, "batch": b, "base_tok_s": round(base, 1),
+                     "lora4_tok_s": round(lora, 1), "ratio": round(lora / base, 3)})
         print(rows[-1], flush=True)
     del engine
     if torch.cuda.is_available():
@@ -138,21 +140,30 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--presets", nargs="+", default=["smollm2-135m", "llama-3-8b"])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--memory-pools", nargs="+", default=["separate", "unified"], choices=["separate", "unified"])
     args = p.parse_args()
     DEVICE.update(device=args.device, dtype=args.dtype)
     import transformers
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     summary: dict[str, Any] = {"device": name, "torch": torch.__version__, "transformers": transformers.__version__}
     print(summary, flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every part: a time limit that cuts the run short keeps what was measured
+        (Path(args.out) / "gpu_check.json").write_text(json.dumps(summary, indent=1))
+
     with tempfile.TemporaryDirectory() as tmp:
-        t = time.time()
-        summary["correctness_bf16"] = correctness(Path(tmp))
-        print(summary["correctness_bf16"], f"{time.time() - t:.1f}s", flush=True)
+        for pool in args.memory_pools:
+            t = time.time()
+            key = "correctness_bf16" + ("" if pool == "separate" else f"_{pool}")
+            summary[key] = correctness(Path(tmp), pool)
+            print(key, summary[key], f"{time.time() - t:.1f}s", flush=True)
+            save()
         summary["decode"] = []
         for preset in args.presets:
-            summary["decode"] += throughput(preset, Path(tmp), args.batches, 64 if "135m" in preset else 32)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "gpu_check.json").write_text(json.dumps(summary, indent=1))
+            for pool in args.memory_pools:
+                summary["decode"] += throughput(preset, Path(tmp), args.batches, 64 if "135m" in preset else 32, pool)
+                save()
     print(json.dumps(summary, indent=1))
 
 
