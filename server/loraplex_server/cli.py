@@ -38,8 +38,10 @@ FLAGS: list[tuple[str, str, str, Callable[[str], Any], str]] = [
     ("--prefix-caching", "cache", "prefix_caching", parse_switch, "on | off: reuse the KV blocks of prompt "
                                                                   "prefixes already computed (per adapter version; "
                                                                   "default on)"),
-    ("--memory-pool", "cache", "memory_pool", str, "separate | unified: adapter weights in a row pool of "
-                                                   "their own, or paged with the KV blocks in --kv-cache-bytes"),
+    ("--memory-pool", "cache", "memory_pool", str, "auto | separate | unified: adapter weights in a row "
+                                                   "pool of their own, or paged with the KV blocks in "
+                                                   "--kv-cache-bytes; auto (default): unified over the KV "
+                                                   "budget plus the row pool's bytes where it can run"),
     ("--max-batch-tokens", "scheduler", "max_num_batched_tokens", int, "token budget per engine step"),
     ("--max-num-seqs", "scheduler", "max_num_seqs", int, "cap on running sequences"),
     ("--max-queued-requests", "scheduler", "max_queued_requests", int, "requests in flight before "

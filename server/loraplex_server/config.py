@@ -72,12 +72,14 @@ class CacheConfig:
     # reuse the K/V of full blocks whose tokens (and adapter version) a previous request computed
     prefix_caching: bool = True
     # separate: KV blocks in kv_cache_bytes, adapter weights in their own row pool (lora_pool_rows);
-    # unified: kv_cache_bytes is one pool of pages that KV blocks and adapter weights share
-    memory_pool: str = "separate"
+    # unified: kv_cache_bytes is one pool of pages that KV blocks and adapter weights share;
+    # auto: unified over kv_cache_bytes plus the row pool's bytes, separate where unified cannot run
+    # (engine/memory_plan.py)
+    memory_pool: str = "auto"
 
     def __post_init__(self):
-        if self.memory_pool not in ("separate", "unified"):
-            raise ValueError(f"memory_pool must be separate or unified, got {self.memory_pool!r}")
+        if self.memory_pool not in ("auto", "separate", "unified"):
+            raise ValueError(f"memory_pool must be auto, separate or unified, got {self.memory_pool!r}")
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    # device slots = distinct adapters resident / per step; 0 (memory_pool unified only): no cap but
+    # device slots = distinct adapters resident / per step; 0 (memory_pool unified or auto): no cap but
     # memory (slots for up to min(pool pages, 4,096) resident versions)
     max_loras: int = 4
     max_cpu_loras: int = 16  # loaded adapters kept in host memory (LRU)
@@ -133,8 +135,8 @@ class EngineConfig:
     guided: GuidedConfig = field(default_factory=GuidedConfig)
 
     def __post_init__(self):
-        if self.lora.max_loras < 0 or (self.lora.max_loras == 0 and self.cache.memory_pool != "unified"):
-            raise ValueError(f"max_loras must be at least 1 (0, no cap, only with memory_pool=unified), "
+        if self.lora.max_loras < 0 or (self.lora.max_loras == 0 and self.cache.memory_pool == "separate"):
+            raise ValueError(f"max_loras must be at least 1 (0, no cap, only with memory_pool unified or auto), "
                              f"got {self.lora.max_loras}")
 
     def resolved_threads(self) -> int:

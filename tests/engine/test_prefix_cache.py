@@ -46,11 +46,11 @@ def files(tmp_path_factory):
     return out
 
 
-def build(files, caching, num_blocks=64, budget=24, **model) -> LLMEngine:
+def build(files, caching, num_blocks=64, budget=24, memory_pool="auto", **model) -> LLMEngine:
     cfg = EngineConfig(
         model=ModelConfig(model=str(files["config"]), load_format="dummy", device="cpu", dtype="float32",
                           threads=1, max_model_len=256, **model),
-        cache=CacheConfig(block_size=BS, num_blocks=num_blocks, prefix_caching=caching),
+        cache=CacheConfig(block_size=BS, num_blocks=num_blocks, prefix_caching=caching, memory_pool=memory_pool),
         scheduler=SchedulerConfig(max_num_batched_tokens=budget),
         lora=LoraConfig(max_loras=3, max_lora_rank=16))
     engine = LLMEngine(cfg)
@@ -95,15 +95,22 @@ def assert_same_first_logits(on: LLMEngine, off: LLMEngine):
 
 
 def assert_no_block_held(engine):
-    blocks = engine.blocks
-    assert blocks.num_free_blocks == blocks.num_blocks and not any(blocks._refs)
+    """No request holds a KV block: all are free (the unified pool, which ``auto`` builds here:
+    every page KV holds is a cached block no request references)."""
+    blocks, shared = engine.blocks, engine.lora.shared
+    assert not any(blocks._refs)
+    if shared is None:
+        assert blocks.num_free_blocks == blocks.num_blocks
+    else:
+        assert shared.pool.kv_pages == len(blocks.cached_free_blocks())
 
 
 @pytest.mark.parametrize("case", [
     dict(),  # native CPU decode attention where it builds
     dict(cpu_kernels="off", budget=7),  # torch path; chunks of 7 cross every block boundary
     dict(cuda_graphs="on"),  # the captured decode step (run eagerly on the CPU)
-    dict(num_blocks=14, new_tokens=8),  # preemption: decodes outgrow the blocks
+    # preemption: decodes outgrow 14 KV blocks (of their own: auto would add the adapters' share)
+    dict(num_blocks=14, new_tokens=8, memory_pool="separate"),
 ], ids=["native", "torch-chunked", "decode-graphs", "preemption"])
 def test_outputs_and_first_logits_equal_with_caching_off(files, case):
     case = dict(case)

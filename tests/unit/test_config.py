@@ -50,20 +50,21 @@ def test_lora_pool_rows_defaults_to_todays_memory_and_is_wired_like_the_other_lo
         _ = LoraConfig(lora_pool_rows=0).resolved_pool_rows
 
 
-def test_memory_pool_defaults_to_separate_is_wired_and_refuses_other_values():
+def test_memory_pool_defaults_to_auto_is_wired_and_refuses_other_values():
     from loraplex_server.cli import build_parser, flag_values
     from loraplex_server.config import CacheConfig, load_config
 
-    assert CacheConfig().memory_pool == "separate"
+    assert CacheConfig().memory_pool == "auto"
     assert engine_config_from_env({"LORAPLEX_MEMORY_POOL": "unified"}).cache.memory_pool == "unified"
-    args = build_parser().parse_args(["--memory-pool", "unified"])
-    assert load_config(flag_values(args), None, {}).engine.cache.memory_pool == "unified"
-    with pytest.raises(ValueError, match="memory_pool must be separate or unified"):
+    args = build_parser().parse_args(["--memory-pool", "separate"])
+    assert load_config(flag_values(args), None, {}).engine.cache.memory_pool == "separate"
+    with pytest.raises(ValueError, match="memory_pool must be auto, separate or unified"):
         CacheConfig(memory_pool="shared")
     from loraplex_server.config import EngineConfig, LoraConfig
     assert EngineConfig(cache=CacheConfig(memory_pool="unified"), lora=LoraConfig(max_loras=0)).lora.max_loras == 0
-    with pytest.raises(ValueError, match="0, no cap, only with memory_pool=unified"):
-        EngineConfig(lora=LoraConfig(max_loras=0))
+    assert EngineConfig(lora=LoraConfig(max_loras=0)).lora.max_loras == 0  # auto: checked when the pool is planned
+    with pytest.raises(ValueError, match="0, no cap, only with memory_pool unified or auto"):
+        EngineConfig(cache=CacheConfig(memory_pool="separate"), lora=LoraConfig(max_loras=0))
     with pytest.raises(ValueError, match="max_loras must be at least 1"):
         EngineConfig(cache=CacheConfig(memory_pool="unified"), lora=LoraConfig(max_loras=-1))
 

@@ -32,7 +32,8 @@ from .guided import GrammarBackend, GrammarCache, Guide
 from .info import ServerInfo
 from .inputs import InputProcessor
 from .kv_blocks import BlockManager, blocks_for
-from .kv_cache import KVCacheSpec, allocate_kv_cache, num_blocks_for
+from .kv_cache import KVCacheSpec, allocate_kv_cache
+from .memory_plan import plan_memory
 from .output import OutputProcessor
 from .request import FinishReason, Prompt, Request, RequestOutput, SamplingParams
 from .runner import ModelRunner
@@ -72,14 +73,15 @@ class LLMEngine:
         if config.model.cpu_kernels == "auto" and self.loaded.device.type == "cpu":
             native = load_native_kernels(config.model.cache_dir, config.resolved_threads())
         spec = KVCacheSpec.from_model_config(model.config, self.loaded.dtype)
-        num_blocks = num_blocks_for(spec, config.cache)
+        self.memory = plan_memory(config, spec, model, self.loaded.device, native)
+        num_blocks = self.memory.num_blocks
         self.kv_block_bytes = spec.bytes_per_block(config.cache.block_size)
         graphs = graph_mode(config.model.cuda_graphs, self.loaded.device)
         # captured decode steps park their padding rows in one extra block no sequence owns
         allocated_blocks = num_blocks + (1 if graphs else 0)
         kv_caches = allocate_kv_cache(spec, allocated_blocks, config.cache.block_size, self.loaded.device)
         self.kv_cache_bytes = allocated_blocks * self.kv_block_bytes
-        shared = self._shared_pool(spec, num_blocks, kv_caches) if config.cache.memory_pool == "unified" else None
+        shared = self._shared_pool(spec, num_blocks, kv_caches) if self.memory.pool == "unified" else None
         self.lora = LoraManager(model, config.lora, load_fn=adapter_load_fn, native_kernels=native, shared=shared)
         free_blocks = None if shared is None else KvPages(shared.pool, self._idle_adapter_pages,
                                                           self._evict_idle_adapter)
@@ -109,9 +111,10 @@ class LLMEngine:
         self.last_batch = (0, 0)  # (sequences, tokens) of the latest step
         self._retired: set[VersionKey] = set()  # adapter versions to free once unused
         self.failed_steps_in_a_row = 0  # forwards that raised (culprits isolated), reset by a clean one
-        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens (prefix caching %s), max_loras=%d",
-                 self.loaded.name, self.loaded.device, self.loaded.dtype, num_blocks,
-                 config.cache.block_size, "on" if config.cache.prefix_caching else "off", self.lora.slots.max_loras)
+        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens (prefix caching %s), max_loras=%d, "
+                 "memory pool %s (%s)", self.loaded.name, self.loaded.device, self.loaded.dtype, num_blocks,
+                 config.cache.block_size, "on" if config.cache.prefix_caching else "off", self.lora.slots.max_loras,
+                 self.memory.pool, self.memory.reason)
 
     def _idle_adapter_pages(self) -> int:
         """Unified pool: pages that adapters no running request (or pin, or this step) uses could free."""
@@ -327,7 +330,7 @@ class LLMEngine:
                           kv_cache_tokens=self.blocks.capacity_tokens, prefix_caching=self.blocks.prefix_caching,
                           lora_pool_rows=0 if unified else self.lora.slots.pool_rows,
                           lora_pool_bytes=0 if unified else self.lora.slots.pool_rows * self.lora.slots.row_bytes,
-                          kv_cache_bytes=self.kv_cache_bytes, memory_pool=self.config.cache.memory_pool)
+                          kv_cache_bytes=self.kv_cache_bytes, memory_pool=self.memory.pool)
 
     def set_tenant_weights(self, weight_of: Callable[[str], float]) -> None:
         """Tenant share weights for fair scheduling (no effect under FCFS)."""

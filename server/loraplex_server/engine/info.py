@@ -21,4 +21,4 @@ class ServerInfo:
     lora_pool_rows: int = 0  # rank rows of the LoRA weight pool (a rank-r adapter holds r while resident)
     lora_pool_bytes: int = 0  # device bytes of that pool (0 when unified)
     kv_cache_bytes: int = 0  # device bytes of the KV cache (unified: shared by KV blocks and adapter weights)
-    memory_pool: str = "separate"  # or "unified"
+    memory_pool: str = "separate"  # or "unified": the pool the engine built (auto resolved)
