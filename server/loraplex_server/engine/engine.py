@@ -111,8 +111,9 @@ class LLMEngine:
         self.last_batch = (0, 0)  # (sequences, tokens) of the latest step
         self._retired: set[VersionKey] = set()  # adapter versions to free once unused
         self.failed_steps_in_a_row = 0  # forwards that raised (culprits isolated), reset by a clean one
-        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens (prefix caching %s), max_loras=%d, "
+        log.info("engine ready: %s on %s (%s), %d %s of %d tokens (prefix caching %s), max_loras=%d, "
                  "memory pool %s (%s)", self.loaded.name, self.loaded.device, self.loaded.dtype, num_blocks,
+                 "pages of KV blocks or adapter weights" if shared is not None else "KV blocks",
                  config.cache.block_size, "on" if config.cache.prefix_caching else "off", self.lora.slots.max_loras,
                  self.memory.pool, self.memory.reason)
 
