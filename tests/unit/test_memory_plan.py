@@ -40,6 +40,11 @@ def test_explicit_pools_keep_their_budgets(model):
         "separate", 40)
     unified = plan(model, memory_pool="unified", max_loras=4, max_lora_rank=8)
     assert (unified.pool, unified.num_blocks) == ("unified", 40)  # kv_cache_bytes is the whole pool
+    # where auto would fall back, an explicit unified pool refuses to start, with the same reason
+    with pytest.raises(ValueError, match="would hold 64 of the 10 pages of the unified memory pool, more than half"):
+        plan(model, num_blocks=10, memory_pool="unified", max_loras=1, max_lora_rank=64)
+    with pytest.raises(ValueError, match="computes in torch.float32"):
+        plan(model, torch.bfloat16, memory_pool="unified", max_loras=4, max_lora_rank=8)
 
 
 def test_auto_stays_separate_where_unified_cannot_run(model):

@@ -130,7 +130,7 @@ class LLMEngine:
         block_size = self.config.cache.block_size
         # late-bound: self.blocks is built after the LoRA side, which needs the pool
         return SharedPool([(k.view(-1), v.view(-1)) for k, v in kv_caches],
-                          page_elems=block_size * spec.num_kv_heads * spec.head_dim, page_bytes=self.kv_block_bytes,
+                          page_elems=spec.elements_per_block(block_size), page_bytes=self.kv_block_bytes,
                           pool=PagePool(num_blocks), cached_pages=lambda: self.blocks.cached_free_blocks(),  # noqa: PLW0108
                           reclaim=lambda blocks: self.blocks.reclaim_cached(blocks))  # noqa: PLW0108
 

@@ -23,9 +23,16 @@ class KVCacheSpec:
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         return cls(config.num_hidden_layers, kv_heads, head_dim, dtype)
 
+    @property
+    def element_bytes(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def elements_per_block(self, block_size: int) -> int:
+        """Elements of one block in one layer's K (or V) cache: a page of each arena, unified."""
+        return block_size * self.num_kv_heads * self.head_dim
+
     def bytes_per_block(self, block_size: int) -> int:
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * element
+        return 2 * self.num_layers * self.elements_per_block(block_size) * self.element_bytes
 
 
 def num_blocks_for(spec: KVCacheSpec, cache: CacheConfig) -> int:

@@ -8,7 +8,8 @@
   max_lora_rank``; none with ``max_loras`` 0), so no deployment loses capacity by the switch; KV
   and adapters then borrow from each other. It stays separate where unified cannot run: when the
   LoRA apply does not compute in the KV cache's dtype (a bf16 model on the CPU without the native
-  kernels), or when an adapter of ``max_lora_rank`` would take more than half the pool.
+  kernels), when a page cannot start 16-aligned blocks, or when an adapter of ``max_lora_rank``
+  would take more than half the pool. ``unified`` refuses to start in those cases, with the reason.
 """
 
 from __future__ import annotations
@@ -36,35 +37,41 @@ class MemoryPlan:
 def plan_memory(config: EngineConfig, spec: KVCacheSpec, model: nn.Module, device: torch.device,
                 native_kernels=None) -> MemoryPlan:
     kv_blocks = num_blocks_for(spec, config.cache)
-    if config.cache.memory_pool != "auto":
-        return MemoryPlan(config.cache.memory_pool, kv_blocks, "configured")
-    plan = _auto(config, spec, model, device, native_kernels, kv_blocks)
-    if plan.pool == "separate" and config.lora.max_loras == 0:
-        raise ValueError(f"max_loras 0 (no cap) needs the unified memory pool, not usable here: {plan.reason}")
-    return plan
+    mode = config.cache.memory_pool
+    if mode == "separate":
+        return MemoryPlan("separate", kv_blocks, "configured")
+    dims = {key: (t.in_features, t.out_features) for key, t in find_targets(model).items()}
+    lora = config.lora
+    pages, reason = kv_blocks, "configured"
+    if mode == "auto":  # the row pool's bytes join the KV budget
+        rows = lora.lora_pool_rows if lora.lora_pool_rows is not None else lora.max_loras * lora.max_lora_rank
+        row_bytes = sum(fan_in + fan_out for fan_in, fan_out in dims.values()) * spec.element_bytes
+        pages += -(-rows * row_bytes // spec.bytes_per_block(config.cache.block_size))
+        reason = f"{kv_blocks} KV blocks and {rows} LoRA rows' memory as one pool"
+    refusal = _unified_refusal(config, spec, dims, pages, device, native_kernels)
+    if refusal is None:
+        return MemoryPlan("unified", pages, reason)
+    if mode == "unified":
+        raise ValueError(refusal)
+    if lora.max_loras == 0:
+        raise ValueError(f"max_loras 0 (no cap) needs the unified memory pool, not usable here: {refusal}")
+    return MemoryPlan("separate", kv_blocks, refusal)
 
 
-def _auto(config: EngineConfig, spec: KVCacheSpec, model: nn.Module, device: torch.device, native_kernels,
-          kv_blocks: int) -> MemoryPlan:
+def _unified_refusal(config: EngineConfig, spec: KVCacheSpec, dims: dict, pages: int, device: torch.device,
+                     native_kernels) -> str | None:
+    """Why the unified pool of ``pages`` pages cannot serve these settings, or None."""
     apply = apply_function(device, native_kernels) if device.type == "cpu" else None
     compute = lora_compute_dtype(spec.dtype, device, apply)
     if compute != spec.dtype:
-        return MemoryPlan("separate", kv_blocks, f"the LoRA apply computes in {compute}, the KV cache holds "
-                                                 f"{spec.dtype} (the native CPU kernels would compute in it)")
-    lora = config.lora
-    rows = lora.lora_pool_rows if lora.lora_pool_rows is not None else lora.max_loras * lora.max_lora_rank
-    dims = {key: (t.in_features, t.out_features) for key, t in find_targets(model).items()}
-    element = torch.empty((), dtype=spec.dtype).element_size()
-    row_bytes = sum(fan_in + fan_out for fan_in, fan_out in dims.values()) * element
-    block_bytes = spec.bytes_per_block(config.cache.block_size)
-    pages = kv_blocks + -(-rows * row_bytes // block_bytes)
-    page_elems = config.cache.block_size * spec.num_kv_heads * spec.head_dim
+        return (f"the unified memory pool keeps adapter weights in the KV cache's dtype ({spec.dtype}), but the "
+                f"LoRA apply here computes in {compute} (build the native CPU kernels, or use memory_pool=separate)")
+    page_elems = spec.elements_per_block(config.cache.block_size)
     if page_elems % ALIGN:
-        return MemoryPlan("separate", kv_blocks, f"a page of {page_elems} elements per arena is not a multiple "
-                                                 f"of {ALIGN}")
-    layout = PageLayout(dims, page_elems)
-    largest = layout.pages_for_rank(lora.max_lora_rank)
+        return f"a page of {page_elems} elements per arena is not a multiple of {ALIGN}"
+    rank = config.lora.max_lora_rank
+    largest = PageLayout(dims, page_elems).pages_for_rank(rank)
     if largest > pages // 2:
-        return MemoryPlan("separate", kv_blocks, f"an adapter of max_lora_rank {lora.max_lora_rank} would hold "
-                                                 f"{largest} of {pages} pages (more than half)")
-    return MemoryPlan("unified", pages, f"{kv_blocks} KV blocks and {rows} LoRA rows' memory as one pool")
+        return (f"an adapter of max_lora_rank {rank} would hold {largest} of the {pages} pages of the unified "
+                "memory pool, more than half: raise kv_cache_bytes or lower max_lora_rank")
+    return None

@@ -18,7 +18,7 @@ from ..config import LoraConfig
 from ..errors import AdapterPinError
 from ..memory.page_pool import AdapterRuns, PagePool
 from .ids import AdapterId, VersionKey
-from .layers import LoraStepState, lora_compute_dtype
+from .layers import LoraStepState
 from .mapping import LoraMapping
 from .model import find_targets, inject_lora_layers, model_device
 from .ops import apply_function
@@ -72,7 +72,7 @@ class LoraManager:
             self.layers = inject_lora_layers(model, slots, config.max_lora_rank, self.state,
                                              buffers_of=lambda key: shared.arenas[key.layer])
             self.max_rank = config.max_lora_rank
-            self.slots = self._paged_slots(shared, model, slots)
+            self.slots = self._paged_slots(shared, slots)
         self.registry = AdapterRegistry(self.targets, self.max_rank, config.max_cpu_loras,
                                         config.adapter_root, config.max_adapter_bytes, load_fn=load_fn)
         self._step_keys: set[VersionKey] = set()  # placed or used this step: KV pressure cannot evict them
@@ -82,20 +82,11 @@ class LoraManager:
         # an eviction from the cache in between cannot make the engine thread read from disk
         self._held: dict[VersionKey, LoraAdapter] = {}
 
-    def _paged_slots(self, shared: SharedPool, model: nn.Module, num_slots: int) -> SlotManager:
-        dtype = shared.arenas[0][0].dtype
-        wanted = lora_compute_dtype(dtype, model_device(model), self.state.apply)
-        if wanted != dtype:
-            raise ValueError(f"the unified memory pool keeps adapter weights in the KV cache's dtype ({dtype}), "
-                             f"but the LoRA apply here computes in {wanted} (build the native CPU kernels, "
-                             "or use memory_pool=separate)")
+    def _paged_slots(self, shared: SharedPool, num_slots: int) -> SlotManager:
+        """Slots over runs of the unified pool (whether the pool can serve these settings at all is
+        decided before it is built: ``engine/memory_plan.py``)."""
         layout = PageLayout({k: (la.in_features, la.out_features) for k, la in self.layers.items()},
                             shared.page_elems)
-        largest = layout.pages_for_rank(self.config.max_lora_rank)
-        if largest > shared.pool.num_pages // 2:
-            raise ValueError(f"an adapter of max_lora_rank {self.config.max_lora_rank} would hold {largest} of the "
-                             f"{shared.pool.num_pages} pages of the unified memory pool (at most half): raise "
-                             "kv_cache_bytes or lower max_lora_rank")
         return SlotManager(self.layers, num_slots, AdapterRuns(shared.pool, shared.cached_pages, shared.reclaim),
                            layout, shared.page_bytes)
 
