@@ -57,6 +57,27 @@ def test_kv_pages_evict_idle_adapters_only_when_no_page_is_free():
     assert pool.holder(1) == FREE and len(pages) == 1
 
 
+def test_kv_pages_count_idle_adapters_only_when_free_pages_fall_short():
+    pool = PagePool(8)
+    pool.take_run(6, 2)  # an idle adapter holds 6..7
+    counted = []
+
+    def idle_pages():
+        counted.append(1)
+        return 2
+    pages = KvPages(pool, idle_pages, lambda: False)
+    assert pages.has(6) and not counted  # six free pages: the idle walk is not needed
+    assert pages.has(8) and len(counted) == 1
+    assert not pages.has(9)
+    blocks = BlockManager(8, 4, free_blocks=pages)
+    counted.clear()
+    assert blocks.allocate(request(16), 16) and not counted  # 4 blocks from 6 free pages
+    assert not blocks.allocate(request(17), 17) and counted  # 5 more: 2 free + 2 idle fall short
+    counted.clear()
+    assert blocks.allocate(request(7), 7) and not counted  # 2 blocks: the free pages
+    assert pool.free_pages == 0
+
+
 def request(tokens: int) -> Request:
     return Request(f"r{tokens}", tuple(range(100, 100 + tokens)), SamplingParams())
 

@@ -75,7 +75,7 @@ class VirtualTokenCounter:
         weight, the rest (decodes) at the output weight; each tenant's weight read once."""
         cost: dict[str, float] = {}
         for request, num_tokens in charges:
-            prompt_part = max(0, min(num_tokens, request.num_prompt_tokens - request.num_computed_tokens))
+            prompt_part = max(0, min(num_tokens, len(request.prompt_token_ids) - request.num_computed_tokens))
             cost[request.tenant] = (cost.get(request.tenant, 0.0) + INPUT_WEIGHT * prompt_part
                                     + OUTPUT_WEIGHT * (num_tokens - prompt_part))
         for tenant, total in cost.items():

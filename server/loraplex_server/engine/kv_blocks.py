@@ -25,6 +25,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from ..lora.ids import VersionKey
+from ..memory.page_pool import KvPages
 from .request import Request
 
 
@@ -102,7 +103,7 @@ class BlockManager:
     def allocate(self, request: Request, num_new_tokens: int) -> bool:
         """Give ``request`` blocks for ``num_new_tokens`` more tokens; False (nothing taken) if short."""
         needed = self.blocks_needed(request, num_new_tokens)
-        if needed > self.num_free_blocks:
+        if not self._has_free(needed):
             return False
         for _ in range(needed):
             request.block_ids.append(self._pop_free())
@@ -145,7 +146,7 @@ class BlockManager:
         ``num_new_tokens`` tokens after it; False (nothing taken) if short of free blocks."""
         reclaimed = sum(1 for b in hit.block_ids if self._refs[b] == 0)  # cached blocks leaving the free pool
         needed = blocks_for(hit.num_tokens + num_new_tokens, self.block_size) - len(hit.block_ids)
-        if reclaimed + needed > self.num_free_blocks:
+        if not self._has_free(reclaimed + needed):
             return False
         for block in hit.block_ids:
             if self._refs[block] == 0:
@@ -199,6 +200,15 @@ class BlockManager:
             del self._evictable[block]
             self._unpublish(block)
             self._free.append(block)
+
+    def _has_free(self, n: int) -> bool:
+        """``n`` blocks an allocation may take are there (``num_free_blocks >= n``), counted cheap
+        sources first: on the unified pool the free-block source's length walks the idle adapters."""
+        short = n - len(self._evictable)
+        if short <= 0:
+            return True
+        free = self._free
+        return free.has(short) if isinstance(free, KvPages) else len(free) >= short
 
     def _pop_free(self) -> int:
         """A free block: a never-cached one if any, else the least recently used cached one."""

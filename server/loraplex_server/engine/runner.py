@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..host_tensors import int_tensor, padded_rows
 from ..lora.ids import VersionKey
 from ..lora.manager import LoraManager
 from ..lora.mapping import NO_SLOT, LoraMapping
@@ -73,7 +74,8 @@ class ModelRunner:
         lora = self.lora
         if lora is None:
             return sorted(slotted, key=lambda pair: pair[0])
-        return sorted(slotted, key=lambda pair: lora.pack_order(pair[0]))
+        order = {lora_slot: lora.pack_order(lora_slot) for lora_slot in {pair[0] for pair in slotted}}
+        return sorted(slotted, key=lambda pair: order[pair[0]])
 
     def pack(self, batch: SchedulerOutput, lora_slots: dict[VersionKey, int]) -> PackedBatch:
         bs = self.block_size
@@ -117,35 +119,25 @@ class ModelRunner:
                    runs: list[tuple[int, int]], decode_rows: list[int], decode_tables: list[list[int]],
                    decode_lens: list[int], logits_rows: list[int], sampling: list[Request]) -> PackedBatch:
         dev = self.device
-
-        def long(data: list[int] | list[list[int]]) -> torch.Tensor:
-            return torch.tensor(data, dtype=torch.long, device=dev)
-
-        def int32(data: list[int] | list[list[int]]) -> torch.Tensor:
-            return torch.tensor(data, dtype=torch.int32, device=dev)
-
         for span in prefills:
             if span.ctx_slots is not None:
                 span.ctx_slots = span.ctx_slots.to(dev)
-        tables = None
-        if decode_rows:
-            width = max(len(t) for t in decode_tables)
-            tables = int32([t + [0] * (width - len(t)) for t in decode_tables])
         attention = PagedAttentionMetadata(
             kv_caches=self.kv_caches,
-            slot_mapping=long(new_slots),
+            slot_mapping=int_tensor(new_slots, torch.long, dev),
             prefills=prefills,
-            decode_rows=long(decode_rows) if decode_rows else None,
-            decode_ctx_lens=int32(decode_lens) if decode_rows else None,
-            decode_block_tables=tables, block_size=self.block_size, decode_kernel=self.decode_kernel,
+            decode_rows=int_tensor(decode_rows, torch.long, dev) if decode_rows else None,
+            decode_ctx_lens=int_tensor(decode_lens, torch.int32, dev) if decode_rows else None,
+            decode_block_tables=padded_rows(decode_tables, torch.int32, dev) if decode_rows else None,
+            block_size=self.block_size, decode_kernel=self.decode_kernel,
         )
         lora = LoraMapping.from_runs(runs, dev) if self.lora is not None else None
         return PackedBatch(
-            input_ids=long([ids]),
-            position_ids=long([positions]),
+            input_ids=int_tensor(ids, torch.long, dev).view(1, -1),
+            position_ids=int_tensor(positions, torch.long, dev).view(1, -1),
             attention=attention,
             lora=lora,
-            logits_rows=long(logits_rows or [len(ids) - 1]),
+            logits_rows=int_tensor(logits_rows or [len(ids) - 1], torch.long, dev),
             sampling_requests=sampling,
         )
 

@@ -13,6 +13,8 @@ from typing import Protocol
 
 import torch
 
+from ..host_tensors import int_tensor
+
 NO_SLOT = -1
 
 
@@ -86,7 +88,7 @@ class LoraMapping:
                 else:
                     segments.append([start, start + n, slot])
             start += n
-        token_slots = torch.tensor(slots, dtype=torch.long, device=device)
+        token_slots = int_tensor(slots, torch.long, device)
         return cls(token_slots, tuple((lo, hi, slot) for lo, hi, slot in segments), start)
 
     @classmethod

@@ -100,6 +100,13 @@ class KvPages:
     def __len__(self) -> int:
         return self.pool.free_pages + self._idle_pages()
 
+    def has(self, n: int) -> bool:
+        """``len(self) >= n``, counting idle adapters' pages only when free pages fall short."""
+        return self.pool.free_pages >= n or len(self) >= n
+
+    def __bool__(self) -> bool:
+        return self.has(1)
+
     def popleft(self) -> int:
         page = self.pool.take_page()
         while page is None:
