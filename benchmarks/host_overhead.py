@@ -10,7 +10,9 @@ there are any) are prefilled, then ``steps`` pure decode steps are timed; the ru
 ``forward_logits`` and its sampler are timed separately. The sampler is its own column: on a GPU
 its work (argmax over N x vocab logits) runs on the device, on the CPU it is a memory-bound pass
 over the logits (256 x 49,152 fp32 = 50 MB). "host" is what remains: the engine's Python work per
-step. Prints a Markdown table (ms per step).
+step. As in ``EngineLoop``, a step is ``step_tokens()``: the text of requests without stop strings
+is decoded on the loop's output thread, timed here apart ("text", after the step, not overlapped).
+Prints a Markdown table (ms per step).
 Issue target: host time <= 3 ms at 256 sequences with 16 adapters.
 """
 
@@ -30,6 +32,7 @@ from synthetic_adapters import write_adapter
 
 from loraplex_server.config import engine_config_from_env
 from loraplex_server.engine.engine import LLMEngine
+from loraplex_server.engine.output import decode_texts
 from loraplex_server.engine.request import Prompt, SamplingParams
 from loraplex_server.lora.ids import AdapterId
 
@@ -64,16 +67,18 @@ def measure(engine: LLMEngine, timers: dict[str, Timed], seqs: int, adapters: li
                                                AdapterId(name) if name else None))
     while engine.last_batch != (seqs, seqs):  # prefill (and any chunks) until a pure decode step
         engine.step()
-    times: dict[str, list[float]] = {"step": [], "forward": [], "sampling": [], "host": []}
+    times: dict[str, list[float]] = {"step": [], "forward": [], "sampling": [], "host": [], "text": []}
     for _ in range(steps):
         for timer in timers.values():
             timer.seconds = 0.0
         start = time.perf_counter()
-        engine.step()
+        engine.step_tokens()
         total = time.perf_counter() - start
+        decode_texts(engine.take_undecoded())
+        text = time.perf_counter() - start - total
         forward, sampling = timers["forward"].seconds, timers["sampling"].seconds
         for name, seconds in (("step", total), ("forward", forward), ("sampling", sampling),
-                              ("host", total - forward - sampling)):
+                              ("host", total - forward - sampling), ("text", text)):
             times[name].append(seconds * 1e3)
     while engine.has_work:
         engine.step()
@@ -110,10 +115,11 @@ def main(argv=None) -> list[dict]:
         measure(engine, timers, 4, adapters, 4)  # warm-up
         rows = [measure(engine, timers, seqs, adapters, args.steps) for seqs in args.seqs]
     print(f"threads={args.threads} adapters={args.adapters} (median of {args.steps} decode steps, ms)")
-    print("| sequences | step | forward | sampling | host (step - forward - sampling) |\n|---:|---:|---:|---:|---:|")
+    print("| sequences | step | forward | sampling | host (step - forward - sampling) | text (output thread) |\n"
+          "|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(f"| {row['seqs']} | {row['step_ms']:.2f} | {row['forward_ms']:.2f} | {row['sampling_ms']:.2f} "
-              f"| {row['host_ms']:.2f} |")
+              f"| {row['host_ms']:.2f} | {row['text_ms']:.2f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return rows

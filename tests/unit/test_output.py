@@ -1,9 +1,10 @@
 import random
+import threading
 
 import pytest
 
 from loraplex_server.engine.detokenizer import IncrementalDetokenizer, StreamDetokenizer, make_detokenizer
-from loraplex_server.engine.output import OutputProcessor
+from loraplex_server.engine.output import OutputProcessor, decode_texts
 from loraplex_server.engine.request import FinishReason, Request, SamplingParams
 
 
@@ -52,6 +53,7 @@ def feed(proc, request, ids):
     outs = []
     for t in ids:
         out = proc.append(request, t, None)
+        decode_texts(proc.take_undecoded())
         if out:
             outs.append(out)
         if request.finish_reason:
@@ -104,3 +106,42 @@ def test_deltas_add_up_and_count_tokens(tokenizer):
     assert [t for o in outs for t in o.token_ids] == ids
     assert "".join(o.text for o in outs) == tokenizer.decode(ids)
     assert outs[-1].completion_tokens == len(ids) and outs[-1].finish_reason is FinishReason.LENGTH
+
+
+def test_only_stop_string_requests_are_detokenized_as_tokens_arrive(tokenizer):
+    """A request without stop strings leaves its text to decode later, on any one thread, in order:
+    the deltas' texts add up to the full decode, and a closing EOS is not text."""
+    ids = tokenizer.encode(" Héllo wörld 🙂 naïve café", add_special_tokens=False) + [tokenizer.eos_token_id]
+    proc, plain = make(tokenizer, max_new_tokens=50)
+    stopping = Request("s", tokenizer.encode("Hi"), SamplingParams(max_new_tokens=50, stop=("zzz",)))
+    proc.start(stopping)
+    outs, pending = [], []
+    for t in ids:
+        outs.append(proc.append(plain, t, None))
+        stopping_out = proc.append(stopping, t, None)
+        pending += proc.take_undecoded()
+    assert all(o.text == "" for o in outs) and len(pending) == len(ids) - 1  # EOS: no text to decode
+    assert [p.output for p in pending] == outs[:-1] and stopping_out.finished
+    worker = threading.Thread(target=decode_texts, args=(pending,))
+    worker.start()
+    worker.join()
+    assert "".join(o.text for o in outs) == tokenizer.decode(ids[:-1])
+    assert outs[-1].finish_reason is FinishReason.EOS and outs[-1].token_ids == (ids[-1],)
+    assert not proc.take_undecoded()
+
+
+def test_a_failing_decode_leaves_its_delta_without_text_and_the_rest_decoded(tokenizer, caplog):
+    ids = tokenizer.encode(" one two", add_special_tokens=False)
+    proc, r = make(tokenizer, max_new_tokens=10)
+    other = Request("o", tokenizer.encode("Hi"), SamplingParams(max_new_tokens=10))
+    proc.start(other)
+    broken, fine = proc.append(r, ids[0], None), proc.append(other, ids[0], None)
+    pending = proc.take_undecoded()
+
+    def fail(token_id):
+        raise ValueError("bad token")
+    pending[0].detokenizer.add = fail  # type: ignore[method-assign]
+    decode_texts(pending)
+    assert broken.text == "" and broken.token_ids == (ids[0],)
+    assert fine.text == tokenizer.decode(ids[:1])
+    assert "detokenizing request r failed" in caplog.text

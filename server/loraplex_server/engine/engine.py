@@ -34,7 +34,7 @@ from .inputs import InputProcessor
 from .kv_blocks import BlockManager, blocks_for
 from .kv_cache import KVCacheSpec, allocate_kv_cache
 from .memory_plan import plan_memory
-from .output import OutputProcessor
+from .output import OutputProcessor, PendingText, decode_texts
 from .request import FinishReason, Prompt, Request, RequestOutput, SamplingParams
 from .runner import ModelRunner
 from .scheduler import ScheduledRequest, Scheduler, SchedulerOutput
@@ -217,6 +217,14 @@ class LLMEngine:
 
     # ---- the loop body --------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One step; every delta returned carries its text."""
+        outputs = self.step_tokens()
+        decode_texts(self.take_undecoded())
+        return outputs
+
+    def step_tokens(self) -> list[RequestOutput]:
+        """One step, leaving the text of requests without stop strings undecoded: their deltas go
+        with ``take_undecoded()``'s ``PendingText`` items, to decode (in order) before publishing."""
         self.lora.begin_step()
         failed = self._prefetch_adapters() + self._refuse_bad_constraints()
         batch = self.scheduler.schedule()
@@ -236,6 +244,10 @@ class LLMEngine:
             self.scheduler.after_step(SchedulerOutput(scheduled=group))
             failed += self._postprocess(sampled, samples)
         return failed
+
+    def take_undecoded(self) -> list[PendingText]:
+        """The texts ``step_tokens()`` (and aborts) left to decode since the last call, in order."""
+        return self.outputs.take_undecoded()
 
     def _run(self, scheduled: list[ScheduledRequest]):
         """Adapters resident, then the forward and sampling of these rows of the step."""

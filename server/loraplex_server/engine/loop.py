@@ -28,6 +28,7 @@ from ..lora.weights import AdapterInfo
 from ..metrics import Metrics
 from .engine import LLMEngine
 from .info import ServerInfo
+from .publisher import OutputPublisher
 from .request import Prompt, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -130,11 +131,13 @@ class EngineLoop:
         self._lock = threading.Lock()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
+        self._publisher: OutputPublisher | None = None  # the output thread, from start()
         self.num_steps = 0
         self._adapters_recorded = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> Self:
+        self._publisher = OutputPublisher(self._deliver_one)
         self._thread.start()
         return self
 
@@ -267,7 +270,7 @@ class EngineLoop:
     def _step(self) -> list[RequestOutput]:
         start = time.perf_counter()
         try:
-            outputs = self.engine.step()
+            outputs = self.engine.step_tokens()  # texts are decoded on the output thread
         except Exception:  # one bad step must not kill the loop
             log.exception("engine step failed; failing the running requests")
             outputs = self.engine.fail_running("internal error during the engine step")
@@ -326,21 +329,28 @@ class EngineLoop:
                     future.set_exception(exc)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            with self._lock:
-                stream = self._streams.get(out.request_id)
-                if out.finished:
-                    self._streams.pop(out.request_id, None)
-            if out.finished and self.metrics is not None:
-                self.metrics.record_request(out)
-            if stream is not None:
-                stream.put(out)
+        """Queue deltas for the output thread, with the texts the engine left to decode."""
+        assert self._publisher is not None  # started before the engine thread runs
+        self._publisher.publish(outputs, self.engine.take_undecoded())
+
+    def _deliver_one(self, out: RequestOutput) -> None:
+        """On the output thread: one delta to its stream (the last one ends it)."""
+        with self._lock:
+            stream = self._streams.get(out.request_id)
+            if out.finished:
+                self._streams.pop(out.request_id, None)
+        if out.finished and self.metrics is not None:
+            self.metrics.record_request(out)
+        if stream is not None:
+            stream.put(out)
 
     def _shutdown(self) -> None:
         self._drain_commands()
         for request_id in list(self.engine.requests):
             out = self.engine.abort(request_id)
             self._deliver([out] if out else [])
+        assert self._publisher is not None
+        self._publisher.close()  # every delta queued reaches its stream before the streams end
         with self._lock:
             streams, self._streams = list(self._streams.values()), {}
         for stream in streams:
