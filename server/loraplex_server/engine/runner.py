@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..host_tensors import int_tensor, padded_rows
@@ -18,6 +19,7 @@ from ..lora.manager import LoraManager
 from ..lora.mapping import NO_SLOT, LoraMapping
 from ..model.attention import META_KWARG, PagedAttentionMetadata, PrefillSpan, block_slots
 from ..model.native import NativeKernels
+from .decode_batch import DecodeRows
 from .decode_graphs import DecodeGraphs, on_device
 from .decode_inputs import DecodeRow
 from .kv_blocks import cache_slot
@@ -47,6 +49,7 @@ class ModelRunner:
         self.sampler = Sampler(device)
         self.decode_graphs: DecodeGraphs | None = None  # set by the engine when decode steps are captured
         self.decode_kernel: NativeKernels | None = None  # native CPU decode attention (use_native_kernels)
+        self.decode_rows: DecodeRows | None = None  # the last pure-decode step's rows (decode_batch.py)
 
     def use_native_kernels(self, kernels: NativeKernels | None) -> None:
         """Decode attention and the greedy argmax through the native CPU kernels (None: torch)."""
@@ -78,6 +81,45 @@ class ModelRunner:
         return sorted(slotted, key=lambda pair: order[pair[0]])
 
     def pack(self, batch: SchedulerOutput, lora_slots: dict[VersionKey, int]) -> PackedBatch:
+        """The step's packed inputs. A pure-decode step (every row one token that samples) updates
+        the persistent decode rows (``decode_batch.py``) when the step's requests are theirs or a
+        subset, and builds them when not; any other step packs every row from scratch."""
+        scheduled = batch.scheduled
+        if not scheduled or not all(s.num_new_tokens == 1 and s.samples and s.request.num_computed_tokens > 0
+                                    for s in scheduled):
+            self.decode_rows = None
+            return self.pack_all(batch, lora_slots)
+        rows = self.decode_rows
+        if rows is None or not rows.follow([s.request for s in scheduled], lora_slots, self._pool_order,
+                                           self.device):
+            rows = self.decode_rows = self._build_decode_rows(batch, lora_slots)
+        return self._packed_decodes(rows)
+
+    def _pool_order(self, slot: int) -> int:
+        return self.lora.pack_order(slot) if self.lora is not None else 0
+
+    def _build_decode_rows(self, batch: SchedulerOutput, lora_slots: dict[VersionKey, int]) -> DecodeRows:
+        slotted = self._slotted_order(batch, self._slot_of(lora_slots))
+        slots = [slot for slot, _ in slotted]
+        mapping = LoraMapping.from_runs([(slot, 1) for slot in slots], self.device) if self.lora is not None else None
+        return DecodeRows.build([s.request for _, s in slotted], [s.request for s in batch.scheduled], slots,
+                                lora_slots, {slot: self._pool_order(slot) for slot in set(slots)}, mapping)
+
+    def _packed_decodes(self, rows: DecodeRows) -> PackedBatch:
+        ids, positions, new_slots, table = rows.step_arrays(self.block_size)
+        dev = self.device
+        every_row = torch.arange(len(ids), device=dev)
+        attention = PagedAttentionMetadata(
+            kv_caches=self.kv_caches, slot_mapping=torch.from_numpy(new_slots).to(dev), prefills=[],
+            decode_rows=every_row, decode_ctx_lens=torch.from_numpy((positions + 1).astype(np.int32)).to(dev),
+            decode_block_tables=torch.from_numpy(table).to(dev), block_size=self.block_size,
+            decode_kernel=self.decode_kernel)
+        return PackedBatch(input_ids=torch.from_numpy(ids).to(dev).view(1, -1),
+                           position_ids=torch.from_numpy(positions).to(dev).view(1, -1), attention=attention,
+                           lora=rows.mapping, logits_rows=every_row, sampling_requests=list(rows.requests))
+
+    def pack_all(self, batch: SchedulerOutput, lora_slots: dict[VersionKey, int]) -> PackedBatch:
+        """Every row packed from the scheduled requests (any step; the reference for the decode rows)."""
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
