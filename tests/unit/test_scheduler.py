@@ -214,3 +214,31 @@ def test_decodes_take_a_block_only_at_a_block_boundary_and_a_one_token_chunk_doe
     outs = [step(s) for _ in range(3)]
     assert [o.scheduled[0].samples for o in outs] == [False, False, True]
     assert all(scheduled(o) == {"p": 1} for o in outs)
+
+
+def test_fairness_refreshes_only_when_requests_come_or_leave():
+    from loraplex_server.engine.fairness import VirtualTokenCounter
+
+    class Spy(VirtualTokenCounter):
+        calls = 0
+
+        def refresh(self, waiting, running):
+            Spy.calls += 1
+            super().refresh(waiting, running)
+    vtc = Spy()
+    s, _ = make(budget=16, max_seqs=2, fairness=vtc)
+    a, b = req("a"), req("b")
+    a.tenant, b.tenant = "t1", "t2"
+    s.add(a)
+    step(s)  # a admitted
+    calls = Spy.calls
+    step(s)
+    step(s)  # decodes of the same request: the same tenants, nothing to lift
+    assert Spy.calls == calls == 1
+    vtc.counters["t1"] = 100.0
+    s.add(b)
+    step(s)  # t2 arrives: refreshed, so it is lifted to the active tenants' smallest counter
+    assert Spy.calls == calls + 1 and vtc.counters["t2"] == 100.0 + 4  # lifted, then charged its prompt
+    s.finish(a)
+    step(s)
+    assert Spy.calls == calls + 2  # a left

@@ -74,10 +74,12 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self._membership_changed = True  # a request came or left since the last refresh
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
+        self._membership_changed = True
 
     @property
     def has_work(self) -> bool:
@@ -89,7 +91,9 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        self.fairness.refresh(self.waiting, self.running)
+        if self._membership_changed:  # the same requests (waiting or running) have the same tenants
+            self.fairness.refresh(self.waiting, self.running)
+            self._membership_changed = False
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.preempted:
             self._admit_waiting(out, budget)
@@ -127,6 +131,8 @@ class Scheduler:
         place); one that would exceed a LoRA cap (distinct adapters, pool rows) is passed over for a bounded number
         of steps (only requests for adapters already in the batch can follow it), then stops
         admission (no starvation)."""
+        if not self.waiting:
+            return
         adapters = self.running_adapter_keys()
         reserved = self.reserved_keys()
         for request in self.fairness.candidates(self.waiting):
@@ -178,6 +184,7 @@ class Scheduler:
 
     def finish(self, request: Request) -> None:
         """Remove a finished or aborted request wherever it is and free its blocks."""
+        self._membership_changed = True
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
