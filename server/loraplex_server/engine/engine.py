@@ -222,9 +222,19 @@ class LLMEngine:
         decode_texts(self.take_undecoded())
         return outputs
 
-    def step_tokens(self) -> list[RequestOutput]:
+    def step_tokens(self, before_forward: Callable[[], None] | None = None) -> list[RequestOutput]:
         """One step, leaving the text of requests without stop strings undecoded: their deltas go
-        with ``take_undecoded()``'s ``PendingText`` items, to decode (in order) before publishing."""
+        with ``take_undecoded()``'s ``PendingText`` items, to decode (in order) before publishing.
+        ``before_forward()`` runs once the step's inputs are packed, as its forward starts (not at
+        all when nothing runs): the loop hands the previous step's deltas to its output thread
+        there, so that thread's Python runs while the forward has released the GIL."""
+        self.runner.before_forward = before_forward
+        try:
+            return self._step_tokens()
+        finally:
+            self.runner.before_forward = None
+
+    def _step_tokens(self) -> list[RequestOutput]:
         self.lora.begin_step()
         failed = self._prefetch_adapters() + self._refuse_bad_constraints()
         batch = self.scheduler.schedule()

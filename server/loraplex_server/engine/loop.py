@@ -28,6 +28,7 @@ from ..lora.weights import AdapterInfo
 from ..metrics import Metrics
 from .engine import LLMEngine
 from .info import ServerInfo
+from .output import PendingText
 from .publisher import OutputPublisher
 from .request import Prompt, RequestOutput, SamplingParams
 
@@ -132,6 +133,9 @@ class EngineLoop:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
         self._publisher: OutputPublisher | None = None  # the output thread, from start()
+        # a step's deltas wait here until the next step's forward starts (or no forward follows)
+        self._held: list[tuple[list[RequestOutput], list[PendingText]]] = []
+        self._forward_started = False
         self.num_steps = 0
         self._adapters_recorded = 0.0
 
@@ -261,7 +265,9 @@ class EngineLoop:
                 self._wake.clear()
                 continue
             outputs = self._step()
-            self._deliver(outputs)
+            self._hold(outputs)
+            if not self._forward_started or not self.engine.has_work:
+                self._flush()  # no forward ran to hand them over at, or none follows
             if not self.engine.last_batch[0]:  # nothing runnable (adapters loading): don't spin
                 self._wake.wait(0.005)
                 self._wake.clear()
@@ -269,8 +275,9 @@ class EngineLoop:
 
     def _step(self) -> list[RequestOutput]:
         start = time.perf_counter()
+        self._forward_started = False
         try:
-            outputs = self.engine.step_tokens()  # texts are decoded on the output thread
+            outputs = self.engine.step_tokens(self._on_forward)  # texts are decoded on the output thread
         except Exception:  # one bad step must not kill the loop
             log.exception("engine step failed; failing the running requests")
             outputs = self.engine.fail_running("internal error during the engine step")
@@ -328,10 +335,29 @@ class EngineLoop:
                 except Exception as exc:  # noqa: BLE001 - handed to the caller
                     future.set_exception(exc)
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        """Queue deltas for the output thread, with the texts the engine left to decode."""
+    def _hold(self, outputs: list[RequestOutput]) -> None:
+        """Keep deltas (with the texts the engine left to decode) for the output thread."""
+        undecoded = self.engine.take_undecoded()
+        if outputs or undecoded:
+            self._held.append((outputs, undecoded))
+
+    def _on_forward(self) -> None:
+        """A step's forward starts: the output thread takes the previous step's deltas now, and
+        its Python runs while the forward's kernels have released the GIL (handed over at once,
+        it would contend with this thread's scheduling and packing for it)."""
+        self._forward_started = True
+        self._flush()
+
+    def _flush(self) -> None:
         assert self._publisher is not None  # started before the engine thread runs
-        self._publisher.publish(outputs, self.engine.take_undecoded())
+        for outputs, undecoded in self._held:
+            self._publisher.publish(outputs, undecoded)
+        self._held = []
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Queue deltas for the output thread now, after any held ones."""
+        self._hold(outputs)
+        self._flush()
 
     def _deliver_one(self, out: RequestOutput) -> None:
         """On the output thread: one delta to its stream (the last one ends it)."""

@@ -50,6 +50,7 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None  # set by the engine when decode steps are captured
         self.decode_kernel: NativeKernels | None = None  # native CPU decode attention (use_native_kernels)
         self.decode_rows: DecodeRows | None = None  # the last pure-decode step's rows (decode_batch.py)
+        self.before_forward: Callable[[], None] | None = None  # the engine's hook for this step (step_tokens)
 
     def use_native_kernels(self, kernels: NativeKernels | None) -> None:
         """Decode attention and the greedy argmax through the native CPU kernels (None: torch)."""
@@ -214,15 +215,22 @@ class ModelRunner:
         with on_device(self.device):  # kernels and graphs launch on the current CUDA device
             return self._run(batch, lora_slots)
 
+    def _forward_starts(self) -> None:
+        if self.before_forward is not None:
+            self.before_forward()
+
     def _run(self, batch: SchedulerOutput, lora_slots: dict[VersionKey, int]) -> tuple[list[Request], SampleResult]:
         graphs = self.decode_graphs  # is_graph_decode is False without them
         if graphs is not None and self.is_graph_decode(batch, lora_slots):
             slot = self._slot_of(lora_slots)
             order = self._packed_order(batch, slot)
             requests = [s.request for s in order]
-            logits = graphs.run([DecodeRow.of(s.request, slot(s)) for s in order])
+            rows = [DecodeRow.of(s.request, slot(s)) for s in order]
+            self._forward_starts()
+            logits = graphs.run(rows)
             return requests, self.sampler(logits, requests)
         packed = self.pack(batch, lora_slots)
+        self._forward_starts()
         logits = self.forward_logits(packed)
         if not packed.sampling_requests:
             return [], SampleResult([], [])
