@@ -20,7 +20,8 @@ def test_host_overhead_rows(tmp_path):
     rows = json.loads(out.read_text())
     assert [r["seqs"] for r in rows] == [3, 8]
     for row in rows:
-        assert row["host_ms"] > 0 and row["forward_ms"] > 0 and row["sampling_ms"] > 0
+        assert row["host_ms"] > 0 and row["forward_ms"] > 0 and row["sampling_ms"] > 0 and row["text_ms"] > 0
+        assert row["loop_host_ms"] > 0  # the same requests through EngineLoop measured decode steps
         # each step's forward and sampling are parts of it, so their medians are below the step's
         assert row["forward_ms"] < row["step_ms"] and row["sampling_ms"] < row["step_ms"]
     assert "| 8 |" in proc.stdout
