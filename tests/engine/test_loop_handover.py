@@ -28,7 +28,7 @@ def test_deltas_wait_for_the_next_forward_and_none_wait_once_idle(tmp_path):
         publish(outputs, undecoded)
     loop._publisher.publish = published
     try:
-        stream = loop.submit(Prompt(token_ids=(5, 6, 7)), SamplingParams(max_new_tokens=3, ignore_eos=True), "a0")
+        stream = loop.submit(Prompt(token_ids=(5, 6, 7)), SamplingParams(max_new_tokens=3, ignore_eos=True))
         result = stream.result()
     finally:
         loop.stop()
