@@ -23,9 +23,9 @@ def test_deltas_wait_for_the_next_forward_and_none_wait_once_idle(tmp_path):
     loop = EngineLoop(engine).start()
     publish = loop._publisher.publish
 
-    def published(outputs, undecoded):
+    def published(outputs, undecoded, before=None):
         events.append(("publish", len(outputs), len(undecoded)))
-        publish(outputs, undecoded)
+        publish(outputs, undecoded, before)
     loop._publisher.publish = published
     try:
         stream = loop.submit(Prompt(token_ids=(5, 6, 7)), SamplingParams(max_new_tokens=3, ignore_eos=True))

@@ -70,3 +70,20 @@ def test_the_engine_thread_waits_when_the_output_thread_falls_behind():
     blocked.join(10)
     publisher.close()
     assert delivered == ["0", "1", "2", "3"]
+
+
+def test_a_steps_metrics_are_recorded_on_the_output_thread_before_its_deltas(caplog):
+    seen = []
+
+    def record():
+        seen.append(("metrics", threading.current_thread().name))
+
+    def broken():
+        raise ValueError("bad metric")
+    publisher = OutputPublisher(lambda out: seen.append(("delta", out.request_id)))
+    publisher.publish([delta("a", [1])], [], before=record)
+    publisher.publish([], [], before=record)  # a step with no deltas still records its metrics
+    publisher.publish([delta("b", [2])], [], before=broken)
+    publisher.close()
+    assert seen == [("metrics", "loraplex-output"), ("delta", "a"), ("metrics", "loraplex-output"), ("delta", "b")]
+    assert "recording a step's metrics failed" in caplog.text

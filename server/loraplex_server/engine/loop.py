@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import queue
 import threading
@@ -134,7 +135,7 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
         self._publisher: OutputPublisher | None = None  # the output thread, from start()
         # a step's deltas wait here until the next step's forward starts (or no forward follows)
-        self._held: list[tuple[list[RequestOutput], list[PendingText]]] = []
+        self._held: list[tuple[list[RequestOutput], list[PendingText], Callable[[], None] | None]] = []
         self._forward_started = False
         self.num_steps = 0
         self._adapters_recorded = 0.0
@@ -264,8 +265,8 @@ class EngineLoop:
                 self._wake.wait(self.idle_wait_s)
                 self._wake.clear()
                 continue
-            outputs = self._step()
-            self._hold(outputs)
+            outputs, record_metrics = self._step()
+            self._hold(outputs, record_metrics)
             if not self._forward_started or not self.engine.has_work:
                 self._flush()  # no forward ran to hand them over at, or none follows
             if not self.engine.last_batch[0]:  # nothing runnable (adapters loading): don't spin
@@ -273,7 +274,8 @@ class EngineLoop:
                 self._wake.clear()
         self._shutdown()
 
-    def _step(self) -> list[RequestOutput]:
+    def _step(self) -> tuple[list[RequestOutput], Callable[[], None] | None]:
+        """One engine step: its deltas, and the recording of its metrics (for the output thread)."""
         start = time.perf_counter()
         self._forward_started = False
         try:
@@ -283,13 +285,14 @@ class EngineLoop:
             outputs = self.engine.fail_running("internal error during the engine step")
         self.num_steps += 1
         self._check_health()
-        if self.metrics is not None:
-            self.metrics.record_step(self.engine.stats(time.perf_counter() - start))
+        record = None
+        if self.metrics is not None:  # a snapshot here; Prometheus updated on the output thread
+            record = functools.partial(self.metrics.record_step, self.engine.stats(time.perf_counter() - start))
             if time.monotonic() - self._adapters_recorded > ADAPTER_METRICS_PERIOD_S:
                 self._adapters_recorded = time.monotonic()
                 # only the labelled adapters have gauges: not a walk over thousands registered
                 self.metrics.record_adapters(self.engine.lora.info(self.metrics.adapter_label.values()))
-        return outputs
+        return outputs, record
 
     @property
     def num_in_flight(self) -> int:
@@ -335,11 +338,12 @@ class EngineLoop:
                 except Exception as exc:  # noqa: BLE001 - handed to the caller
                     future.set_exception(exc)
 
-    def _hold(self, outputs: list[RequestOutput]) -> None:
-        """Keep deltas (with the texts the engine left to decode) for the output thread."""
+    def _hold(self, outputs: list[RequestOutput], before: Callable[[], None] | None = None) -> None:
+        """Keep deltas (with the texts the engine left to decode, and what the output thread
+        runs before delivering them) for the output thread."""
         undecoded = self.engine.take_undecoded()
-        if outputs or undecoded:
-            self._held.append((outputs, undecoded))
+        if outputs or undecoded or before is not None:
+            self._held.append((outputs, undecoded, before))
 
     def _on_forward(self) -> None:
         """A step's forward starts: the output thread takes the previous step's deltas now, and
@@ -350,8 +354,8 @@ class EngineLoop:
 
     def _flush(self) -> None:
         assert self._publisher is not None  # started before the engine thread runs
-        for outputs, undecoded in self._held:
-            self._publisher.publish(outputs, undecoded)
+        for outputs, undecoded, before in self._held:
+            self._publisher.publish(outputs, undecoded, before)
         self._held = []
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:

@@ -26,14 +26,17 @@ class OutputPublisher:
     def __init__(self, deliver: Callable[[RequestOutput], None], max_steps: int = 8):
         """``deliver(delta)`` hands one delta to its consumer (on this thread)."""
         self._deliver = deliver
-        self._queue: queue.Queue[tuple[list[RequestOutput], list[PendingText]] | None] = queue.Queue(max_steps)
+        self._queue: queue.Queue[tuple[list[RequestOutput], list[PendingText], Callable[[], None] | None] | None] = \
+            queue.Queue(max_steps)
         self._thread = threading.Thread(target=self._run, name="loraplex-output", daemon=True)
         self._thread.start()
 
-    def publish(self, outputs: list[RequestOutput], undecoded: list[PendingText]) -> None:
-        """Queue one batch of deltas (any thread; blocks while ``max_steps`` batches wait)."""
-        if outputs or undecoded:
-            self._queue.put((outputs, undecoded))
+    def publish(self, outputs: list[RequestOutput], undecoded: list[PendingText],
+                before: Callable[[], None] | None = None) -> None:
+        """Queue one batch of deltas (any thread; blocks while ``max_steps`` batches wait);
+        ``before()`` runs on this thread before they are delivered (the step's metrics)."""
+        if outputs or undecoded or before is not None:
+            self._queue.put((outputs, undecoded, before))
 
     def close(self, timeout: float = 10.0) -> None:
         """Deliver everything queued so far, then end the thread."""
@@ -42,7 +45,12 @@ class OutputPublisher:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not _CLOSE:
-            outputs, undecoded = item
+            outputs, undecoded, before = item
+            if before is not None:
+                try:
+                    before()
+                except Exception:  # metrics must not stop the deltas
+                    log.exception("recording a step's metrics failed")
             decode_texts(undecoded)
             for out in outputs:
                 try:
