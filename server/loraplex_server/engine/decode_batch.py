@@ -20,13 +20,13 @@ rewritten), so a table row whose length matches is current.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ..host_tensors import padded_array
 from ..lora.ids import VersionKey
 from ..lora.mapping import LoraMapping
 from .request import Request
@@ -48,11 +48,9 @@ class DecodeRows:
               slot_of_key: dict[VersionKey, int], pool_order: dict[int, int],
               mapping: LoraMapping | None) -> DecodeRows:
         """``requests`` in packed order with their ``lora_slots``; ``scheduled``: the step's order."""
-        n = len(requests)
-        lens = np.fromiter((len(r.block_ids) for r in requests), np.int64, count=n)
-        table = np.zeros((n, int(lens.max()) + 1 if n else 1), np.int32)  # a spare column to grow into
-        table[np.arange(table.shape[1]) < lens[:, None]] = np.fromiter(
-            itertools.chain.from_iterable(r.block_ids for r in requests), np.int32, count=int(lens.sum()))
+        blocks = [r.block_ids for r in requests]
+        lens = np.fromiter(map(len, blocks), np.int64, count=len(blocks))
+        table = padded_array(blocks, np.int32, int(lens.max()) + 1 if blocks else 1)  # a spare column to grow into
         return cls(list(requests), list(scheduled), np.array(lora_slots, np.int64), table, lens, dict(slot_of_key),
                    pool_order, mapping)
 
