@@ -59,3 +59,29 @@ def test_scheduler_alternates_tenants_under_vtc_but_not_fcfs():
         return [x.request.request_id for x in s.schedule().scheduled]
     assert admitted(FcfsOrder()) == ["a0", "a1", "a2"]
     assert admitted(VirtualTokenCounter()) == ["a0", "b0", "a1"]
+
+
+def test_a_step_charges_decodes_and_chunks_as_the_per_request_formula():
+    """The scheduler tallies its decodes (one output token each) apart from the other rows (prefill
+    chunks, a prompt's last token): every tenant is charged what ``charge_all`` charges row by row."""
+    vtc = VirtualTokenCounter(weight_of=lambda t: 2.0 if t == "b" else 1.0)
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8), BlockManager(64, 4), 2, fairness=vtc)
+    requests = [req("a-decode", "a", n=5), req("b-decode", "b", n=3), req("b-chunk", "b", n=20),
+                req("a-last-prompt-token", "a", n=6)]
+    for r in requests:
+        s.add(r)
+    s.schedule()  # admits all four (their first chunks charged as prompt tokens)
+    for r in requests:
+        r.num_computed_tokens = {"a-decode": 5, "b-decode": 3, "b-chunk": 8, "a-last-prompt-token": 5}[r.request_id]
+    for r in requests[:2]:
+        r.output_token_ids = [7]
+    reference = VirtualTokenCounter(weight_of=vtc.weight_of)
+    reference.counters = dict(vtc.counters)
+    out = s.schedule()
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [
+        ("a-decode", 1), ("b-decode", 1), ("b-chunk", 12), ("a-last-prompt-token", 1)]
+    before = dict(reference.counters)
+    reference.charge_all((x.request, x.num_new_tokens) for x in out.scheduled)
+    assert vtc.counters == reference.counters
+    # a: a decode (2) and a prompt token (1); b (weight 2): a decode (2) and 12 prompt tokens, halved
+    assert (vtc.counters["a"] - before["a"], vtc.counters["b"] - before["b"]) == (3.0, 7.0)

@@ -14,7 +14,7 @@ earns no credit. With one active tenant the order is exactly FCFS.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 
 from .request import Request
@@ -34,6 +34,9 @@ class FcfsOrder:
         pass
 
     def charge_all(self, charges: Iterable[tuple[Request, int]]) -> None:
+        pass
+
+    def charge_decodes(self, tenants: Iterable[str]) -> None:
         pass
 
 
@@ -78,5 +81,13 @@ class VirtualTokenCounter:
             prompt_part = max(0, min(num_tokens, len(request.prompt_token_ids) - request.num_computed_tokens))
             cost[request.tenant] = (cost.get(request.tenant, 0.0) + INPUT_WEIGHT * prompt_part
                                     + OUTPUT_WEIGHT * (num_tokens - prompt_part))
+        self._add(cost)
+
+    def charge_decodes(self, tenants: Iterable[str]) -> None:
+        """One output token for each tenant named (once per decoding request): the common step,
+        tallied in C rather than request by request."""
+        self._add({tenant: OUTPUT_WEIGHT * n for tenant, n in Counter(tenants).items()})
+
+    def _add(self, cost: dict[str, float]) -> None:
         for tenant, total in cost.items():
             self.counters[tenant] = self.counters.get(tenant, 0.0) + total / self.weight_of(tenant)

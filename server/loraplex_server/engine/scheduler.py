@@ -102,13 +102,20 @@ class Scheduler:
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         i = 0
         block_size = self.blocks.block_size
+        decoding_tenants: list[str] = []  # one output token each: charged as a tally
+        others: list[ScheduledRequest] = []
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             computed = request.num_computed_tokens
             remaining = request.num_tokens - computed
             # one token left (a decode, or a prefill's last one-token chunk), room in its last block
             if remaining == 1 and computed < len(request.block_ids) * block_size:
-                out.scheduled.append(ScheduledRequest(request, 1, True))
+                scheduled = ScheduledRequest(request, 1, True)
+                if request.output_token_ids:  # its one token is an output token's input: a decode
+                    decoding_tenants.append(request.tenant)
+                else:
+                    others.append(scheduled)
+                out.scheduled.append(scheduled)
                 budget -= 1
                 i += 1
                 continue
@@ -120,10 +127,13 @@ class Scheduler:
                     break
             else:
                 out.scheduled.append(ScheduledRequest.of(request, n))
+                others.append(out.scheduled[-1])
                 budget -= n
                 i += 1
-        # charged before admission, which reads the counters
-        self.fairness.charge_all((s.request, s.num_new_tokens) for s in out.scheduled)
+        # charged before admission, which reads the counters (a victim is always later in the
+        # running list than the request that needed its blocks: it was never scheduled)
+        self.fairness.charge_decodes(decoding_tenants)
+        self.fairness.charge_all((s.request, s.num_new_tokens) for s in others)
         return budget
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
