@@ -18,6 +18,26 @@ def test_greedy_rows_take_argmax():
     assert res.token_ids == [1, 0] and res.logprobs == [None, None]
 
 
+@pytest.mark.parametrize("sp,plain", [({}, True), ({"temperature": 0.7}, False),
+                                      ({"repetition_penalty": 1.3}, False), ({"logprobs": 2}, False),
+                                      ({"stop": ("x",), "max_new_tokens": 3}, True)])
+def test_plain_greedy_is_greedy_on_the_raw_logits_with_nothing_else_asked(sp, plain):
+    import dataclasses
+    params = SamplingParams(**sp)
+    assert params.plain_greedy is plain
+    assert dataclasses.replace(params, temperature=0.0, repetition_penalty=1.0, logprobs=0).plain_greedy
+
+
+def test_one_row_asking_for_more_than_argmax_takes_the_whole_batch_off_the_fast_path():
+    logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 1.0, 0.0], [0.0, 0.5, 2.0]])
+    plain = Sampler(torch.device("cpu"))(logits.clone(), [req("a"), req("b"), req("c")])
+    mixed = Sampler(torch.device("cpu"))(logits.clone(), [req("a"), req("b", logprobs=1),
+                                                          req("c", history=(2, 2), repetition_penalty=5.0)])
+    assert plain.token_ids == [1, 0, 2] and plain.logprobs == [None, None, None]
+    assert mixed.token_ids == [1, 0, 1]  # c's penalty (token 2 seen) turns its choice to token 1
+    assert mixed.logprobs[0] is None and mixed.logprobs[1].token_id == 0
+
+
 @pytest.mark.parametrize("k,p", [(0, 0.9), (5, 1.0), (3, 0.5), (1, 0.3)])
 def test_top_k_top_p_match_transformers(k, p):
     g = torch.Generator().manual_seed(k)

@@ -68,8 +68,14 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int = 0  # top-n logprobs per generated token; 0 = off
     constraint: Constraint | None = None  # structured output (JSON schema, regex, choice, grammar)
+    # greedy on the raw logits, nothing asked of them besides: the token is their argmax (set once)
+    plain_greedy: bool = field(init=False, repr=False, compare=False)
 
     MAX_LOGPROBS = 20
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "plain_greedy", self.temperature == 0.0 and self.repetition_penalty == 1.0
+                           and self.logprobs == 0)
 
     def validate(self) -> None:
         """Raise InvalidRequestError naming the first bad field."""
@@ -195,7 +201,7 @@ class RequestOutput:
     timings: RequestTimings | None = None  # on the final delta only
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Request:
     """A request's state inside the engine (one sequence per request).
 

@@ -74,6 +74,8 @@ class Sampler:
         """logits [N, V] for the N requests in ``rows`` (one row each). Constrained rows of
         ``logits`` may be masked in place when no row asks for logprobs."""
         logits = logits.float()
+        if all(r.sampling.plain_greedy and r.guide is None for r in rows):  # the common step: one pass
+            return SampleResult(self._argmax(logits).tolist(), [None] * len(rows))
         raw = logits
         if any(r.sampling.repetition_penalty != 1.0 for r in rows):
             logits = logits.clone()
