@@ -51,11 +51,12 @@ def churn(engine) -> dict[str, list]:
 def test_decode_rows_pack_what_packing_every_row_does(tmp_path, memory_pool):
     make = dummy_engine_factory(tmp_path, torch.device("cpu"), max_batch_tokens=64)
     engine = make(memory_pool)
-    runner, seen, mismatches = engine.runner, {"kept": 0, "subset": 0, "built": 0}, []
+    runner, seen, mismatches = engine.runner, {"kept": 0, "subset": 0, "built": 0, "from tokens": 0}, []
     pack = runner.pack
 
     def checked(batch, lora_slots):
         before = runner.decode_rows
+        seen["from tokens"] += before is not None and before.sampled is not None
         expected = runner.pack_all(batch, lora_slots)
         n_before = len(before.requests) if before is not None else None
         got = pack(batch, lora_slots)
@@ -71,7 +72,7 @@ def test_decode_rows_pack_what_packing_every_row_does(tmp_path, memory_pool):
     runner.pack = checked
     got = churn(engine)
     assert not mismatches, mismatches[0]
-    assert all(seen.values()), seen  # every path ran: kept as is, a subset kept, rows built
+    assert all(seen.values()), seen  # every path ran: kept as is, a subset kept, rows built, last tokens
     reference = make(memory_pool)
     reference.runner.pack = reference.runner.pack_all  # every step packed from scratch
     expected = churn(reference)
@@ -98,3 +99,47 @@ def test_rows_follow_only_their_own_requests_on_unmoved_slots():
     ids, positions, new_slots, table = rows.step_arrays(4)
     assert ids.tolist() == [7] and positions.tolist() == [13]
     assert table.tolist() == [[5, 6, 11, 12]] and new_slots.tolist() == [12 * 4 + 1]
+
+
+def test_rows_resume_from_the_tokens_their_last_step_sampled():
+    """After ``took_tokens`` a step reads no request but those whose new position starts a block;
+    without it (the step failed before sampling) every request is read again."""
+    a, b = request("a", [3], 3), request("b", [5, 6], 6)  # block size 4: positions 3 and 6
+    rows = DecodeRows.build([a, b], [a, b], [NO_SLOT, NO_SLOT], {}, {NO_SLOT: -1}, None)
+    ids, positions, _, _ = rows.step_arrays(4)
+    assert ids.tolist() == [7, 7] and positions.tolist() == [3, 6]
+    rows.took_tokens([41, 42])
+    a.block_ids.append(9)  # position 4 starts a's second block
+    a.output_token_ids, b.output_token_ids = [7, 41], [7, 42]
+    a.num_computed_tokens, b.num_computed_tokens = 4, 7
+    ids, positions, new_slots, table = rows.step_arrays(4)
+    assert ids.tolist() == [41, 42] and positions.tolist() == [4, 7]
+    assert table.tolist() == [[3, 9], [5, 6]] and new_slots.tolist() == [9 * 4, 6 * 4 + 3]
+    b.output_token_ids.append(43)  # no tokens taken (say the forward failed): read from the requests
+    b.num_computed_tokens = 8
+    assert rows.follow([b], {}, {NO_SLOT: -1}.get, torch.device("cpu"))
+    b.block_ids.append(10)
+    ids, positions, new_slots, table = rows.step_arrays(4)
+    assert ids.tolist() == [43] and positions.tolist() == [8] and table.tolist() == [[5, 6, 10]]
+
+
+def test_a_failed_pure_decode_step_leaves_the_rows_reading_the_requests(tmp_path):
+    """The third pure-decode forward in a row (its rows resumed from the last step's tokens) fails
+    once: the engine re-runs the step in halves, which must read their requests again, and every
+    step generates what packing every row generates."""
+    make = dummy_engine_factory(tmp_path, torch.device("cpu"), max_batch_tokens=64)
+    engine, failed, decodes_in_a_row = make("separate"), [], [0]
+    forward = engine.runner.forward_logits
+
+    def fails_once(packed):
+        decodes_in_a_row[0] = 0 if packed.attention.prefills else decodes_in_a_row[0] + 1
+        if not failed and decodes_in_a_row[0] == 3 and len(packed.sampling_requests) > 3:
+            failed.append(len(packed.sampling_requests))
+            raise RuntimeError("injected")
+        return forward(packed)
+    engine.runner.forward_logits = fails_once
+    got = churn(engine)
+    assert failed
+    reference = make("separate")
+    reference.runner.pack = reference.runner.pack_all
+    assert {k: tokens_of(v) for k, v in got.items()} == {k: tokens_of(v) for k, v in churn(reference).items()}

@@ -172,6 +172,19 @@ def test_base_only_decode_replays_the_graph_without_lora(make_engine):
     assert used and all(not with_lora for _, with_lora in used)
 
 
+def test_decode_rows_take_up_again_after_static_steps(make_engine):
+    """Every third pure-decode step replays the static step, the others run the packed decode rows
+    (engine/decode_batch.py): the rows never resume from the tokens of a step before the static one."""
+    expected = generate_mixed(make_engine(), max_new_tokens=24)
+    engine = make_engine(cuda_graphs="on", cuda_graph_max_batch=4)
+    graphs, calls = engine.runner.decode_graphs, iter(range(10**6))
+    serves = graphs.serves
+    graphs.serves = lambda num_seqs, with_lora: next(calls) % 3 == 2 and serves(num_seqs, with_lora)
+    runs = count_graph_runs(engine)
+    assert_same_generation(generate_mixed(engine, max_new_tokens=24), expected)
+    assert len(runs) > 3
+
+
 def test_decodes_past_the_largest_size_run_packed(make_engine):
     """Four decoding sequences, graphs up to 2: every step runs the packed path, same result."""
     expected = generate_mixed(make_engine())

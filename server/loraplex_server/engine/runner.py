@@ -226,6 +226,7 @@ class ModelRunner:
             order = self._packed_order(batch, slot)
             requests = [s.request for s in order]
             rows = [DecodeRow.of(s.request, slot(s)) for s in order]
+            self.decode_rows = None  # they would miss this step's tokens
             self._forward_starts()
             logits = graphs.run(rows)
             return requests, self.sampler(logits, requests)
@@ -234,4 +235,7 @@ class ModelRunner:
         logits = self.forward_logits(packed)
         if not packed.sampling_requests:
             return [], SampleResult([], [])
-        return packed.sampling_requests, self.sampler(logits, packed.sampling_requests)
+        samples = self.sampler(logits, packed.sampling_requests)
+        if self.decode_rows is not None:  # this step ran the decode rows: their next inputs
+            self.decode_rows.took_tokens(samples.token_ids)
+        return packed.sampling_requests, samples
