@@ -53,14 +53,16 @@ def test_strided_rows_and_refusals(native_kernels):
 
 
 def test_sampler_uses_it_for_greedy_and_sampled_rows(native_kernels):
-    from types import SimpleNamespace
+    from loraplex_server.engine.request import Request, SamplingParams
 
     calls = []
     sampler = Sampler(torch.device("cpu"))
     sampler.fast_argmax = lambda logits: calls.append(logits.shape) or native_kernels.argmax(logits)
-    greedy = SimpleNamespace(request_id="g", guide=None,
-                             sampling=SimpleNamespace(greedy=True, repetition_penalty=1.0,
-                                                      logprobs=0))
+    greedy = Request("g", [1, 2], SamplingParams())
     logits = torch.randn(1, 100)
     assert sampler(logits, [greedy]).token_ids == [int(logits.argmax())]
     assert calls == [(1, 100)]
+    penalised = Request("p", [1, 2], SamplingParams(repetition_penalty=1.2))  # off the plain fast path
+    logits = torch.randn(2, 100)
+    assert sampler(logits, [greedy, penalised]).token_ids[0] == int(logits[0].argmax())
+    assert calls[-1] == (2, 100)
