@@ -25,7 +25,6 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from ..lora.ids import VersionKey
-from ..memory.page_pool import KvPages
 from .request import Request
 
 
@@ -61,18 +60,25 @@ class PrefixHit:
 NO_HIT = PrefixHit()
 
 
+class FreeBlockIds(deque):
+    """The default free-block source: every block id of the KV cache's own tensors."""
+
+    def has(self, n: int) -> bool:
+        return len(self) >= n
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False, free_blocks=None):
         """``free_blocks``: where never-cached free blocks come from and go back to (``popleft``,
-        ``append``, ``len``): by default a deque of all ``num_blocks``; on the unified memory pool
-        its pages (``memory.page_pool.KvPages``), shared with adapter weights."""
+        ``append``, ``len``, ``has(n)``): by default all ``num_blocks`` (``FreeBlockIds``); on the
+        unified memory pool its pages (``memory.page_pool.KvPages``), shared with adapter weights."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.prefix_caching = prefix_caching
         # free, holding nothing cached
-        self._free: deque[int] = deque(range(num_blocks)) if free_blocks is None else free_blocks
+        self._free = FreeBlockIds(range(num_blocks)) if free_blocks is None else free_blocks
         self._evictable: OrderedDict[int, None] = OrderedDict()  # free but cached, least recent first
         self._refs = [0] * num_blocks
         self._hash_of: dict[int, tuple[bytes, VersionKey | None]] = {}  # published block -> (hash, seed key)
@@ -207,8 +213,7 @@ class BlockManager:
         short = n - len(self._evictable)
         if short <= 0:
             return True
-        free = self._free
-        return free.has(short) if isinstance(free, KvPages) else len(free) >= short
+        return self._free.has(short)
 
     def _pop_free(self) -> int:
         """A free block: a never-cached one if any, else the least recently used cached one."""
